@@ -1,0 +1,39 @@
+// Turns the Python layer's tensor descriptions into TensorViews.
+// Python passes each tensor as (data_ptr, dtype_code, sizes, strides); see
+// python/fmkernels/_views.py.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "common/tensor_view.h"
+
+namespace fmkernels {
+
+inline TensorView view_from_python(const pybind11::handle& description, const char* name) {
+  namespace py = pybind11;
+  auto items = py::cast<py::tuple>(description);
+  if (items.size() != 4)
+    throw std::invalid_argument(std::string(name) + ": expected (data_ptr, dtype, sizes, strides)");
+  TensorView view;
+  view.data = reinterpret_cast<void*>(py::cast<uintptr_t>(items[0]));
+  const int dtype = py::cast<int>(items[1]);
+  if (dtype < 0 || dtype > static_cast<int>(DType::kInt64))
+    throw std::invalid_argument(std::string(name) + ": unknown dtype code " + std::to_string(dtype));
+  view.dtype = static_cast<DType>(dtype);
+  auto sizes = py::cast<py::tuple>(items[2]);
+  auto strides = py::cast<py::tuple>(items[3]);
+  if (sizes.size() != strides.size() || sizes.size() > static_cast<size_t>(kMaxRank))
+    throw std::invalid_argument(std::string(name) + ": sizes and strides must have one rank <= 4");
+  view.rank = static_cast<int32_t>(sizes.size());
+  for (int d = 0; d < view.rank; ++d) {
+    view.sizes[d] = py::cast<int64_t>(sizes[d]);
+    view.strides[d] = py::cast<int64_t>(strides[d]);
+    if (view.sizes[d] < 0) throw std::invalid_argument(std::string(name) + ": negative size");
+  }
+  return view;
+}
+
+}  // namespace fmkernels

@@ -1,0 +1,27 @@
+"""fmkernels: fused attention, KV-cache decode attention and top-k/top-p sampling.
+
+Every op has a PyTorch reference (``fmkernels.reference``) and compiled backends
+(``cpu``, ``triton``, ``cuda``) held to it; ``fmkernels.backends()`` says which can run here.
+"""
+
+from .ops import append_kv, attention, decode_attention, filter_logits, sample
+from .platform import BackendStatus, backends
+from .reference import SampleOutput
+from .registry import implementations, register_impl, unregister_impl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "decode_attention",
+    "append_kv",
+    "filter_logits",
+    "sample",
+    "SampleOutput",
+    "backends",
+    "BackendStatus",
+    "register_impl",
+    "unregister_impl",
+    "implementations",
+    "__version__",
+]

@@ -1,0 +1,23 @@
+"""Runs a validated call on the implementation the registry selects."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from .. import registry
+
+
+def run(op: str, backend: str, case: Dict[str, Any]):
+    """Select the implementation of ``op`` for ``case`` and call it with ``case`` as keywords."""
+    impl = registry.select(op, backend, case)
+    return impl.fn(**case)
+
+
+def into_out(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """Copy ``result`` into a caller's ``out`` buffer, if one was given."""
+    if out is None:
+        return result
+    out.copy_(result)
+    return out

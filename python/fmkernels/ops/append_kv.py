@@ -1,0 +1,66 @@
+"""fmkernels.append_kv: write new keys and values into a contiguous or paged KV cache."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _validation as check
+from ._dispatch import run
+from ._kv_cache import require_block_table, require_cache, require_positions, require_seqlens
+
+
+def append_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    block_table: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> None:
+    """Write k, v into the caches at each sequence's current length, in place.
+
+    Sequence b's n_new tokens go to positions cache_seqlens[b] .. cache_seqlens[b] + n_new - 1.
+    ``cache_seqlens`` is read, not advanced: add n_new to it afterwards (decode_attention
+    then counts the new tokens).
+
+    Parameters
+    ----------
+    k_cache, v_cache : Tensor
+        Contiguous (batch, max_seqlen, kv_heads, head_dim), or paged
+        (num_blocks, block_size, kv_heads, head_dim) with ``block_table``. Written in place.
+    k, v : Tensor (batch, n_new, kv_heads, head_dim)
+        The new keys and values, in the cache's dtype and on its device.
+    cache_seqlens : Tensor (batch,) int32
+        Current lengths; cache_seqlens[b] + n_new must fit in the cache.
+    block_table : Tensor (batch, max_blocks) int32, optional
+        For a paged cache: position p of sequence b lives in block block_table[b, p // block_size],
+        slot p % block_size. Each block written must be inside the pool.
+    backend : str
+        "auto" or an implementation's name.
+    """
+    for name, tensor in (("k", k), ("v", v)):
+        check.require_tensor(name, tensor)
+    check.require_rank("k", k, 4, "(batch, n_new, kv_heads, head_dim)")
+    check.require_shape("v", v, k.shape, "(k's shape)")
+    batch = k.shape[0]
+    paged = block_table is not None
+    require_cache(k_cache, v_cache, batch, paged)
+    check.require_same_dtype(("k_cache", "k", "v"), (k_cache, k, v))
+    check.require_same_device(("k_cache", "v_cache", "k", "v"), (k_cache, v_cache, k, v))
+    if tuple(k.shape[2:]) != tuple(k_cache.shape[2:]):
+        raise ValueError(
+            f"k must have the cache's (kv_heads, head_dim) {tuple(k_cache.shape[2:])}, got {tuple(k.shape[2:])}"
+        )
+    require_seqlens(cache_seqlens, batch, k.device)
+    if paged:
+        require_block_table(block_table, batch, k.device)
+    seqlens = cache_seqlens.cpu().long()
+    require_positions(k_cache, seqlens, seqlens + k.shape[1], block_table, "cache_seqlens + n_new")
+
+    run("append_kv", backend, dict(
+        k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
+    ))

@@ -1,0 +1,106 @@
+"""fmkernels.decode_attention: attention of a few new tokens against a KV cache."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _validation as check
+from ._dispatch import into_out, run
+from ._kv_cache import require_block_table, require_cache, require_positions, require_seqlens
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    block_table: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    out: Optional[torch.Tensor] = None,
+):
+    """Attention of n_new >= 1 new queries per sequence against its KV cache (decode, or a prefill chunk).
+
+    The new tokens' keys and values are already in the cache (``append_kv``), and
+    ``cache_seqlens[b]`` counts them. Query i of n_new sees cache positions
+    j <= i + cache_seqlens[b] - n_new (causal, bottom-right). With cache_seqlens[b] = 5
+    and n_new = 2::
+
+        cache  0 1 2 3 4
+        q0     1 1 1 1 0
+        q1     1 1 1 1 1
+
+    Parameters
+    ----------
+    q : Tensor (batch, n_new, q_heads, head_dim)
+        float32, float16 or bfloat16.
+    k_cache, v_cache : Tensor
+        Contiguous (batch, max_seqlen, kv_heads, head_dim), or paged
+        (num_blocks, block_size, kv_heads, head_dim) with ``block_table``; q's dtype.
+    cache_seqlens : Tensor (batch,) int32
+        Tokens in each sequence's cache, the n_new new ones included:
+        n_new <= cache_seqlens[b] <= capacity.
+    block_table : Tensor (batch, max_blocks) int32, optional
+        Sequence b's position p lives in block block_table[b, p // block_size], slot
+        p % block_size. Entries past a sequence's length are not read.
+    scale : float, optional
+        Default 1 / sqrt(head_dim).
+    return_lse : bool
+        Also return the log-sum-exp, float32 (batch, q_heads, n_new).
+    backend : str
+        "auto" or an implementation's name.
+    out : Tensor, optional
+        Buffer for the output, shaped and typed like q.
+
+    Returns
+    -------
+    out : Tensor (batch, n_new, q_heads, head_dim), q's dtype; and lse with ``return_lse``.
+    """
+    check.require_tensor("q", q)
+    check.require_dtype("q", q, check.FLOAT_DTYPES)
+    check.require_rank("q", q, 4, "(batch, n_new, q_heads, head_dim)")
+    batch, n_new, q_heads, head_dim = q.shape
+    if n_new == 0:
+        raise ValueError(f"q must hold at least one new token (n_new >= 1), got shape {tuple(q.shape)}")
+    paged = block_table is not None
+    require_cache(k_cache, v_cache, batch, paged)
+    check.require_same_dtype(("q", "k_cache"), (q, k_cache))
+    check.require_same_device(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
+    kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache must have q's head_dim {head_dim}, got {k_cache.shape[3]}")
+    if head_dim == 0:
+        raise ValueError(f"head_dim must be positive, got q shape {tuple(q.shape)}")
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(
+            f"q_heads must be a multiple of kv_heads for GQA/MQA, got q_heads={q_heads}, kv_heads={kv_heads}"
+        )
+    require_seqlens(cache_seqlens, batch, q.device)
+    if paged:
+        require_block_table(block_table, batch, q.device)
+    check.require_scale(scale)
+    check.require_bool("return_lse", return_lse)
+    seqlens = cache_seqlens.cpu()
+    short = seqlens < n_new
+    if short.any():
+        b = int(short.nonzero()[0, 0])
+        raise ValueError(
+            f"cache_seqlens[{b}] must count the {n_new} new tokens already in the cache (>= n_new), "
+            f"got {int(seqlens[b])}"
+        )
+    require_positions(k_cache, torch.zeros_like(seqlens), seqlens, block_table, "cache_seqlens")
+    check.require_out(out, q.shape, q.dtype, q.device)
+
+    case = dict(
+        q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+        block_table=block_table, scale=scale, return_lse=return_lse,
+    )
+    result = run("decode_attention", backend, case)
+    if return_lse:
+        output, lse = result
+        return into_out(output, out), lse
+    return into_out(result, out)

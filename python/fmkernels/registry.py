@@ -1,0 +1,169 @@
+"""Implementations of each op: fmkernels' backends, peers and the user's own.
+
+An implementation is a name, a callable with the reference function's signature
+(``fmkernels.reference.<op>``), and a ``supports`` predicate that says which cases
+it can run. ``backend="auto"`` picks the first of fmkernels' own backends, in
+priority order, that is available and supports the case; a backend named
+explicitly that cannot run the case raises ``ValueError`` with the reason. There
+is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Dict, List, Optional, Union
+
+OPS = ("attention", "decode_attention", "append_kv", "filter_logits", "sample")
+
+#: Kinds of implementation, in the order ``check`` and ``bench`` list them.
+KINDS = ("backend", "peer", "user")
+
+SupportsResult = Union[bool, str, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """One implementation of one op.
+
+    ``supports(**case)`` receives the op's arguments by name and returns ``None``
+    (or ``True``) when it can run them, else a reason string (or ``False``).
+    ``available()`` returns ``None`` when the implementation can run on this
+    machine at all, else the reason it cannot (not built, no GPU, ...).
+    ``devices`` lists the device types its tensors may live on; ``None`` means any.
+    """
+
+    op: str
+    name: str
+    fn: Callable[..., Any]
+    supports: Optional[Callable[..., SupportsResult]] = None
+    available: Optional[Callable[[], Optional[str]]] = None
+    devices: Optional[tuple] = None
+    kind: str = "user"
+    priority: int = 0
+
+    def unavailable_reason(self) -> Optional[str]:
+        return None if self.available is None else self.available()
+
+    def unsupported_reason(self, case: Dict[str, Any]) -> Optional[str]:
+        """Why this implementation cannot run ``case``, or ``None`` if it can."""
+        reason = self.unavailable_reason()
+        if reason:
+            return f"not available: {reason}"
+        if self.devices is not None:
+            for key, value in case.items():
+                device = getattr(value, "device", None)
+                if device is not None and device.type not in self.devices:
+                    return f"runs on {' or '.join(self.devices)} tensors; {key} is on {device.type}"
+        if self.supports is None:
+            return None
+        verdict = self.supports(**case)
+        if verdict is None or verdict is True:
+            return None
+        if verdict is False:
+            return "its supports() predicate rejects this case"
+        return str(verdict)
+
+
+_REGISTRY: Dict[str, Dict[str, Impl]] = {op: {} for op in OPS}
+
+
+def _check_op(op: str) -> None:
+    if op not in _REGISTRY:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+
+
+def register_impl(
+    op: str,
+    name: str,
+    fn: Callable[..., Any],
+    supports: Optional[Callable[..., SupportsResult]] = None,
+    *,
+    available: Optional[Callable[[], Optional[str]]] = None,
+    devices: Optional[tuple] = None,
+    kind: str = "user",
+    priority: int = 0,
+    replace: bool = False,
+) -> Impl:
+    """Register ``fn`` as implementation ``name`` of ``op``.
+
+    ``fn`` takes the same arguments as ``fmkernels.reference.<op>`` and returns what
+    it returns. ``fmkernels check`` then holds it to the reference and
+    ``fmkernels bench`` times it beside fmkernels' own backends; ``backend=name``
+    in the op calls it.
+    """
+    _check_op(op)
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"name must be a non-empty string other than 'auto', got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if supports is not None and not callable(supports):
+        raise TypeError(f"supports must be callable or None, got {type(supports).__name__}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if name in _REGISTRY[op] and not replace:
+        raise ValueError(f"{op} already has an implementation named {name!r}; pass replace=True to replace it")
+    impl = Impl(op, name, fn, supports, available, devices, kind, priority)
+    _REGISTRY[op][name] = impl
+    return impl
+
+
+def unregister_impl(op: str, name: str) -> None:
+    _check_op(op)
+    if name not in _REGISTRY[op]:
+        raise ValueError(f"{op} has no implementation named {name!r}")
+    del _REGISTRY[op][name]
+
+
+def implementations(op: str) -> List[Impl]:
+    """All registered implementations of ``op``: backends by priority, then peers, then users'."""
+    _check_op(op)
+    return sorted(_REGISTRY[op].values(), key=lambda i: (KINDS.index(i.kind), -i.priority, i.name))
+
+
+def get_impl(op: str, name: str) -> Impl:
+    _check_op(op)
+    try:
+        return _REGISTRY[op][name]
+    except KeyError:
+        known = ", ".join(i.name for i in implementations(op))
+        raise ValueError(f"backend for {op} must be 'auto' or one of: {known}; got {name!r}") from None
+
+
+def select(op: str, backend: str, case: Dict[str, Any]) -> Impl:
+    """The implementation that runs ``case``: the named one, or the best for ``auto``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend != "auto":
+        impl = get_impl(op, backend)
+        reason = impl.unsupported_reason(case)
+        if reason:
+            raise ValueError(f"backend {backend!r} cannot run this {op} call: {reason}")
+        return impl
+    reasons = []
+    for impl in implementations(op):
+        if impl.kind != "backend":
+            continue
+        reason = impl.unsupported_reason(case)
+        if reason is None:
+            return impl
+        reasons.append(f"{impl.name}: {reason}")
+    raise ValueError(f"no backend can run this {op} call ({'; '.join(reasons)})")
+
+
+def load_impl(spec: str) -> Callable[..., Any]:
+    """Import ``module:function`` (the command line's ``--impl``)."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"--impl must look like module:function, got {spec!r}")
+    module_name, attr = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--impl {spec}: cannot import {module_name!r}: {exc}") from exc
+    try:
+        fn = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"--impl {spec}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(fn):
+        raise TypeError(f"--impl {spec}: {attr!r} is not callable")
+    return fn
