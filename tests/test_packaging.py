@@ -38,3 +38,14 @@ def test_wheel_contains_extension_and_triton_kernels(tmp_path):
     assert "fmkernels/ops/attention.py" in names
     assert any(n.startswith("fmkernels/_C.") and n.endswith(".so") for n in names)
     assert not any(n.startswith("kernels/") for n in names), "Triton kernels must live under fmkernels/"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDACXX"), reason="no CUDA compiler here")
+def test_cuda_extension_is_built_and_imports_without_a_gpu():
+    # With a toolkit present, FMKERNELS_CUDA=AUTO must build fmkernels._cuda, and the
+    # statically linked runtime must let it import whether or not a GPU is present.
+    import fmkernels._cuda as cuda_module
+
+    count, error = cuda_module.device_status()
+    assert isinstance(count, int) and isinstance(error, str)
+    assert cuda_module.runtime_version() >= 11000
