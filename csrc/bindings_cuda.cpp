@@ -13,8 +13,6 @@
 #include "cuda/append_kv.cuh"
 
 namespace py = pybind11;
-using fmkernels::view_from_python;
-
 namespace {
 
 void raise_on_error(cudaError_t status, const char* op) {
@@ -42,20 +40,13 @@ int runtime_version() {
 
 void append_kv(py::handle k_cache, py::handle v_cache, py::handle k, py::handle v,
                py::handle cache_seqlens, py::handle block_table, uintptr_t stream) {
-  const auto k_cache_view = view_from_python(k_cache, "k_cache");
-  const auto v_cache_view = view_from_python(v_cache, "v_cache");
-  const auto k_view = view_from_python(k, "k");
-  const auto v_view = view_from_python(v, "v");
-  const auto seqlens_view = view_from_python(cache_seqlens, "cache_seqlens");
-  fmkernels::TensorView table_view;
-  const bool paged = !block_table.is_none();
-  if (paged) table_view = view_from_python(block_table, "block_table");
-  const fmkernels::TensorView* table = paged ? &table_view : nullptr;
-  if (const char* error = fmkernels::check_append_kv_shapes(k_cache_view, v_cache_view, k_view,
-                                                            v_view, seqlens_view, table))
+  const auto views = fmkernels::append_kv_views(k_cache, v_cache, k, v, cache_seqlens, block_table);
+  const fmkernels::TensorView* table = views.block_table.get();
+  if (const char* error = fmkernels::check_append_kv_shapes(views.k_cache, views.v_cache, views.k,
+                                                            views.v, views.cache_seqlens, table))
     throw std::invalid_argument(error);
-  raise_on_error(fmkernels::cuda::append_kv(k_cache_view, v_cache_view, k_view, v_view,
-                                            seqlens_view, table,
+  raise_on_error(fmkernels::cuda::append_kv(views.k_cache, views.v_cache, views.k, views.v,
+                                            views.cache_seqlens, table,
                                             reinterpret_cast<cudaStream_t>(stream)),
                  "append_kv");
 }

@@ -36,4 +36,37 @@ inline TensorView view_from_python(const pybind11::handle& description, const ch
   return view;
 }
 
+// A view Python may pass as None (such as block_table for a contiguous cache).
+struct OptionalView {
+  TensorView view;
+  bool present = false;
+  const TensorView* get() const { return present ? &view : nullptr; }
+};
+
+inline OptionalView optional_view_from_python(const pybind11::handle& description, const char* name) {
+  OptionalView optional;
+  if (!description.is_none()) {
+    optional.view = view_from_python(description, name);
+    optional.present = true;
+  }
+  return optional;
+}
+
+// append_kv's arguments, as every backend's binding receives them.
+struct AppendKVViews {
+  TensorView k_cache, v_cache, k, v, cache_seqlens;
+  OptionalView block_table;
+};
+
+inline AppendKVViews append_kv_views(pybind11::handle k_cache, pybind11::handle v_cache,
+                                     pybind11::handle k, pybind11::handle v,
+                                     pybind11::handle cache_seqlens, pybind11::handle block_table) {
+  return {view_from_python(k_cache, "k_cache"),
+          view_from_python(v_cache, "v_cache"),
+          view_from_python(k, "k"),
+          view_from_python(v, "v"),
+          view_from_python(cache_seqlens, "cache_seqlens"),
+          optional_view_from_python(block_table, "block_table")};
+}
+
 }  // namespace fmkernels

@@ -31,14 +31,10 @@ def _validate(logits, temperature, top_k, top_p, min_p) -> None:
     if vocab == 0:
         raise ValueError(f"logits must have a non-empty vocabulary, got shape {tuple(logits.shape)}")
     device = logits.device
-    check.require_per_row("temperature", temperature, batch, device, integral=False, low=0.0)
+    check.require_per_row("temperature", temperature, batch, device, integral=False, low=0.0, high_inclusive=False)
     check.require_per_row("top_k", top_k, batch, device, integral=True, low=0)
     check.require_per_row("top_p", top_p, batch, device, integral=False, low=0.0, high=1.0, low_inclusive=False)
     check.require_per_row("min_p", min_p, batch, device, integral=False, low=0.0, high=1.0)
-    if isinstance(temperature, torch.Tensor) and torch.isinf(temperature).any():
-        raise ValueError("temperature must be finite")
-    if not isinstance(temperature, torch.Tensor) and temperature == float("inf"):
-        raise ValueError("temperature must be finite, got inf")
     if batch == 0:
         return
     # A NaN or +inf logit would be sampled from silently; a row of -inf has nothing to sample.
