@@ -21,6 +21,8 @@ def _append_kv_kernel(
     v_stride_batch, v_stride_token, v_stride_head, v_stride_dim,
     seqlens_stride, table_stride_batch, table_stride_block,
     n_new, kv_heads, head_dim, block_size,
+    capacity,  # positions one sequence can hold: max_seqlen, or max_blocks x block_size
+    num_blocks,  # rows of the cache (the pool size when PAGED)
     PAGED: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
@@ -29,9 +31,15 @@ def _append_kv_kernel(
     pid = tl.program_id(0)
     b = pid // n_new
     t = pid % n_new
-    pos = tl.load(Seqlens_ptr + b * seqlens_stride).to(tl.int64) + t
+    start = tl.load(Seqlens_ptr + b * seqlens_stride).to(tl.int64)
+    pos = start + t
+    # The ops layer rejects positions and blocks outside the cache; a direct launch with them
+    # writes nothing rather than out of bounds (as the CUDA kernel does).
+    inside = (start >= 0) & (start + n_new <= capacity)
     if PAGED:
-        row = tl.load(Block_table_ptr + b * table_stride_batch + (pos // block_size) * table_stride_block).to(tl.int64)
+        row = tl.load(Block_table_ptr + b * table_stride_batch + (pos // block_size) * table_stride_block,
+                      mask=inside, other=-1).to(tl.int64)
+        inside = inside & (row >= 0) & (row < num_blocks)
         slot = pos % block_size
     else:
         row = b.to(tl.int64)
@@ -39,7 +47,7 @@ def _append_kv_kernel(
     offs_d = tl.arange(0, BLOCK_DIM)
     for h0 in range(0, kv_heads, BLOCK_HEADS):
         offs_h = h0 + tl.arange(0, BLOCK_HEADS)
-        mask = (offs_h[:, None] < kv_heads) & (offs_d[None, :] < head_dim)
+        mask = (offs_h[:, None] < kv_heads) & (offs_d[None, :] < head_dim) & inside
         k = tl.load(K_ptr + b * k_stride_batch + t * k_stride_token
                     + offs_h[:, None] * k_stride_head + offs_d[None, :] * k_stride_dim, mask=mask)
         v = tl.load(V_ptr + b * v_stride_batch + t * v_stride_token
@@ -74,5 +82,6 @@ def append_kv(
         cache_seqlens.stride(0),
         table.stride(0), table.stride(1) if paged else 0,
         n_new, kv_heads, head_dim, k_cache.shape[1],
+        block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1], k_cache.shape[0],
         PAGED=paged, BLOCK_HEADS=block_heads, BLOCK_DIM=block_dim,
     )

@@ -17,7 +17,8 @@ Strides4 strides_of(const TensorView& view) {
 // elements of k and of v.
 template <typename Element>
 __global__ void append_kv_kernel(Element* __restrict__ k_cache, Element* __restrict__ v_cache,
-                                 Strides4 cache_strides, const Element* __restrict__ k,
+                                 Strides4 k_cache_strides, Strides4 v_cache_strides,
+                                 const Element* __restrict__ k,
                                  const Element* __restrict__ v, Strides4 k_strides,
                                  Strides4 v_strides, const int32_t* __restrict__ cache_seqlens,
                                  int64_t seqlens_stride, const int32_t* __restrict__ block_table,
@@ -39,10 +40,13 @@ __global__ void append_kv_kernel(Element* __restrict__ k_cache, Element* __restr
   const int64_t elements = heads * head_dim;
   for (int64_t i = threadIdx.x; i < elements; i += blockDim.x) {
     const int64_t h = i / head_dim, d = i % head_dim;
-    const int64_t dst = row * cache_strides.s0 + slot * cache_strides.s1 + h * cache_strides.s2 +
-                        d * cache_strides.s3;
-    k_cache[dst] = k[b * k_strides.s0 + t * k_strides.s1 + h * k_strides.s2 + d * k_strides.s3];
-    v_cache[dst] = v[b * v_strides.s0 + t * v_strides.s1 + h * v_strides.s2 + d * v_strides.s3];
+    // The two caches may be laid out differently (a slice of a fused KV buffer, say).
+    const int64_t k_dst = row * k_cache_strides.s0 + slot * k_cache_strides.s1 +
+                          h * k_cache_strides.s2 + d * k_cache_strides.s3;
+    const int64_t v_dst = row * v_cache_strides.s0 + slot * v_cache_strides.s1 +
+                          h * v_cache_strides.s2 + d * v_cache_strides.s3;
+    k_cache[k_dst] = k[b * k_strides.s0 + t * k_strides.s1 + h * k_strides.s2 + d * k_strides.s3];
+    v_cache[v_dst] = v[b * v_strides.s0 + t * v_strides.s1 + h * v_strides.s2 + d * v_strides.s3];
   }
 }
 
@@ -60,7 +64,7 @@ cudaError_t launch(const TensorView& k_cache, const TensorView& v_cache, const T
   const dim3 grid(static_cast<unsigned>(n_new), static_cast<unsigned>(batch));
   append_kv_kernel<Element><<<grid, threads, 0, stream>>>(
       static_cast<Element*>(k_cache.data), static_cast<Element*>(v_cache.data),
-      strides_of(k_cache), static_cast<const Element*>(k.data),
+      strides_of(k_cache), strides_of(v_cache), static_cast<const Element*>(k.data),
       static_cast<const Element*>(v.data), strides_of(k), strides_of(v),
       static_cast<const int32_t*>(cache_seqlens.data), cache_seqlens.strides[0],
       block_table ? static_cast<const int32_t*>(block_table->data) : nullptr,

@@ -51,11 +51,13 @@ def causal_mask(seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
 
 
 def _attention_dense(q, k, v, causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention in fp32: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D) fp32, lse (B, Hq, Sq)."""
+    """Dense attention in fp32 (fp64 for fp64 inputs, the tight truth fmkernels.testing uses):
+    q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D), lse (B, Hq, Sq)."""
     group = q.shape[2] // k.shape[2]
-    qf = q.float()
-    kf = k.float().repeat_interleave(group, dim=2)  # [B, Sk, Hq, D]
-    vf = v.float().repeat_interleave(group, dim=2)
+    math_dtype = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(math_dtype)
+    kf = k.to(math_dtype).repeat_interleave(group, dim=2)  # [B, Sk, Hq, D]
+    vf = v.to(math_dtype).repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale  # [B, Hq, Sq, Sk]
     if causal:
         visible = causal_mask(q.shape[1], k.shape[1], device=q.device)
@@ -78,7 +80,7 @@ def attention(
     cu_seqlens_k: Optional[torch.Tensor] = None,
     return_lse: bool = False,
 ):
-    """softmax(q k^T * scale [+ causal mask]) v, in fp32, returned in q's dtype.
+    """softmax(q k^T * scale [+ causal mask]) v, in fp32 (fp64 for fp64 input), returned in q's dtype.
 
     q (batch, seqlen_q, q_heads, head_dim), k/v (batch, seqlen_k, kv_heads, head_dim);
     or packed q (total_q, q_heads, head_dim), k/v (total_k, kv_heads, head_dim) with
@@ -289,7 +291,9 @@ def uniform_draws(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.T
     """u[b, i] in (0, 1), fp32, for row seeds (batch,) and steps (batch,) (int64, >= 0).
 
     Token i uses word i % 4 of Philox4x32-10 with key (seed low, seed high) and counter
-    (i // 4, step low, step high, 0); u = (word >> 8 + 0.5) / 2**24.
+    (i // 4, step low, step high, 0); u = ((word >> 9) + 0.5) / 2**23, so u is in
+    [2**-24, 1 - 2**-24]. (23 bits, not 24: (x + 0.5) for x >= 2**23 is not exact in fp32,
+    and x = 2**24 - 1 rounded up to u = 1.0, whose Gumbel noise is +inf.)
     """
     seed = seed.long()[:, None]
     step = step.long()[:, None]
@@ -299,8 +303,8 @@ def uniform_draws(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.T
         (groups, step & _MASK32, step >> 32, zeros),
         (seed & _MASK32, seed >> 32),
     )
-    words = torch.stack(words, dim=-1).reshape(seed.shape[0], -1)[:, :vocab]  # [B, V]
-    return ((words >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    words = torch.stack(words, dim=-1).reshape(seed.shape[0], 4 * groups.shape[1])[:, :vocab]  # [B, V]
+    return ((words >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 class SampleOutput(NamedTuple):

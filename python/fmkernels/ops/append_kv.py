@@ -49,6 +49,13 @@ def append_kv(
     batch = k.shape[0]
     paged = block_table is not None
     require_cache(k_cache, v_cache, batch, paged)
+    # An expanded cache maps many positions to one element: writes would race and overwrite each other.
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if any(stride == 0 and size > 1 for size, stride in zip(cache.shape, cache.stride())):
+            raise ValueError(
+                f"{name} must not have a stride-0 (expanded) dimension, it is written in place; "
+                f"got shape {tuple(cache.shape)}, strides {cache.stride()}"
+            )
     check.require_same_dtype(("k_cache", "k", "v"), (k_cache, k, v))
     check.require_same_device(("k_cache", "v_cache", "k", "v"), (k_cache, v_cache, k, v))
     if tuple(k.shape[2:]) != tuple(k_cache.shape[2:]):

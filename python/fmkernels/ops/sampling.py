@@ -31,8 +31,10 @@ def _validate(logits, temperature, top_k, top_p, min_p) -> None:
     if vocab == 0:
         raise ValueError(f"logits must have a non-empty vocabulary, got shape {tuple(logits.shape)}")
     device = logits.device
-    check.require_per_row("temperature", temperature, batch, device, integral=False, low=0.0, high_inclusive=False)
-    check.require_per_row("top_k", top_k, batch, device, integral=True, low=0)
+    # The logits are divided in fp32, so a temperature past fp32's range would overflow.
+    check.require_per_row("temperature", temperature, batch, device, integral=False, low=0.0,
+                          high=torch.finfo(torch.float32).max)
+    check.require_per_row("top_k", top_k, batch, device, integral=True, low=0, high=2**63 - 1)
     check.require_per_row("top_p", top_p, batch, device, integral=False, low=0.0, high=1.0, low_inclusive=False)
     check.require_per_row("min_p", min_p, batch, device, integral=False, low=0.0, high=1.0)
     if batch == 0:
@@ -137,6 +139,8 @@ def sample(
     batch, vocab = logits.shape
     if seed is not None:
         check.require_per_row("seed", seed, batch, logits.device, integral=True, low=0, high=2**63 - 1)
+        if not isinstance(seed, torch.Tensor) and seed + batch - 1 > 2**63 - 1:
+            raise ValueError(f"seed + batch - 1 must be < 2**63 (row b gets seed + b), got seed = {seed}")
     check.require_per_row("step", step, batch, logits.device, integral=True, low=0, high=2**63 - 1)
     check.require_bool("return_logprobs", return_logprobs)
     if isinstance(num_logprobs, bool) or not isinstance(num_logprobs, int):

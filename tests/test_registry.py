@@ -1,0 +1,228 @@
+"""The registry of implementations: users' own, selection by name and by "auto", and --impl loading."""
+
+import math
+
+import pytest
+import torch
+
+import fmkernels
+from fmkernels import platform, reference, registry
+
+
+@pytest.fixture(autouse=True)
+def restore_registry():
+    """Every test leaves the registry as it found it, even when it fails half-way."""
+    saved = {op: dict(impls) for op, impls in registry._REGISTRY.items()}
+    yield
+    for op, impls in registry._REGISTRY.items():
+        impls.clear()
+        impls.update(saved[op])
+
+
+@pytest.fixture
+def logits():
+    torch.manual_seed(0)
+    return torch.randn(3, 40)
+
+
+class Spy:
+    """An implementation that records its calls and returns a marker result."""
+
+    def __init__(self, result=None):
+        self.calls = []
+        self.result = result
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.result
+
+
+def test_user_impl_is_called_by_name_with_the_case(logits):
+    marker = torch.randn(3, 40)
+    spy = Spy(marker)
+    seen = []
+    fmkernels.register_impl("filter_logits", "mine", spy, lambda **case: seen.append(case))
+    out = torch.randn(3, 40)
+    result = fmkernels.filter_logits(logits, top_k=5, backend="mine", out=out)
+    assert result is out and torch.equal(out, marker)
+    assert len(spy.calls) == 1
+    assert spy.calls[0]["logits"] is logits and spy.calls[0]["top_k"] == 5
+    # supports() sees the same arguments, by name.
+    assert seen[0].keys() == spy.calls[0].keys()
+
+
+@pytest.mark.parametrize("verdict", [None, True])
+def test_supports_none_or_true_accepts(verdict, logits):
+    spy = Spy(torch.randn(3, 40))
+    fmkernels.register_impl("filter_logits", "mine", spy, lambda **case: verdict)
+    fmkernels.filter_logits(logits, backend="mine")
+    assert len(spy.calls) == 1
+
+
+@pytest.mark.parametrize("verdict, message", [
+    (False, "its supports\\(\\) predicate rejects this case"),
+    ("vocab 40 is not a multiple of 64", "vocab 40 is not a multiple of 64"),
+])
+def test_supports_false_or_reason_rejects_without_calling(verdict, message, logits):
+    spy = Spy()
+    fmkernels.register_impl("filter_logits", "mine", spy, lambda **case: verdict)
+    with pytest.raises(ValueError, match=f"backend 'mine' cannot run this filter_logits call: {message}"):
+        fmkernels.filter_logits(logits, backend="mine")
+    assert spy.calls == []
+
+
+def test_supports_can_depend_on_the_case(logits):
+    spy = Spy(torch.randn(3, 40))
+    fmkernels.register_impl("filter_logits", "greedy_only", spy,
+                            lambda *, temperature, **case: None if temperature == 0 else "greedy rows only")
+    fmkernels.filter_logits(logits, temperature=0.0, backend="greedy_only")
+    with pytest.raises(ValueError, match="greedy rows only"):
+        fmkernels.filter_logits(logits, temperature=0.5, backend="greedy_only")
+    assert len(spy.calls) == 1
+
+
+def test_devices_and_availability_are_reasons_too(logits):
+    fmkernels.register_impl("filter_logits", "gpu_only", Spy(), devices=("cuda",))
+    with pytest.raises(ValueError, match="runs on cuda tensors; logits is on cpu"):
+        fmkernels.filter_logits(logits, backend="gpu_only")
+    fmkernels.register_impl("filter_logits", "absent", Spy(), available=lambda: "libfoo missing")
+    with pytest.raises(ValueError, match="not available: libfoo missing"):
+        fmkernels.filter_logits(logits, backend="absent")
+
+
+@pytest.mark.parametrize("kind", ["user", "peer"])
+def test_auto_never_picks_user_or_peer_impls(kind, logits):
+    spy = Spy(torch.randn(3, 40))
+    fmkernels.register_impl("filter_logits", "eager", spy, kind=kind, priority=10**9)
+    assert fmkernels.filter_logits(logits, top_p=0.9).equal(reference.filter_logits(logits, top_p=0.9))
+    assert registry.select("filter_logits", "auto", {"logits": logits}).kind == "backend"
+    assert spy.calls == []
+
+
+def test_auto_picks_the_highest_priority_backend_that_supports_the_case(logits):
+    # The counterpart of the test above: a backend-kind implementation is picked by priority.
+    marker = torch.randn(3, 40)
+    fmkernels.register_impl("filter_logits", "fast", Spy(marker), kind="backend", priority=10**9)
+    fmkernels.register_impl("filter_logits", "faster", Spy(), lambda **case: "not this case",
+                            kind="backend", priority=10**9 + 1)
+    assert torch.equal(fmkernels.filter_logits(logits), marker)
+
+
+def test_auto_with_no_backend_able_lists_every_reason(logits):
+    for impl in registry.implementations("filter_logits"):
+        registry.unregister_impl("filter_logits", impl.name)
+    fmkernels.register_impl("filter_logits", "picky", Spy(), lambda **case: "too picky", kind="backend")
+    fmkernels.register_impl("filter_logits", "absent", Spy(), kind="backend", available=lambda: "not built")
+    with pytest.raises(ValueError, match=r"no backend can run this filter_logits call \(") as error:
+        fmkernels.filter_logits(logits)
+    assert "picky: too picky" in str(error.value) and "absent: not available: not built" in str(error.value)
+
+
+def test_user_append_kv_impl_gets_every_argument():
+    torch.manual_seed(1)
+    spy = Spy()
+    fmkernels.register_impl("append_kv", "mine", spy)
+    k_cache, v_cache = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 1, 8)
+    k, v = torch.randn(2, 1, 1, 8), torch.randn(2, 1, 1, 8)
+    seqlens = torch.tensor([0, 3], dtype=torch.int32)
+    fmkernels.append_kv(k_cache, v_cache, k, v, seqlens, backend="mine")
+    assert spy.calls == [dict(k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=seqlens, block_table=None)]
+
+
+def test_duplicate_names_need_replace(logits):
+    first, second = Spy(torch.randn(3, 40)), Spy(torch.randn(3, 40))
+    fmkernels.register_impl("filter_logits", "mine", first)
+    with pytest.raises(ValueError, match="filter_logits already has an implementation named 'mine'; pass replace=True"):
+        fmkernels.register_impl("filter_logits", "mine", second)
+    with pytest.raises(ValueError, match="already has an implementation named 'reference'"):
+        fmkernels.register_impl("filter_logits", "reference", second)
+    fmkernels.register_impl("filter_logits", "mine", second, replace=True)
+    assert torch.equal(fmkernels.filter_logits(logits, backend="mine"), second.result)
+    assert first.calls == []
+
+
+def test_same_name_may_serve_several_ops():
+    fmkernels.register_impl("filter_logits", "mine", Spy())
+    fmkernels.register_impl("sample", "mine", Spy())
+    assert registry.get_impl("sample", "mine").op == "sample"
+
+
+def test_unregister_removes_the_name(logits):
+    fmkernels.register_impl("filter_logits", "mine", Spy(torch.randn(3, 40)))
+    fmkernels.unregister_impl("filter_logits", "mine")
+    assert "mine" not in [impl.name for impl in fmkernels.implementations("filter_logits")]
+    with pytest.raises(ValueError, match=r"backend for filter_logits must be 'auto' or one of: .*; got 'mine'"):
+        fmkernels.filter_logits(logits, backend="mine")
+    with pytest.raises(ValueError, match="filter_logits has no implementation named 'mine'"):
+        fmkernels.unregister_impl("filter_logits", "mine")
+
+
+def test_implementations_lists_backends_by_priority_then_peers_then_users():
+    fmkernels.register_impl("append_kv", "a_user", Spy(), priority=100)
+    fmkernels.register_impl("append_kv", "z_peer", Spy(), kind="peer")
+    impls = fmkernels.implementations("append_kv")
+    # A user's priority orders it among users only: kinds come first.
+    assert [impl.kind for impl in impls] == sorted((impl.kind for impl in impls), key=registry.KINDS.index)
+    # Under the interpreter (no GPU), Triton drops below the reference so "auto" never picks it.
+    expected = ["cuda", "cpu", "reference", "triton"] if platform.triton_interpreting() else ["cuda", "triton", "cpu", "reference"]
+    assert [impl.name for impl in impls if impl.kind == "backend"] == expected
+    names = [impl.name for impl in impls]
+    assert names.index("z_peer") < names.index("a_user") == len(names) - 1
+    assert [impl.name for impl in fmkernels.implementations("attention")] == ["reference"]
+
+
+@pytest.mark.parametrize("call", [
+    lambda: fmkernels.register_impl("matmul", "mine", Spy()),
+    lambda: fmkernels.unregister_impl("matmul", "mine"),
+    lambda: fmkernels.implementations("matmul"),
+    lambda: registry.get_impl("Attention", "reference"),
+    lambda: registry.select("", "auto", {}),
+], ids=["register", "unregister", "implementations", "get_impl", "select"])
+def test_unknown_op_is_rejected(call):
+    with pytest.raises(ValueError,
+                       match="op must be one of attention, decode_attention, append_kv, filter_logits, sample"):
+        call()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(name=""), ValueError, "name must be a non-empty string other than 'auto', got ''"),
+    (dict(name="auto"), ValueError, "name must be a non-empty string other than 'auto'"),
+    (dict(name=3), ValueError, "name must be a non-empty string"),
+    (dict(fn="reference"), TypeError, "fn must be callable, got str"),
+    (dict(supports=True), TypeError, "supports must be callable or None, got bool"),
+    (dict(kind="friend"), ValueError, "kind must be one of backend, peer, user, got 'friend'"),
+], ids=["empty-name", "auto", "int-name", "fn", "supports", "kind"])
+def test_register_rejects_bad_arguments(kwargs, error, match):
+    arguments = dict(op="filter_logits", name="mine", fn=Spy())
+    arguments.update(kwargs)
+    with pytest.raises(error, match=match):
+        fmkernels.register_impl(**arguments)
+    assert "mine" not in [impl.name for impl in fmkernels.implementations("filter_logits")]
+
+
+def test_select_needs_a_string_backend():
+    with pytest.raises(TypeError, match="backend must be a str, got int"):
+        registry.select("filter_logits", 1, {})
+
+
+def test_load_impl_imports_module_function_and_registers_it(logits):
+    fn = registry.load_impl("fmkernels.reference:filter_logits")
+    assert fn is reference.filter_logits
+    assert registry.load_impl("math:sqrt") is math.sqrt
+    fmkernels.register_impl("filter_logits", "loaded", fn)
+    assert torch.equal(fmkernels.filter_logits(logits, top_k=3, backend="loaded"),
+                       fmkernels.filter_logits(logits, top_k=3, backend="reference"))
+
+
+@pytest.mark.parametrize("spec, error, match", [
+    ("math.sqrt", ValueError, "--impl must look like module:function, got 'math.sqrt'"),
+    ("math:sqrt:x", ValueError, "--impl must look like module:function"),
+    (None, ValueError, "--impl must look like module:function, got None"),
+    ("fmkernels_no_such_module:f", ValueError,
+     "--impl fmkernels_no_such_module:f: cannot import 'fmkernels_no_such_module'"),
+    ("math:no_such_function", ValueError, "module 'math' has no attribute 'no_such_function'"),
+    ("math:pi", TypeError, "--impl math:pi: 'pi' is not callable"),
+], ids=["no-colon", "two-colons", "none", "no-module", "no-attribute", "not-callable"])
+def test_load_impl_errors(spec, error, match):
+    with pytest.raises(error, match=match):
+        registry.load_impl(spec)
