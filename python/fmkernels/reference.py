@@ -106,7 +106,7 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def _gather_cache(cache: torch.Tensor, b: int, length: int, block_table: Optional[torch.Tensor]) -> torch.Tensor:
+def gather_cache(cache: torch.Tensor, b: int, length: int, block_table: Optional[torch.Tensor]) -> torch.Tensor:
     """Sequence b's first ``length`` positions of a contiguous or paged cache: (length, kv_heads, head_dim)."""
     if block_table is None:
         return cache[b, :length]
@@ -138,8 +138,8 @@ def decode_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     outs, lses = [], []
     for b, length in enumerate(cache_seqlens.tolist()):
-        kb = _gather_cache(k_cache, b, length, block_table)[None]
-        vb = _gather_cache(v_cache, b, length, block_table)[None]
+        kb = gather_cache(k_cache, b, length, block_table)[None]
+        vb = gather_cache(v_cache, b, length, block_table)[None]
         out_b, lse_b = _attention_dense(q[b : b + 1], kb, vb, True, scale)
         outs.append(out_b)
         lses.append(lse_b)

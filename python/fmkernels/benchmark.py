@@ -1,0 +1,489 @@
+"""Time every implementation of an op on default shapes, and count the work it does.
+
+``fmkernels bench`` prints what ``measure`` returns; ``bench/test_bench_ops.py`` times the
+same cases with pytest-benchmark. Implementations are called directly (``impl.fn``), so the
+time is the implementation's, without the public op's input checks.
+
+What one call is credited with:
+
+* attention: 4 * batch * q_heads * head_dim * (visible (query, key) pairs) FLOPs: two
+  matmuls of 2 FLOPs per multiply-add; a causal mask halves the pairs.
+* decode_attention: the same FLOPs; bytes = q and the visible keys and values read, the
+  output written.
+* append_kv: bytes = k and v read, then written into the cache.
+* filter_logits: bytes = logits read, filtered logits written.
+* sample: bytes = logits read, tokens written.
+
+Index tensors (cache_seqlens, block tables) are left out of the bytes: a few bytes per
+sequence. Timing: warm-up calls, then the median of ``repeats`` timed calls; on CUDA each
+is timed with CUDA events after the L2 cache is flushed, on the CPU with time.perf_counter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform as host
+import statistics
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from . import __version__, registry
+from .testing import skip_reason
+
+#: Timed calls per implementation when --repeats is not given.
+DEFAULT_REPEATS = {"cpu": 10, "cuda": 100}
+
+# Zeroed before each timed CUDA call: larger than any GPU's L2 cache (50 MB on an H100).
+_L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+Kwargs = Dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchCase:
+    """One default shape of one op.
+
+    Attributes
+    ----------
+    op : str
+    shape : str
+        The sizes, as the table shows them.
+    dtype : torch.dtype
+    device : torch.device
+    make_kwargs : callable
+        Builds the op's keyword arguments (the reference's signature).
+    flops : int or None
+        Floating-point operations one call does; None where FLOP/s says nothing (memory-bound ops).
+    bytes : int or None
+        Bytes one call must read and write at least; None where GB/s says nothing (attention).
+    """
+
+    op: str
+    shape: str
+    dtype: torch.dtype
+    device: torch.device
+    make_kwargs: Callable[[], Kwargs]
+    flops: Optional[int]
+    bytes: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """An implementation to time on a case; ``skipped`` says why it cannot run on the case's device."""
+
+    impl: registry.Impl
+    case: BenchCase
+    skipped: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRow:
+    """One line of ``fmkernels bench`` (and one row of its JSON).
+
+    Times are in milliseconds; tflops and gbps are achieved rates (None where not counted);
+    speedup is the reference's median time over this one's, for the same op and shape in
+    the same run. ``skipped`` or ``error`` says why there is no time.
+    """
+
+    op: str
+    implementation: str
+    kind: str
+    shape: str
+    dtype: str
+    repeats: int
+    median_ms: Optional[float] = None
+    tflops: Optional[float] = None
+    gbps: Optional[float] = None
+    speedup: Optional[float] = None
+    flops: Optional[int] = None
+    bytes: Optional[int] = None
+    skipped: Optional[str] = None
+    error: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------
+# Work accounting
+# ----------------------------------------------------------------------------
+
+
+def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool) -> int:
+    """(query, key) pairs attention computes for one sequence and head.
+
+    With ``causal``, query i sees keys j <= i + seqlen_k - seqlen_q (bottom-right aligned).
+
+    Parameters
+    ----------
+    seqlen_q, seqlen_k : int
+    causal : bool
+
+    Returns
+    -------
+    int
+    """
+    if not causal:
+        return seqlen_q * seqlen_k
+    return sum(min(seqlen_k, max(0, i + seqlen_k - seqlen_q + 1)) for i in range(seqlen_q))
+
+
+def attention_flops(q_heads: int, head_dim: int, pairs: int) -> int:
+    """4 * q_heads * head_dim * pairs: q k^T and p v, 2 FLOPs per multiply-add.
+
+    Parameters
+    ----------
+    q_heads, head_dim : int
+    pairs : int
+        Visible (query, key) pairs summed over the batch's sequences.
+
+    Returns
+    -------
+    int
+    """
+    return 4 * q_heads * head_dim * pairs
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------
+# Default shapes
+# ----------------------------------------------------------------------------
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(0)
+
+
+def _randn(shape, dtype, device, generator) -> torch.Tensor:
+    return torch.randn(shape, dtype=dtype, device=device, generator=generator)
+
+
+def _paged_cache(batch, blocks_per_sequence, block_size, kv_heads, head_dim, dtype, device, generator):
+    """Random paged k and v caches, and a block table handing each sequence shuffled blocks."""
+    num_blocks = batch * blocks_per_sequence
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    order = torch.randperm(num_blocks, device=device, generator=generator)
+    block_table = order.view(batch, blocks_per_sequence).to(torch.int32)
+    return _randn(shape, dtype, device, generator), _randn(shape, dtype, device, generator), block_table
+
+
+def _attention_case(device, dtype, batch, seqlen, q_heads, kv_heads, head_dim) -> BenchCase:
+    def make_kwargs() -> Kwargs:
+        generator = _generator(device)
+        q = _randn((batch, seqlen, q_heads, head_dim), dtype, device, generator)
+        k = _randn((batch, seqlen, kv_heads, head_dim), dtype, device, generator)
+        v = _randn((batch, seqlen, kv_heads, head_dim), dtype, device, generator)
+        return dict(q=q, k=k, v=v, causal=True)
+
+    flops = attention_flops(q_heads, head_dim, batch * visible_pairs(seqlen, seqlen, causal=True))
+    shape = f"b={batch} s={seqlen} h={q_heads}/{kv_heads} d={head_dim} causal"
+    return BenchCase("attention", shape, dtype, device, make_kwargs, flops, None)
+
+
+def _decode_case(device, dtype, batch, seqlen, q_heads, kv_heads, head_dim, block_size) -> BenchCase:
+    blocks_per_sequence = -(-seqlen // block_size)
+
+    def make_kwargs() -> Kwargs:
+        generator = _generator(device)
+        q = _randn((batch, 1, q_heads, head_dim), dtype, device, generator)
+        k_cache, v_cache, block_table = _paged_cache(
+            batch, blocks_per_sequence, block_size, kv_heads, head_dim, dtype, device, generator
+        )
+        cache_seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
+        return dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table)
+
+    flops = attention_flops(q_heads, head_dim, batch * seqlen)
+    q_and_out = 2 * batch * q_heads * head_dim
+    keys_and_values = 2 * batch * seqlen * kv_heads * head_dim
+    shape = f"b={batch} cache={seqlen} paged/{block_size} h={q_heads}/{kv_heads} d={head_dim}"
+    return BenchCase("decode_attention", shape, dtype, device, make_kwargs, flops,
+                     (q_and_out + keys_and_values) * _itemsize(dtype))
+
+
+def _append_kv_case(device, dtype, batch, seqlen, n_new, kv_heads, head_dim, block_size) -> BenchCase:
+    blocks_per_sequence = -(-(seqlen + n_new) // block_size)
+
+    def make_kwargs() -> Kwargs:
+        generator = _generator(device)
+        k_cache, v_cache, block_table = _paged_cache(
+            batch, blocks_per_sequence, block_size, kv_heads, head_dim, dtype, device, generator
+        )
+        k = _randn((batch, n_new, kv_heads, head_dim), dtype, device, generator)
+        v = _randn((batch, n_new, kv_heads, head_dim), dtype, device, generator)
+        cache_seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
+        return dict(k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table)
+
+    new_elements = 2 * batch * n_new * kv_heads * head_dim  # k and v
+    shape = f"b={batch} new={n_new} at {seqlen} paged/{block_size} kv_heads={kv_heads} d={head_dim}"
+    return BenchCase("append_kv", shape, dtype, device, make_kwargs, None, 2 * new_elements * _itemsize(dtype))
+
+
+_SAMPLING_PARAMS = dict(temperature=0.7, top_k=50, top_p=0.9)
+
+
+def _sampling_case(op, device, dtype, batch, vocab) -> BenchCase:
+    def make_kwargs() -> Kwargs:
+        logits = _randn((batch, vocab), dtype, device, _generator(device)) * 3
+        kwargs = dict(logits=logits, **_SAMPLING_PARAMS)
+        if op == "sample":
+            kwargs["seed"] = 0
+        return kwargs
+
+    logits_bytes = batch * vocab * _itemsize(dtype)
+    written = logits_bytes if op == "filter_logits" else batch * 8  # filtered logits, or int64 tokens
+    options = " ".join(f"{key}={value}" for key, value in _SAMPLING_PARAMS.items())
+    return BenchCase(op, f"b={batch} vocab={vocab} {options}", dtype, device, make_kwargs, None,
+                     logits_bytes + written)
+
+
+def default_cases(op: str, device) -> List[BenchCase]:
+    """The shapes ``fmkernels bench`` times ``op`` on.
+
+    On the CPU (float32) they take milliseconds, so the whole default bench runs in well
+    under a minute; on a GPU (bfloat16; float32 logits) they are large enough to fill it:
+    Llama-3-8B-like heads (32 query and 8 KV heads of 128), 2048-token prefill,
+    4096-token paged decode over 64 sequences, a 128256-token vocabulary.
+
+    Parameters
+    ----------
+    op : str
+        One of ``fmkernels.registry.OPS``.
+    device : str or torch.device
+
+    Returns
+    -------
+    list of BenchCase
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        table = {
+            "attention": lambda: _attention_case(device, torch.float32, 1, 512, 8, 2, 64),
+            "decode_attention": lambda: _decode_case(device, torch.float32, 4, 1024, 32, 8, 128, 16),
+            "append_kv": lambda: _append_kv_case(device, torch.float32, 8, 1000, 1, 8, 128, 16),
+            "filter_logits": lambda: _sampling_case("filter_logits", device, torch.float32, 8, 32000),
+            "sample": lambda: _sampling_case("sample", device, torch.float32, 8, 32000),
+        }
+    else:
+        table = {
+            "attention": lambda: _attention_case(device, torch.bfloat16, 8, 2048, 32, 8, 128),
+            "decode_attention": lambda: _decode_case(device, torch.bfloat16, 64, 4096, 32, 8, 128, 16),
+            "append_kv": lambda: _append_kv_case(device, torch.bfloat16, 64, 4096, 16, 8, 128, 16),
+            "filter_logits": lambda: _sampling_case("filter_logits", device, torch.float32, 128, 128256),
+            "sample": lambda: _sampling_case("sample", device, torch.float32, 128, 128256),
+        }
+    if op not in table:
+        raise ValueError(f"op must be one of {', '.join(registry.OPS)}, got {op!r}")
+    return [table[op]()]
+
+
+# ----------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------
+
+
+def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
+    """Median time of ``fn()`` over ``repeats`` calls, after max(1, repeats // 5) warm-up calls.
+
+    Parameters
+    ----------
+    fn : callable
+        Called with no arguments.
+    device : str or torch.device
+        On CUDA, each call is timed with CUDA events on the current stream, after a buffer
+        larger than the L2 cache is zeroed, so no call finds the previous one's data in
+        cache. Elsewhere, time.perf_counter around each call.
+    repeats : int
+        Timed calls, >= 1.
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device(device)
+    for _ in range(max(1, repeats // 5)):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+
+
+# ----------------------------------------------------------------------------
+# A run
+# ----------------------------------------------------------------------------
+
+
+def plan(op_names: Iterable[str], device) -> List[Job]:
+    """Every registered implementation of each op on each default case, in table order.
+
+    Parameters
+    ----------
+    op_names : iterable of str
+    device : str or torch.device
+
+    Returns
+    -------
+    list of Job
+        Jobs for implementations that cannot run on ``device`` carry the reason in ``skipped``.
+    """
+    return [
+        Job(impl, case, skip_reason(impl, device))
+        for op in op_names
+        for case in default_cases(op, device)
+        for impl in registry.implementations(op)
+    ]
+
+
+def measure(job: Job, repeats: int) -> BenchRow:
+    """Time ``job`` (see ``median_seconds``) and turn its FLOPs and bytes into rates.
+
+    An implementation that cannot run the case (unavailable, its ``supports`` predicate,
+    or it raises ``NotImplementedError``) gives a skipped row; one that raises anything
+    else gives a row with the error.
+
+    Parameters
+    ----------
+    job : Job
+    repeats : int
+
+    Returns
+    -------
+    BenchRow
+        Without ``speedup``: ``with_speedups`` fills it once the reference is timed too.
+    """
+    case, impl = job.case, job.impl
+    row = BenchRow(
+        op=case.op, implementation=impl.name, kind=impl.kind, shape=case.shape,
+        dtype=str(case.dtype).replace("torch.", ""), repeats=repeats, flops=case.flops, bytes=case.bytes,
+    )
+    if job.skipped:
+        return dataclasses.replace(row, skipped=job.skipped)
+    kwargs = case.make_kwargs()
+    unsupported = impl.unsupported_reason(kwargs)
+    if unsupported:
+        return dataclasses.replace(row, skipped=unsupported)
+    try:
+        seconds = median_seconds(lambda: impl.fn(**kwargs), case.device, repeats)
+    except NotImplementedError as exc:
+        return dataclasses.replace(row, skipped=f"NotImplementedError: {exc}")
+    except Exception as exc:  # a crashing implementation gets an error row; the others still run
+        return dataclasses.replace(row, error=f"{type(exc).__name__}: {exc}")
+    return dataclasses.replace(
+        row,
+        median_ms=seconds * 1e3,
+        tflops=case.flops / seconds / 1e12 if case.flops else None,
+        gbps=case.bytes / seconds / 1e9 if case.bytes else None,
+    )
+
+
+def with_speedups(rows: Sequence[BenchRow]) -> List[BenchRow]:
+    """``rows`` with ``speedup`` = the reference's median time / each row's, per op and shape.
+
+    Parameters
+    ----------
+    rows : sequence of BenchRow
+
+    Returns
+    -------
+    list of BenchRow
+        Rows without a time, or whose op and shape have no timed reference, keep speedup None.
+    """
+    reference_ms = {
+        (row.op, row.shape): row.median_ms
+        for row in rows
+        if row.implementation == "reference" and row.median_ms is not None
+    }
+    return [
+        dataclasses.replace(row, speedup=reference_ms[(row.op, row.shape)] / row.median_ms)
+        if row.median_ms and (row.op, row.shape) in reference_ms
+        else row
+        for row in rows
+    ]
+
+
+def device_name(device) -> str:
+    """The GPU's name (torch.cuda.get_device_name), or the CPU's model name.
+
+    Parameters
+    ----------
+    device : str or torch.device
+
+    Returns
+    -------
+    str
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return host.processor() or host.machine()
+
+
+def metadata(device, command: str) -> Dict[str, Any]:
+    """What a benchmark JSON records beside its rows, so a figure is never quoted without its device.
+
+    Parameters
+    ----------
+    device : str or torch.device
+    command : str
+        The command line that produced the rows.
+
+    Returns
+    -------
+    dict
+        device, device_name, cpu_threads, torch_version, fmkernels_version, date (UTC,
+        ISO 8601), command.
+    """
+    return {
+        "device": torch.device(device).type,
+        "device_name": device_name(device),
+        "cpu_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "fmkernels_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+    }
+
+
+def write_json(path: str, rows: Sequence[BenchRow], meta: Dict[str, Any]) -> None:
+    """Write ``{"metadata": meta, "rows": [...]}`` to ``path`` (parent folders created).
+
+    Parameters
+    ----------
+    path : str
+    rows : sequence of BenchRow
+    meta : dict
+        From ``metadata``.
+    """
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as file:
+        json.dump({"metadata": meta, "rows": [dataclasses.asdict(row) for row in rows]}, file, indent=2)
+        file.write("\n")

@@ -1,0 +1,299 @@
+"""The ``fmkernels`` command line.
+
+::
+
+    fmkernels check [OP ...] [--device cpu|cuda] [--impl module:function] [--seed N]
+    fmkernels bench [OP ...] [--device cpu|cuda] [--impl module:function] [--json PATH] [--repeats N]
+    fmkernels backends
+    fmkernels --version
+
+This module parses and prints; the correctness rules live in ``fmkernels.testing`` and the
+timing and FLOP/byte accounting in ``fmkernels.benchmark``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shlex
+import sys
+import time
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__, backends, benchmark, registry, testing
+
+# Where output is not a terminal (a log, a pipe), rich would wrap tables at 80 columns.
+_LOG_WIDTH = 200
+# The last column (a verdict, or why a row was skipped) is never squeezed below this.
+_RESULT_WIDTH = 16
+
+
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=_LOG_WIDTH if wide else None)
+
+
+# ----------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------
+
+
+def _op_name(value: str) -> str:
+    if value not in registry.OPS:
+        raise argparse.ArgumentTypeError(f"invalid op {value!r} (choose from {', '.join(registry.OPS)})")
+    return value
+
+
+def _integer_at_least(minimum: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {number}")
+        return number
+
+    return parse
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "ops", nargs="*", type=_op_name, metavar="OP",
+        help=f"ops to run: {', '.join(registry.OPS)} (default: all)",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"),
+        help="where the inputs live (default: cuda when a GPU is visible, else cpu)",
+    )
+    parser.add_argument(
+        "--impl", action="append", default=[], metavar="MODULE:FUNCTION",
+        help="also run your own implementation of the named OP(s): a function with the "
+        "reference's signature (fmkernels.reference.<op>); MODULE is imported from the current "
+        "directory or the Python path; repeatable",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fmkernels",
+        description="Check fmkernels' implementations (and yours) against the reference ops, "
+        "benchmark them, and list the backends this machine can run.",
+    )
+    parser.add_argument("--version", action="version", version=f"fmkernels {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser(
+        "check", help="hold every implementation to the reference over a sweep of cases",
+        description="Run every available implementation of each OP on odd shapes, dtypes and seeds "
+        "and compare it with the reference (rules: fmkernels.testing). Exits 1 if any case fails.",
+    )
+    _add_common(check)
+    check.add_argument("--seed", type=_integer_at_least(0), default=0, help="seed of each op's first case (default 0)")
+    check.set_defaults(handler=_check)
+
+    bench = commands.add_parser(
+        "bench", help="time every implementation on default shapes",
+        description="Time every available implementation of each OP on default shapes sized for the "
+        "device (median of --repeats after warm-up) and report TFLOP/s or GB/s and the speedup "
+        "over the reference measured in the same run.",
+    )
+    _add_common(bench)
+    bench.add_argument("--json", metavar="PATH", help="also write the rows and run metadata as JSON")
+    bench.add_argument(
+        "--repeats", type=_integer_at_least(1),
+        help="timed calls per implementation, after warm-up (default: "
+        + ", ".join(f"{count} on {device}" for device, count in benchmark.DEFAULT_REPEATS.items()) + ")",
+    )
+    bench.set_defaults(handler=_bench)
+
+    listing = commands.add_parser("backends", help="which backends can run here, and why not")
+    listing.set_defaults(handler=_backends)
+    return parser
+
+
+def _device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> torch.device:
+    if args.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU on this machine")
+    return torch.device(args.device)
+
+
+def _load_user_function(spec: str, parser: argparse.ArgumentParser):
+    # A console script's sys.path starts with its bin folder, not the user's directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return registry.load_impl(spec)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+
+
+@contextlib.contextmanager
+def _user_impls(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Register each --impl function as a 'user' implementation of the named ops while the command runs."""
+    if args.impl and not args.ops:
+        parser.error("--impl needs the op(s) the function implements, e.g. check attention --impl mymodule:my_attention")
+    registered = []
+    try:
+        for spec in dict.fromkeys(args.impl):
+            fn = _load_user_function(spec, parser)
+            for op in dict.fromkeys(args.ops):
+                registry.register_impl(op, spec, fn, kind="user")
+                registered.append((op, spec))
+        yield
+    finally:
+        for op, spec in registered:
+            registry.unregister_impl(op, spec)
+
+
+# ----------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------
+
+
+def _error_text(value: Optional[float]) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.2e}"
+
+
+def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    device = _device(args, parser)
+    ops = list(dict.fromkeys(args.ops)) or list(registry.OPS)
+    table = Table(title=f"fmkernels check on {device.type} (seed {args.seed})")
+    table.add_column("op", no_wrap=True)
+    table.add_column("implementation", no_wrap=True)
+    table.add_column("case")
+    table.add_column("max error", justify="right", no_wrap=True)
+    table.add_column("tolerance", justify="right", no_wrap=True)
+    table.add_column("result", min_width=_RESULT_WIDTH)
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    start = time.perf_counter()
+    with _user_impls(args, parser), _console(stderr=True).status("checking") as status:
+        for row in testing.run_checks(ops, device, seed=args.seed):
+            status.update(f"checking {row.op} · {row.implementation}")
+            if row.result is None:
+                counts["skipped"] += 1
+                table.add_row(row.op, row.implementation, row.case, "", "", Text(f"skipped: {row.skipped}", "yellow"))
+                continue
+            result = row.result
+            counts["passed" if result.passed else "failed"] += 1
+            if result.passed:
+                verdict = Text("pass" + (f" ({result.detail})" if result.detail else ""), "green")
+            else:
+                verdict = Text(f"FAIL: {result.detail}", "bold red")
+            table.add_row(
+                row.op, row.implementation, row.case,
+                _error_text(result.max_error), _error_text(result.tolerance), verdict,
+            )
+    console = _console()
+    console.print(table)
+    summary = ", ".join(f"{count} {word}" for word, count in counts.items())
+    console.print(f"{summary} in {time.perf_counter() - start:.1f} s")
+    return 1 if counts["failed"] else 0
+
+
+def _time_text(milliseconds: Optional[float]) -> str:
+    if milliseconds is None:
+        return "-"
+    if milliseconds < 1:
+        return f"{milliseconds * 1e3:.1f} µs"
+    if milliseconds < 1000:
+        return f"{milliseconds:.2f} ms"
+    return f"{milliseconds / 1e3:.2f} s"
+
+
+def _rate_text(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}"
+
+
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    device = _device(args, parser)
+    ops = list(dict.fromkeys(args.ops)) or list(registry.OPS)
+    repeats = args.repeats or benchmark.DEFAULT_REPEATS[device.type]
+    rows = []
+    with _user_impls(args, parser):
+        jobs = benchmark.plan(ops, device)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=_console(stderr=True), transient=True) as progress:
+            task = progress.add_task("bench", total=len(jobs))
+            for job in jobs:
+                progress.update(task, description=f"{job.impl.op} · {job.impl.name}")
+                rows.append(benchmark.measure(job, repeats))
+                progress.advance(task)
+    rows = benchmark.with_speedups(rows)
+
+    table = Table(
+        title=f"fmkernels bench on {benchmark.device_name(device)} (median of {repeats}; "
+        "speedup = the reference's time / this time)"
+    )
+    table.add_column("op", no_wrap=True)
+    table.add_column("implementation", no_wrap=True)
+    table.add_column("shape")
+    for column in ("median", "TFLOP/s", "GB/s", "speedup"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("note", min_width=_RESULT_WIDTH)
+    for row in rows:
+        speedup = f"{row.speedup:.2f}x" if row.speedup is not None else "-"
+        if row.error:
+            note = Text(f"error: {row.error}", "bold red")
+        elif row.skipped:
+            note = Text(f"skipped: {row.skipped}", "yellow")
+        else:
+            note = Text("")
+        table.add_row(
+            row.op, row.implementation, f"{row.shape} {row.dtype}",
+            _time_text(row.median_ms), _rate_text(row.tflops), _rate_text(row.gbps), speedup, note,
+        )
+    console = _console()
+    console.print(table)
+    if args.json:
+        benchmark.write_json(args.json, rows, benchmark.metadata(device, args.command_line))
+        console.print(f"wrote {args.json}")
+    return 1 if any(row.error for row in rows) else 0
+
+
+def _backends(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    table = Table(title="fmkernels backends")
+    table.add_column("backend")
+    table.add_column("available")
+    table.add_column("details")
+    for status in backends().values():
+        available = Text("yes", "green") if status.available else Text("no", "yellow")
+        table.add_row(status.name, available, status.reason)
+    _console().print(table)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``fmkernels`` command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments after the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status: 0, or 1 when a check failed or an implementation raised during
+        bench. Bad arguments exit with status 2 and a message (argparse's ``SystemExit``).
+    """
+    arguments: List[str] = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(arguments)
+    args.command_line = shlex.join(["fmkernels", *arguments])
+    return args.handler(args, parser)
