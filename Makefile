@@ -11,7 +11,7 @@ BUILD_SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/
 INSTALLED := $(VENV)/.fmkernels-installed
 BUILD_TOOLS := $(VENV)/.build-tools
 
-.PHONY: run test check bench install clean
+.PHONY: run test check bench install test-sanitize clean
 
 run: $(INSTALLED)
 	$(VENV)/bin/fmkernels check
@@ -39,5 +39,18 @@ $(INSTALLED): $(BUILD_TOOLS) $(BUILD_SOURCES)
 	$(PIP) install -q --no-build-isolation -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
+# The C++ CPU kernels built with AddressSanitizer and UndefinedBehaviorSanitizer, in a
+# venv of their own (a regular, non-editable install), and the tests that reach them.
+SANITIZE_VENV := .venv-sanitize
+SANITIZE_RUNTIME = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)
+
+test-sanitize:
+	test -x $(SANITIZE_VENV)/bin/python || $(PYTHON) -m venv $(SANITIZE_VENV)
+	$(SANITIZE_VENV)/bin/python -m pip install -q -c $(CONSTRAINTS) scikit-build-core pybind11 torch triton numpy rich pytest
+	FMKERNELS_SANITIZE=ON FMKERNELS_CUDA=OFF $(SANITIZE_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps \
+		--config-settings=build-dir=build/sanitize .
+	cd tests && ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(SANITIZE_RUNTIME)" \
+		../$(SANITIZE_VENV)/bin/python -m pytest -q -p no:cacheprovider test_append_kv.py test_validation.py
+
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(SANITIZE_VENV)
