@@ -1,0 +1,2 @@
+// (being written: the attention CPU kernel)
+namespace fmkernels::cpu {}

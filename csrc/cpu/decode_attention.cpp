@@ -1,0 +1,2 @@
+// (being written: the decode_attention CPU kernel)
+namespace fmkernels::cpu {}

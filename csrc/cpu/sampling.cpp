@@ -1,0 +1,2 @@
+// (being written: the sampling CPU kernel)
+namespace fmkernels::cpu {}
