@@ -224,3 +224,10 @@ def test_the_kernel_rejects_views_that_do_not_fit():
     with pytest.raises(ValueError, match="top_ids"):
         module.sample(tensor_view(logits), tensor_view(tokens), *views, seeds, seeds,
                       tensor_view(torch.empty(3)), top_ids, tensor_view(torch.empty(3, 11)), 1)
+
+
+def test_empty_batch():
+    logits = torch.randn(0, 50)
+    assert fmkernels.filter_logits(logits, top_k=3, backend="cpu").shape == (0, 50)
+    out = fmkernels.sample(logits, seed=1, backend="cpu", return_logprobs=True, num_logprobs=2)
+    assert out.tokens.shape == (0,) and out.top_ids.shape == (0, 2)

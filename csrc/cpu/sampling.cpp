@@ -399,12 +399,13 @@ void logprob_row(const Row<T>& row, const Selection& sel, Scratch& s, int64_t to
 // Checking the views
 
 bool is_vector(const TensorView& v, int64_t batch, DType dtype) {
-  return v.data != nullptr && v.rank == 1 && v.sizes[0] == batch && v.dtype == dtype &&
+  return (v.data != nullptr || batch == 0) && v.rank == 1 && v.sizes[0] == batch && v.dtype == dtype &&
          (batch <= 1 || v.strides[0] >= 1);
 }
 
 const char* check_logits(const TensorView& logits) {
-  if (logits.data == nullptr || logits.rank != 2) return "logits must be (batch, vocab)";
+  if (logits.rank != 2) return "logits must be (batch, vocab)";
+  if (logits.data == nullptr && logits.sizes[0] > 0) return "logits has no data";
   if (logits.dtype != DType::kFloat32 && logits.dtype != DType::kFloat16 &&
       logits.dtype != DType::kBFloat16)
     return "logits must be float32, float16 or bfloat16";
@@ -494,7 +495,7 @@ const char* filter_logits(const TensorView& logits, const TensorView& out,
                           const TensorView& top_p, const TensorView& min_p, int num_threads) {
   if (const char* error = check_logits(logits)) return error;
   const int64_t batch = logits.sizes[0];
-  if (out.data == nullptr || out.rank != 2 || out.dtype != logits.dtype || out.sizes[0] != batch ||
+  if ((out.data == nullptr && batch > 0) || out.rank != 2 || out.dtype != logits.dtype || out.sizes[0] != batch ||
       out.sizes[1] != logits.sizes[1] || (logits.sizes[1] > 1 && out.strides[1] != 1) ||
       (batch > 1 && out.strides[0] < logits.sizes[1]))
     return "out must be shaped and typed like logits, rows dense and apart";
@@ -531,13 +532,14 @@ const char* sample(const TensorView& logits, const TensorView& tokens,
   if (logprobs != nullptr) {
     if (!is_vector(*logprobs, batch, DType::kFloat32)) return "logprobs must be float32 (batch,)";
     const int64_t n = top_ids->rank == 2 ? top_ids->sizes[1] : -1;
-    if (top_ids->data == nullptr && n > 0) return "top_ids has no data";
+    if (batch > 0 && n > 0 && (top_ids->data == nullptr || top_logprobs->data == nullptr))
+      return "top_ids and top_logprobs have no data";
     if (top_ids->rank != 2 || top_ids->dtype != DType::kInt64 || top_ids->sizes[0] != batch || n > vocab)
       return "top_ids must be int64 (batch, n) with n <= vocab";
     if (top_logprobs->rank != 2 || top_logprobs->dtype != DType::kFloat32 ||
         top_logprobs->sizes[0] != batch || top_logprobs->sizes[1] != n)
       return "top_logprobs must be float32 (batch, n) like top_ids";
-    if ((n > 0 && (top_logprobs->data == nullptr || top_ids->strides[1] < 1 || top_logprobs->strides[1] < 1)) ||
+    if ((n > 1 && (top_ids->strides[1] < 1 || top_logprobs->strides[1] < 1)) ||
         (batch > 1 && n > 0 && (top_ids->strides[0] < 1 || top_logprobs->strides[0] < 1)))
       return "top_ids and top_logprobs must have positive strides";
   }
