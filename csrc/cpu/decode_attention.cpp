@@ -42,6 +42,7 @@ constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kTile = 32;       // positions per tile: a tile's scores, K and V rows stay in L1/L2
 constexpr int64_t kMinSplit = 256;  // a split reads at least this many positions (merging costs ~1)
 constexpr int64_t kUnitsPerThread = 4;  // splitting aims at this many units per thread, for balance
+constexpr int64_t kUnitFloats = 16384;  // q (and acc) floats of the KV heads one unit reads together
 constexpr int64_t kMaxWidth = 16;   // floats per vector on the widest ISA (AVX-512)
 constexpr float kLog2e = 1.44269504088896340736f;
 constexpr float kLn2 = 0.69314718055994530942f;
@@ -171,6 +172,7 @@ struct Problem {
   float* lse;  // nullptr: not wanted
   int64_t lse_stride[3];
   float scale_log2;  // scale * log2(e): scores are kept in base 2
+  int64_t heads_per_unit;  // KV heads one unit reads together, position by position
 
   int64_t rows() const { return n_new * group; }  // query rows per KV head: r = i * group + g
   int64_t seqlen(int64_t b) const { return seqlens[b * seqlens_stride]; }
@@ -183,29 +185,32 @@ struct Problem {
   }
 };
 
-// Positions [begin, end) of sequence b against KV head h. slot < 0: the unit covers the
-// whole sequence and writes out/lse itself; otherwise it writes partials[slot].
+// Positions [begin, end) of sequence b against KV heads [h_begin, h_end). slot < 0: the
+// unit covers the whole sequence and writes out/lse itself; otherwise it writes
+// partials[slot].
 struct Unit {
-  int64_t b, h, begin, end, slot;
+  int64_t b, h_begin, h_end, begin, end, slot;
 };
 
-// A (sequence, KV head) cut into count units, whose partials are slots [first_slot, +count).
+// KV heads [h_begin, h_end) of sequence b cut into count units along the positions, whose
+// partials are slots [first_slot, first_slot + count).
 struct SplitPair {
-  int64_t b, h, first_slot, count;
+  int64_t b, h_begin, h_end, first_slot, count;
 };
 
 int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
 // Floats of scratch one thread needs (the widest ISA's padding, which covers the others).
 int64_t scratch_floats(const Problem& p) {
-  const int64_t dim = round_up(p.head_dim, kMaxWidth), rows = p.rows();
-  return round_up(2 * kTile * dim + 2 * rows * dim + rows * kTile + 2 * rows, kMaxWidth);
+  const int64_t dim = round_up(p.head_dim, kMaxWidth), rows = p.heads_per_unit * p.rows();
+  return round_up(2 * kTile * dim + p.rows() * kTile + 2 * rows * dim + 2 * rows, kMaxWidth);
 }
 
-// A partial result: acc (rows x padded dim, unnormalised), then m (base-2 running max) and
-// l (sum of 2^(s - m)) per row.
+// A partial result: acc (heads x rows x padded dim, unnormalised), then m (base-2 running
+// max) and l (sum of 2^(s - m)) per row.
 int64_t partial_floats(const Problem& p) {
-  return p.rows() * round_up(p.head_dim, kMaxWidth) + 2 * p.rows();
+  const int64_t rows = p.heads_per_unit * p.rows();
+  return rows * round_up(p.head_dim, kMaxWidth) + 2 * rows;
 }
 
 template <class Elem>
@@ -247,15 +252,77 @@ FMK_INLINE const float* cache_row(const Problem& p, const void* cache, const int
   return buffer;
 }
 
+// The next (head, tile) a unit reads, whose rows are prefetched while this one is computed:
+// a unit's rows of one position are kv_heads x head_dim elements away from the next
+// position's in a contiguous cache, too far apart for the hardware prefetchers.
+struct Prefetch {
+  const char* k[kTile];
+  const char* v[kTile];
+  int64_t n = 0;      // rows
+  int64_t lines = 0;  // 64-byte lines per row
+};
+
+template <class Elem>
+FMK_INLINE void plan_prefetch(const Problem& p, int64_t b, int64_t h, int64_t start, int64_t end,
+                              Prefetch& next) {
+  next.n = std::max<int64_t>(0, std::min(kTile, end - start));
+  next.lines = (p.head_dim * static_cast<int64_t>(sizeof(Elem)) + 63) / 64;
+  for (int64_t t = 0; t < next.n; ++t) {
+    next.k[t] = reinterpret_cast<const char*>(static_cast<const Elem*>(p.k) +
+                                              p.cache_offset(p.k_stride, b, h, start + t));
+    next.v[t] = reinterpret_cast<const char*>(static_cast<const Elem*>(p.v) +
+                                              p.cache_offset(p.v_stride, b, h, start + t));
+  }
+}
+
+FMK_INLINE void prefetch_row(const char* const* rows, const Prefetch& next, int64_t t) {
+  if (t >= next.n) return;
+  for (int64_t line = 0; line < next.lines; ++line) __builtin_prefetch(rows[t] + 64 * line, 0, 3);
+}
+
 // scores[r * kTile + t] = q_r . k_t for 4 rows at a time.
 template <int W>
 FMK_INLINE void tile_scores(const float* q, int64_t rows, const float* const* k, int64_t n,
-                            int64_t dim, float* scores) {
+                            int64_t dim, float* scores, const Prefetch& next) {
   using vf = typename V<W>::f;
+  // Key row t of the next (head, tile) is prefetched beside key t, spread over the work.
+  if (rows < 4) {
+    for (int64_t t = 0; t < next.n; ++t) prefetch_row(next.k, next, t);
+  }
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
     const float* q0 = q + r * dim;
-    for (int64_t t = 0; t < n; ++t) {
+    int64_t t = 0;
+    for (; t + 2 <= n; t += 2) {
+      if (r == 0) {
+        prefetch_row(next.k, next, t);
+        prefetch_row(next.k, next, t + 1);
+      }
+      vf a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+      for (int64_t d = 0; d < dim; d += W) {
+        const vf k0 = load<W>(k[t] + d), k1 = load<W>(k[t + 1] + d);
+        const vf x0 = load<W>(q0 + d), x1 = load<W>(q0 + dim + d);
+        const vf x2 = load<W>(q0 + 2 * dim + d), x3 = load<W>(q0 + 3 * dim + d);
+        a0 += x0 * k0;
+        a1 += x1 * k0;
+        a2 += x2 * k0;
+        a3 += x3 * k0;
+        b0 += x0 * k1;
+        b1 += x1 * k1;
+        b2 += x2 * k1;
+        b3 += x3 * k1;
+      }
+      scores[r * kTile + t] = hsum<W>(a0);
+      scores[(r + 1) * kTile + t] = hsum<W>(a1);
+      scores[(r + 2) * kTile + t] = hsum<W>(a2);
+      scores[(r + 3) * kTile + t] = hsum<W>(a3);
+      scores[r * kTile + t + 1] = hsum<W>(b0);
+      scores[(r + 1) * kTile + t + 1] = hsum<W>(b1);
+      scores[(r + 2) * kTile + t + 1] = hsum<W>(b2);
+      scores[(r + 3) * kTile + t + 1] = hsum<W>(b3);
+    }
+    for (; t < n; ++t) {
+      if (r == 0) prefetch_row(next.k, next, t);
       vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int64_t d = 0; d < dim; d += W) {
         const vf kv = load<W>(k[t] + d);
@@ -280,111 +347,184 @@ FMK_INLINE void tile_scores(const float* q, int64_t rows, const float* const* k,
 }
 
 // acc_r += sum_t p[r][t] * v_t over the first `visible` positions, 4 vectors of acc at a time.
+// acc_j += sum_t p_j[t] * v_t over the first `visible` positions, for `count` (1 or 2) rows
+// that share every V load, 4 vectors of each acc at a time. With `first` set, value row t of
+// the next (head, tile) is prefetched beside row t.
 template <int W>
-FMK_INLINE void tile_accumulate(const float* p, const float* const* v, int64_t visible,
-                                int64_t dim, float* acc) {
+FMK_INLINE void tile_accumulate(const float* p0, const float* p1, int count,
+                                const float* const* v, int64_t visible, int64_t dim, float* acc0,
+                                float* acc1, const Prefetch& next, bool first) {
   using vf = typename V<W>::f;
+  if (first && (dim < 4 * W || visible < next.n)) {
+    for (int64_t t = 0; t < next.n; ++t) prefetch_row(next.v, next, t);
+    first = false;
+  }
   int64_t d = 0;
   for (; d + 4 * W <= dim; d += 4 * W) {
-    vf a0 = load<W>(acc + d), a1 = load<W>(acc + d + W);
-    vf a2 = load<W>(acc + d + 2 * W), a3 = load<W>(acc + d + 3 * W);
-    for (int64_t t = 0; t < visible; ++t) {
-      const float* row = v[t] + d;
-      const float weight = p[t];
-      a0 += weight * load<W>(row);
-      a1 += weight * load<W>(row + W);
-      a2 += weight * load<W>(row + 2 * W);
-      a3 += weight * load<W>(row + 3 * W);
+    vf a0 = load<W>(acc0 + d), a1 = load<W>(acc0 + d + W);
+    vf a2 = load<W>(acc0 + d + 2 * W), a3 = load<W>(acc0 + d + 3 * W);
+    if (count == 2) {
+      vf b0 = load<W>(acc1 + d), b1 = load<W>(acc1 + d + W);
+      vf b2 = load<W>(acc1 + d + 2 * W), b3 = load<W>(acc1 + d + 3 * W);
+      for (int64_t t = 0; t < visible; ++t) {
+        if (first && d == 0) prefetch_row(next.v, next, t);
+        const float* row = v[t] + d;
+        const vf v0 = load<W>(row), v1 = load<W>(row + W);
+        const vf v2 = load<W>(row + 2 * W), v3 = load<W>(row + 3 * W);
+        const float w0 = p0[t], w1 = p1[t];
+        a0 += w0 * v0;
+        a1 += w0 * v1;
+        a2 += w0 * v2;
+        a3 += w0 * v3;
+        b0 += w1 * v0;
+        b1 += w1 * v1;
+        b2 += w1 * v2;
+        b3 += w1 * v3;
+      }
+      store<W>(acc1 + d, b0);
+      store<W>(acc1 + d + W, b1);
+      store<W>(acc1 + d + 2 * W, b2);
+      store<W>(acc1 + d + 3 * W, b3);
+    } else {
+      for (int64_t t = 0; t < visible; ++t) {
+        if (first && d == 0) prefetch_row(next.v, next, t);
+        const float* row = v[t] + d;
+        const float w0 = p0[t];
+        a0 += w0 * load<W>(row);
+        a1 += w0 * load<W>(row + W);
+        a2 += w0 * load<W>(row + 2 * W);
+        a3 += w0 * load<W>(row + 3 * W);
+      }
     }
-    store<W>(acc + d, a0);
-    store<W>(acc + d + W, a1);
-    store<W>(acc + d + 2 * W, a2);
-    store<W>(acc + d + 3 * W, a3);
+    store<W>(acc0 + d, a0);
+    store<W>(acc0 + d + W, a1);
+    store<W>(acc0 + d + 2 * W, a2);
+    store<W>(acc0 + d + 3 * W, a3);
   }
   for (; d < dim; d += W) {
-    vf a = load<W>(acc + d);
-    for (int64_t t = 0; t < visible; ++t) a += p[t] * load<W>(v[t] + d);
-    store<W>(acc + d, a);
+    vf a = load<W>(acc0 + d), c = count == 2 ? load<W>(acc1 + d) : vf{};
+    for (int64_t t = 0; t < visible; ++t) {
+      const vf row = load<W>(v[t] + d);
+      a += p0[t] * row;
+      c += p1[t] * row;  // p1 is p0 for a single row; its sum is dropped
+    }
+    store<W>(acc0 + d, a);
+    if (count == 2) store<W>(acc1 + d, c);
   }
 }
 
+// One tile of positions [start, start + n) against KV head h, for its rows query rows:
+// scores, online softmax, and acc += p . V.
 template <int W, class Elem>
-FMK_INLINE void attend(const Problem& p, const Unit& u, float* scratch, float* partials) {
+FMK_INLINE void attend_tile(const Problem& p, int64_t b, int64_t h, int64_t start, int64_t n,
+                            int64_t last_seen_by_first, const float* q, float* acc, float* m,
+                            float* l, float* scores, float* k_buffer, float* v_buffer,
+                            const Prefetch& next) {
   using vf = typename V<W>::f;
   const int64_t dim = round_up(p.head_dim, W), rows = p.rows(), group = p.group;
-  float* k_buffer = scratch;                 // kTile x dim
-  float* v_buffer = k_buffer + kTile * dim;  // kTile x dim
-  float* q = v_buffer + kTile * dim;         // rows x dim, times scale * log2(e)
-  float* acc = q + rows * dim;               // rows x dim
-  float* scores = acc + rows * dim;          // rows x kTile: scores, then probabilities
-  float* m = scores + rows * kTile;          // rows
-  float* l = m + rows;                       // rows
   const float* k_rows[kTile];
   const float* v_rows[kTile];
+  for (int64_t t = 0; t < n; ++t)
+    k_rows[t] = cache_row<W, Elem>(p, p.k, p.k_stride, b, h, start + t, dim, k_buffer + t * dim);
+  tile_scores<W>(q, rows, k_rows, n, dim, scores, next);
 
-  const int64_t b = u.b, h = u.h;
-  const int64_t last_seen_by_first = p.seqlen(b) - p.n_new;  // query i sees positions <= this + i
-  for (int64_t i = 0; i < p.n_new; ++i) {
-    for (int64_t g = 0; g < group; ++g) {
-      const Elem* src = static_cast<const Elem*>(p.q) + b * p.q_stride[0] + i * p.q_stride[1] +
-                        (h * group + g) * p.q_stride[2];
-      widen_row<W>(src, p.head_dim, p.scale_log2, q + (i * group + g) * dim, dim);
+  // Online softmax: mask, new running max, probabilities, rescale what came before.
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t visible = std::clamp<int64_t>(last_seen_by_first + r / group - start + 1, 0, n);
+    float* s = scores + r * kTile;
+    if (visible == 0) continue;
+    float tile_max = s[0];
+    for (int64_t t = 1; t < visible; ++t) tile_max = std::max(tile_max, s[t]);
+    for (int64_t t = visible; t < kTile; ++t) s[t] = kNegInf;
+    const float m_new = std::max(m[r], tile_max);
+    const float correction = std::exp2(m[r] - m_new);  // 0 on the first tile (m = -inf)
+    vf sum = {};
+    for (int64_t t = 0; t < kTile; t += W) {
+      const vf prob = exp2_nonpositive<W>(load<W>(s + t) - m_new);
+      store<W>(s + t, prob);
+      sum += prob;
+    }
+    l[r] = l[r] * correction + hsum<W>(sum);
+    m[r] = m_new;
+    if (correction != 1.0f) {
+      float* a = acc + r * dim;
+      for (int64_t d = 0; d < dim; d += W) store<W>(a + d, load<W>(a + d) * correction);
     }
   }
-  std::fill(acc, acc + rows * dim, 0.0f);
-  std::fill(m, m + rows, kNegInf);
-  std::fill(l, l + rows, 0.0f);
 
-  for (int64_t start = u.begin; start < u.end; start += kTile) {
-    const int64_t n = std::min(kTile, u.end - start);
-    for (int64_t t = 0; t < n; ++t)
-      k_rows[t] = cache_row<W, Elem>(p, p.k, p.k_stride, b, h, start + t, dim, k_buffer + t * dim);
-    tile_scores<W>(q, rows, k_rows, n, dim, scores);
+  for (int64_t t = 0; t < n; ++t)
+    v_rows[t] = cache_row<W, Elem>(p, p.v, p.v_stride, b, h, start + t, dim, v_buffer + t * dim);
+  // Rows in pairs of the same query position (they see the same positions).
+  for (int64_t r = 0; r < rows;) {
+    const int64_t visible = std::clamp<int64_t>(last_seen_by_first + r / group - start + 1, 0, n);
+    const int count = (r + 1 < rows && (r + 1) / group == r / group) ? 2 : 1;
+    tile_accumulate<W>(scores + r * kTile, scores + (r + count - 1) * kTile, count, v_rows,
+                       visible, dim, acc + r * dim, acc + (r + count - 1) * dim, next, r == 0);
+    r += count;
+  }
+}
 
-    // Online softmax: mask, new running max, probabilities, rescale what came before.
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = r / group;
-      const int64_t visible = std::clamp<int64_t>(last_seen_by_first + i - start + 1, 0, n);
-      float* s = scores + r * kTile;
-      if (visible == 0) continue;
-      float tile_max = s[0];
-      for (int64_t t = 1; t < visible; ++t) tile_max = std::max(tile_max, s[t]);
-      for (int64_t t = visible; t < kTile; ++t) s[t] = kNegInf;
-      const float m_new = std::max(m[r], tile_max);
-      const float correction = std::exp2(m[r] - m_new);  // 0 on the first tile (m = -inf)
-      vf sum = {};
-      for (int64_t t = 0; t < kTile; t += W) {
-        const vf prob = exp2_nonpositive<W>(load<W>(s + t) - m_new);
-        store<W>(s + t, prob);
-        sum += prob;
-      }
-      l[r] = l[r] * correction + hsum<W>(sum);
-      m[r] = m_new;
-      if (correction != 1.0f) {
-        float* a = acc + r * dim;
-        for (int64_t d = 0; d < dim; d += W) store<W>(a + d, load<W>(a + d) * correction);
+// A unit: heads [h_begin, h_end) of sequence b over positions [begin, end), tile by tile,
+// every head of a tile before the next tile (so the cache is read in address order).
+template <int W, class Elem>
+FMK_INLINE void attend(const Problem& p, const Unit& u, float* scratch, float* partials) {
+  const int64_t dim = round_up(p.head_dim, W), rows = p.rows(), group = p.group;
+  const int64_t heads = u.h_end - u.h_begin;
+  float* k_buffer = scratch;                  // kTile x dim
+  float* v_buffer = k_buffer + kTile * dim;   // kTile x dim
+  float* scores = v_buffer + kTile * dim;     // rows x kTile: scores, then probabilities
+  float* q = scores + rows * kTile;           // heads x rows x dim, times scale * log2(e)
+  float* acc = q + heads * rows * dim;        // heads x rows x dim
+  float* m = acc + heads * rows * dim;        // heads x rows
+  float* l = m + heads * rows;                // heads x rows
+
+  const int64_t b = u.b;
+  const int64_t last_seen_by_first = p.seqlen(b) - p.n_new;  // query i sees positions <= this + i
+  for (int64_t h = u.h_begin; h < u.h_end; ++h) {
+    for (int64_t i = 0; i < p.n_new; ++i) {
+      for (int64_t g = 0; g < group; ++g) {
+        const Elem* src = static_cast<const Elem*>(p.q) + b * p.q_stride[0] +
+                          i * p.q_stride[1] + (h * group + g) * p.q_stride[2];
+        widen_row<W>(src, p.head_dim, p.scale_log2,
+                     q + ((h - u.h_begin) * rows + i * group + g) * dim, dim);
       }
     }
+  }
+  std::fill(acc, acc + heads * rows * dim, 0.0f);
+  std::fill(m, m + heads * rows, kNegInf);
+  std::fill(l, l + heads * rows, 0.0f);
 
-    for (int64_t t = 0; t < n; ++t)
-      v_rows[t] = cache_row<W, Elem>(p, p.v, p.v_stride, b, h, start + t, dim, v_buffer + t * dim);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t visible = std::clamp<int64_t>(last_seen_by_first + r / group - start + 1, 0, n);
-      tile_accumulate<W>(scores + r * kTile, v_rows, visible, dim, acc + r * dim);
+  Prefetch next;
+  for (int64_t start = u.begin; start < u.end; start += kTile) {
+    const int64_t n = std::min(kTile, u.end - start);
+    for (int64_t h = u.h_begin; h < u.h_end; ++h) {
+      if (h + 1 < u.h_end) {
+        plan_prefetch<Elem>(p, b, h + 1, start, u.end, next);
+      } else {
+        plan_prefetch<Elem>(p, b, u.h_begin, start + kTile, u.end, next);
+      }
+      const int64_t offset = (h - u.h_begin) * rows;
+      attend_tile<W, Elem>(p, b, h, start, n, last_seen_by_first, q + offset * dim,
+                           acc + offset * dim, m + offset, l + offset, scores, k_buffer, v_buffer,
+                           next);
     }
   }
 
   if (u.slot < 0) {
-    for (int64_t r = 0; r < rows; ++r)
-      store_output_row<Elem>(p, b, r / group, h * group + r % group, acc + r * dim, m[r], l[r]);
+    for (int64_t h = u.h_begin; h < u.h_end; ++h) {
+      const int64_t offset = (h - u.h_begin) * rows;
+      for (int64_t r = 0; r < rows; ++r)
+        store_output_row<Elem>(p, b, r / group, h * group + r % group, acc + (offset + r) * dim,
+                               m[offset + r], l[offset + r]);
+    }
     return;
   }
   const int64_t partial_dim = round_up(p.head_dim, kMaxWidth);
   float* partial = partials + u.slot * partial_floats(p);
-  for (int64_t r = 0; r < rows; ++r)
+  for (int64_t r = 0; r < heads * rows; ++r)
     std::copy(acc + r * dim, acc + r * dim + p.head_dim, partial + r * partial_dim);
-  std::copy(m, m + rows, partial + rows * partial_dim);
-  std::copy(l, l + rows, partial + rows * partial_dim + rows);
+  std::copy(m, m + heads * rows, partial + heads * rows * partial_dim);
+  std::copy(l, l + heads * rows, partial + heads * rows * partial_dim + heads * rows);
 }
 
 using AttendFn = void (*)(const Problem&, const Unit&, float*, float*);
@@ -424,8 +564,8 @@ AttendFn pick_attend() {
 // out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, with M the largest m_s.
 template <class Elem>
 void merge(const Problem& p, const SplitPair& pair, const float* partials) {
-  const int64_t rows = p.rows(), partial_dim = round_up(p.head_dim, kMaxWidth);
-  const int64_t stride = partial_floats(p);
+  const int64_t rows = (pair.h_end - pair.h_begin) * p.rows();
+  const int64_t partial_dim = round_up(p.head_dim, kMaxWidth), stride = partial_floats(p);
   const float* first = partials + pair.first_slot * stride;
   float merged[kMaxHeadDim];
   for (int64_t r = 0; r < rows; ++r) {
@@ -441,16 +581,23 @@ void merge(const Problem& p, const SplitPair& pair, const float* partials) {
       total += weight * partial[rows * partial_dim + rows + r];
       for (int64_t d = 0; d < p.head_dim; ++d) merged[d] += weight * partial[r * partial_dim + d];
     }
-    store_output_row<Elem>(p, pair.b, r / p.group, pair.h * p.group + r % p.group, merged, top,
-                           total);
+    const int64_t h = pair.h_begin + r / p.rows(), row = r % p.rows();
+    store_output_row<Elem>(p, pair.b, row / p.group, h * p.group + row % p.group, merged, top, total);
   }
 }
 
 template <class Elem>
-void run(const Problem& p, int num_threads) {
-  // Split policy: cut sequences into pieces of split_length positions so that there are
-  // about kUnitsPerThread units per thread (never pieces shorter than kMinSplit); with
-  // batch x kv_heads already that many, nothing is split.
+void run(Problem& p, int num_threads) {
+  // Head grouping: a unit reads as many KV heads together as keep its q and acc within
+  // kUnitFloats each (all of them for decode), so a contiguous cache is read in address
+  // order. Split policy: cut sequences into pieces of split_length positions so that there
+  // are about kUnitsPerThread units per thread, never pieces shorter than kMinSplit; with
+  // one thread, or enough sequences, nothing is split.
+  const int64_t row_floats = p.rows() * round_up(p.head_dim, kMaxWidth);
+  const int64_t head_chunks =
+      (p.kv_heads + std::max<int64_t>(1, kUnitFloats / row_floats) - 1) /
+      std::max<int64_t>(1, kUnitFloats / row_floats);
+  p.heads_per_unit = (p.kv_heads + head_chunks - 1) / head_chunks;
   int64_t total = 0, longest = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
     total += p.seqlen(b) * p.kv_heads;
@@ -459,7 +606,8 @@ void run(const Problem& p, int num_threads) {
   int64_t split_length = longest;
   if (num_threads > 1) {
     const int64_t wanted = num_threads * kUnitsPerThread;
-    split_length = round_up(std::max(kMinSplit, (total + wanted - 1) / wanted), kTile);
+    const int64_t positions = (total + wanted * p.heads_per_unit - 1) / (wanted * p.heads_per_unit);
+    split_length = round_up(std::max(kMinSplit, positions), kTile);
   }
   std::vector<Unit> units;
   std::vector<SplitPair> pairs;
@@ -467,14 +615,15 @@ void run(const Problem& p, int num_threads) {
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t length = p.seqlen(b);
     const int64_t count = (length + split_length - 1) / split_length;
-    for (int64_t h = 0; h < p.kv_heads; ++h) {
+    for (int64_t h = 0; h < p.kv_heads; h += p.heads_per_unit) {
+      const int64_t h_end = std::min(p.kv_heads, h + p.heads_per_unit);
       if (count <= 1) {
-        units.push_back({b, h, 0, length, -1});
+        units.push_back({b, h, h_end, 0, length, -1});
         continue;
       }
-      pairs.push_back({b, h, slots, count});
+      pairs.push_back({b, h, h_end, slots, count});
       for (int64_t s = 0; s < count; ++s)
-        units.push_back({b, h, s * split_length, std::min(length, (s + 1) * split_length), slots + s});
+        units.push_back({b, h, h_end, s * split_length, std::min(length, (s + 1) * split_length), slots + s});
       slots += count;
     }
   }
