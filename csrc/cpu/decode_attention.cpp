@@ -2,9 +2,10 @@
 //
 // Memory bound: every key and value row of every sequence is read once, 2 * batch *
 // kv_heads * L * head_dim elements, against ~4 flops per element per query head of a
-// group. So the work is split into units (sequence b, KV head h, positions [begin, end)):
-// a unit reads its K and V rows once, in tiles of kTile positions, for all group x n_new
-// query rows that use KV head h (GQA), with an online softmax in fp32. A long context is
+// group. So the work is split into units (sequence b, KV heads [h_begin, h_end), positions
+// [begin, end)): a unit reads each K and V row once, in tiles of kTile positions, for all
+// group x n_new query rows that use that KV head (GQA), with an online softmax in fp32,
+// and prefetches the rows of the next (head, tile) while it computes. A long context is
 // cut into several units (split-KV, as flash-decoding) whose partial results are merged by
 // their log-sum-exp, so one sequence keeps every thread busy.
 //
@@ -41,7 +42,7 @@ namespace {
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kTile = 32;       // positions per tile: a tile's scores, K and V rows stay in L1/L2
 constexpr int64_t kMinSplit = 256;  // a split reads at least this many positions (merging costs ~1)
-constexpr int64_t kUnitsPerThread = 4;  // splitting aims at this many units per thread, for balance
+constexpr int64_t kUnitsPerThread = 8;  // splitting aims at this many units per thread, for balance
 constexpr int64_t kUnitFloats = 16384;  // q (and acc) floats of the KV heads one unit reads together
 constexpr int64_t kMaxWidth = 16;   // floats per vector on the widest ISA (AVX-512)
 constexpr float kLog2e = 1.44269504088896340736f;
@@ -277,7 +278,7 @@ FMK_INLINE void plan_prefetch(const Problem& p, int64_t b, int64_t h, int64_t st
 
 FMK_INLINE void prefetch_row(const char* const* rows, const Prefetch& next, int64_t t) {
   if (t >= next.n) return;
-  for (int64_t line = 0; line < next.lines; ++line) __builtin_prefetch(rows[t] + 64 * line, 0, 3);
+  for (int64_t line = 0; line < next.lines; ++line) __builtin_prefetch(rows[t] + 64 * line, 0, 1);
 }
 
 // scores[r * kTile + t] = q_r . k_t for 4 rows at a time.
