@@ -153,6 +153,19 @@ def test_narrower_instruction_sets(monkeypatch, isa, dtype):
     _check(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 
+@pytest.mark.parametrize("shapes", [
+    ((0, 5, 4, 64), (0, 5, 2, 64)),  # no sequences
+    ((2, 0, 4, 64), (2, 5, 2, 64)),  # no queries
+    ((2, 3, 0, 64), (2, 5, 2, 64)),  # no query heads
+    ((2, 3, 4, 64), (2, 0, 2, 64)),  # no keys: zeros, lse -inf
+], ids=["batch0", "seqlen_q0", "heads0", "seqlen_k0"])
+def test_empty_inputs(shapes):
+    q, k, v = torch.randn(shapes[0]), torch.randn(shapes[1]), torch.randn(shapes[1])
+    out, lse = _run_cpu(q, k, v, causal=True)
+    truth, truth_lse = reference.attention(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(out, truth) and torch.equal(lse, truth_lse)
+
+
 def test_head_dim_above_256_is_rejected_by_cpu_and_auto_falls_back():
     q, k = torch.randn(1, 3, 2, 257), torch.randn(1, 5, 2, 257)
     with pytest.raises(ValueError, match="backend 'cpu' cannot run this attention call: head_dim 257 > 256"):

@@ -219,9 +219,10 @@ std::vector<AttentionTile> make_tiles(const TensorView& q, const TensorView& k,
   const int64_t batch = packed ? cu_seqlens_q->sizes[0] - 1 : q.sizes[0];
   const int64_t q_heads = q.sizes[t + 1], kv_heads = k.sizes[t + 1];
   const int64_t group = q_heads / kv_heads;
+  std::vector<AttentionTile> tiles;
+  if (group == 0) return tiles;  // no query heads
   const int64_t heads_per_tile = std::min(group, kTileRows);
   const int64_t positions_per_tile = std::max<int64_t>(1, kTileRows / heads_per_tile);
-  std::vector<AttentionTile> tiles;
   for (int64_t b = 0; b < batch; ++b) {
     AttentionTile tile{};
     tile.batch = b;
