@@ -95,6 +95,15 @@ def test_matches_reference(shape, dtype):
     assert_matches_reference(make_case(lengths, n_new, q_heads, kv_heads, head_dim, dtype, block_size))
 
 
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_narrower_instruction_sets(monkeypatch, isa, dtype):
+    """The AVX2 and baseline x86-64 variants the dispatcher picks on older CPUs."""
+    monkeypatch.setenv("FMKERNELS_CPU_ISA", isa)
+    assert_matches_reference(make_case((2, 17, 300), 2, 8, 2, 40, dtype))
+    assert_matches_reference(make_case((113, 7), 1, 4, 4, 24, dtype, block_size=7))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_strided_q_and_cache(dtype):
     case = make_case((17, 113, 40), 3, 8, 2, 64, dtype, seed=1)

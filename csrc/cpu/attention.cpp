@@ -19,13 +19,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <new>
 #include <vector>
 
 #include "common/attention_shapes.h"
 #include "cpu/dtype.h"
+#include "cpu/isa.h"
 
 namespace fmkernels::cpu {
 namespace {
@@ -122,25 +121,6 @@ constexpr int kScoreAR = 4, kScoreNV = 2;
 constexpr int kValueAR = 4, kValueNV = 2;
 #include "cpu/attention_tile.inc"
 }  // namespace generic
-
-enum class Isa { kGeneric, kAvx2, kAvx512 };
-
-Isa cpu_isa() {
-  Isa best = Isa::kGeneric;
-#ifdef FMKERNELS_X86_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-    best = Isa::kAvx512;
-  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    best = Isa::kAvx2;
-  }
-#endif
-  const char* cap = std::getenv("FMKERNELS_CPU_ISA");
-  if (cap != nullptr && std::strcmp(cap, "generic") == 0) return Isa::kGeneric;
-  if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) return Isa::kAvx2;
-  return best;
-}
 
 template <typename T>
 TileFunction tile_function(Isa isa) {

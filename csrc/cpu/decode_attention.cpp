@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cpu/dtype.h"
+#include "cpu/isa.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -549,12 +550,14 @@ void attend_baseline(const Problem& p, const Unit& u, float* scratch, float* par
 
 template <class Elem>
 AttendFn pick_attend() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("fma"))
-    return attend_avx512<Elem>;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return attend_avx2<Elem>;
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return attend_avx512<Elem>;
+    case Isa::kAvx2:
+      return attend_avx2<Elem>;
+    case Isa::kGeneric:
+      break;
+  }
   return attend_baseline<Elem>;
 }
 

@@ -321,7 +321,7 @@ class Peaks:
 
 
 def measure_peaks(device, dtypes: Iterable[torch.dtype]) -> Peaks:
-    """Measure the copy bandwidth and the matmul rate of each dtype on ``device``.
+    """Measure the copy bandwidth and the matmul rate of each dtype on ``device`` (fastest calls).
 
     These are the limits a kernel is held to (DESIGN.md, "Performance method"): a matmul
     from torch's BLAS is as close to the FLOP peak as this machine gets in practice, and a
@@ -338,16 +338,17 @@ def measure_peaks(device, dtypes: Iterable[torch.dtype]) -> Peaks:
     """
     device = torch.device(device)
     on_gpu = device.type == "cuda"
+    # A peak is the best the device showed: the fastest call, not the median.
     elements = (1 << 28) // 4  # 256 MB: past any cache, CPU or GPU
     source = torch.ones(elements, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
-    seconds = median_seconds(lambda: target.copy_(source), device, 20 if on_gpu else 10)
+    seconds = min(call_seconds(lambda: target.copy_(source), device, 20 if on_gpu else 10))
     bandwidth = 2 * source.numel() * 4 / seconds / 1e9
-    size = 8192 if on_gpu else 2048
+    size = 8192 if on_gpu else 4096  # large enough for the BLAS to reach its best rate
     tflops = {}
     for dtype in dict.fromkeys(dtypes):
         a = torch.ones(size, size, dtype=dtype, device=device)
-        seconds = median_seconds(lambda: a @ a, device, 20 if on_gpu else 5)
+        seconds = min(call_seconds(lambda: a @ a, device, 20 if on_gpu else 5))
         tflops[str(dtype).replace("torch.", "")] = 2 * size**3 / seconds / 1e12
     return Peaks(bandwidth, tflops)
 
@@ -387,8 +388,8 @@ def roofline_fraction(flops: Optional[int], bytes_moved: Optional[int], seconds:
 # ----------------------------------------------------------------------------
 
 
-def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
-    """Median time of ``fn()`` over ``repeats`` calls, after max(1, repeats // 5) warm-up calls.
+def call_seconds(fn: Callable[[], Any], device, repeats: int) -> List[float]:
+    """Times of ``repeats`` calls of ``fn()``, after max(1, repeats // 5) warm-up calls.
 
     Parameters
     ----------
@@ -403,8 +404,8 @@ def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
 
     Returns
     -------
-    float
-        Seconds.
+    list of float
+        Seconds, one per timed call.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -417,7 +418,7 @@ def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return times
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
     for start, end in events:
@@ -426,7 +427,12 @@ def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
         fn()
         end.record()
     torch.cuda.synchronize(device)
-    return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
+
+
+def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
+    """Median of ``call_seconds(fn, device, repeats)``: what a benchmark row reports."""
+    return statistics.median(call_seconds(fn, device, repeats))
 
 
 # ----------------------------------------------------------------------------
