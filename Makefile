@@ -50,7 +50,8 @@ test-sanitize:
 	FMKERNELS_SANITIZE=ON FMKERNELS_CUDA=OFF $(SANITIZE_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps \
 		--config-settings=build-dir=build/sanitize .
 	cd tests && ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(SANITIZE_RUNTIME)" \
-		../$(SANITIZE_VENV)/bin/python -m pytest -q -p no:cacheprovider test_append_kv.py test_validation.py
+		../$(SANITIZE_VENV)/bin/python -m pytest -q -p no:cacheprovider test_append_kv.py test_validation.py \
+			test_cpu_attention.py test_cpu_decode_attention.py test_cpu_sampling.py
 
 clean:
 	rm -rf build $(VENV) $(SANITIZE_VENV)

@@ -25,7 +25,12 @@ def _node_id_for_pytest_benchmark(request):
         request.node._nodeid = request.node.nodeid
 
 
-@pytest.mark.parametrize("job", JOBS, ids=[f"{job.case.op}-{job.impl.name}" for job in JOBS])
+def _job_id(job) -> str:
+    layout = "-paged" if "paged" in job.case.shape and job.case.op == "decode_attention" else ""
+    return f"{job.case.op}{layout}-{str(job.case.dtype).replace('torch.', '')}-{job.impl.name}"
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[_job_id(job) for job in JOBS])
 def test_op(benchmark, job):
     if job.skipped:
         pytest.skip(job.skipped)
@@ -33,7 +38,7 @@ def test_op(benchmark, job):
     unsupported = job.impl.unsupported_reason(kwargs)
     if unsupported:
         pytest.skip(unsupported)
-    benchmark.group = job.case.op
+    benchmark.group = f"{job.case.op} {job.case.shape} {job.case.dtype}"
     benchmark.extra_info.update(shape=job.case.shape, dtype=str(job.case.dtype), flops=job.case.flops,
                                 bytes=job.case.bytes)
     benchmark(job.impl.fn, **kwargs)

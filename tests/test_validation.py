@@ -422,8 +422,6 @@ def _no_gpu() -> bool:
 
 
 BACKEND_CASES = [
-    # attention has no C++ CPU implementation (yet): naming it must not fall back to the reference.
-    case("attention", dense_attention, lambda a: {"backend": "cpu"}, ValueError, r"backend for attention .* got 'cpu'"),
     case("attention", dense_attention, lambda a: {"backend": "nope"}, ValueError,
          r"backend for attention must be 'auto' or one of: .*reference.*; got 'nope'"),
     case("attention", dense_attention, lambda a: {"backend": None}, TypeError, "backend must be a str, got NoneType"),
@@ -583,3 +581,11 @@ def test_scale_accepts_ints_and_defaults_to_rsqrt_head_dim():
     explicit = fmkernels.attention(**args, scale=1 / math.sqrt(16))
     assert torch.equal(default, explicit)
     assert not torch.equal(fmkernels.attention(**args, scale=1), default)
+
+
+def test_named_backend_that_does_not_support_the_case_raises_instead_of_falling_back():
+    q = torch.randn(1, 3, 2, 264)
+    k = torch.randn(1, 5, 2, 264)
+    with pytest.raises(ValueError, match=r"backend 'cpu' cannot run this attention call: head_dim 264 > 256"):
+        fmkernels.attention(q, k, k, backend="cpu")
+    assert fmkernels.attention(q, k, k).shape == q.shape  # auto picks an implementation that can

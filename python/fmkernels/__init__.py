@@ -4,12 +4,15 @@ Every op has a PyTorch reference (``fmkernels.reference``) and compiled backends
 (``cpu``, ``triton``, ``cuda``) held to it; ``fmkernels.backends()`` says which can run here.
 """
 
+from . import peers as _peers
 from .ops import append_kv, attention, decode_attention, filter_logits, sample
 from .platform import BackendStatus, backends
 from .reference import SampleOutput
 from .registry import implementations, register_impl, unregister_impl
 
 __version__ = "0.1.0"
+
+_peers.register_all()
 
 __all__ = [
     "attention",

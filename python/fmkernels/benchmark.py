@@ -36,7 +36,7 @@ from . import __version__, registry
 from .testing import skip_reason
 
 #: Timed calls per implementation when --repeats is not given.
-DEFAULT_REPEATS = {"cpu": 10, "cuda": 100}
+DEFAULT_REPEATS = {"cpu": 5, "cuda": 100}
 
 # Zeroed before each timed CUDA call: larger than any GPU's L2 cache (50 MB on an H100).
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
@@ -87,7 +87,9 @@ class BenchRow:
 
     Times are in milliseconds; tflops and gbps are achieved rates (None where not counted);
     speedup is the reference's median time over this one's, for the same op and shape in
-    the same run. ``skipped`` or ``error`` says why there is no time.
+    the same run; vs_peer the fastest peer's (named in ``peer``) over this one's; roofline
+    the fraction of the hardware's limit reached (see ``roofline_fraction``). ``skipped``
+    or ``error`` says why there is no time.
     """
 
     op: str
@@ -100,6 +102,9 @@ class BenchRow:
     tflops: Optional[float] = None
     gbps: Optional[float] = None
     speedup: Optional[float] = None
+    peer: Optional[str] = None
+    vs_peer: Optional[float] = None
+    roofline: Optional[float] = None
     flops: Optional[int] = None
     bytes: Optional[int] = None
     skipped: Optional[str] = None
@@ -185,22 +190,28 @@ def _attention_case(device, dtype, batch, seqlen, q_heads, kv_heads, head_dim) -
     return BenchCase("attention", shape, dtype, device, make_kwargs, flops, None)
 
 
-def _decode_case(device, dtype, batch, seqlen, q_heads, kv_heads, head_dim, block_size) -> BenchCase:
-    blocks_per_sequence = -(-seqlen // block_size)
+def _decode_case(device, dtype, batch, seqlen, q_heads, kv_heads, head_dim, block_size=None) -> BenchCase:
+    """One new token per sequence against ``seqlen`` cached ones; paged when ``block_size`` is given."""
 
     def make_kwargs() -> Kwargs:
         generator = _generator(device)
         q = _randn((batch, 1, q_heads, head_dim), dtype, device, generator)
-        k_cache, v_cache, block_table = _paged_cache(
-            batch, blocks_per_sequence, block_size, kv_heads, head_dim, dtype, device, generator
-        )
+        if block_size is None:
+            k_cache = _randn((batch, seqlen, kv_heads, head_dim), dtype, device, generator)
+            v_cache = _randn((batch, seqlen, kv_heads, head_dim), dtype, device, generator)
+            block_table = None
+        else:
+            k_cache, v_cache, block_table = _paged_cache(
+                batch, -(-seqlen // block_size), block_size, kv_heads, head_dim, dtype, device, generator
+            )
         cache_seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
         return dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table)
 
     flops = attention_flops(q_heads, head_dim, batch * seqlen)
     q_and_out = 2 * batch * q_heads * head_dim
     keys_and_values = 2 * batch * seqlen * kv_heads * head_dim
-    shape = f"b={batch} cache={seqlen} paged/{block_size} h={q_heads}/{kv_heads} d={head_dim}"
+    layout = "contiguous" if block_size is None else f"paged/{block_size}"
+    shape = f"b={batch} cache={seqlen} {layout} h={q_heads}/{kv_heads} d={head_dim}"
     return BenchCase("decode_attention", shape, dtype, device, make_kwargs, flops,
                      (q_and_out + keys_and_values) * _itemsize(dtype))
 
@@ -244,10 +255,12 @@ def _sampling_case(op, device, dtype, batch, vocab) -> BenchCase:
 def default_cases(op: str, device) -> List[BenchCase]:
     """The shapes ``fmkernels bench`` times ``op`` on.
 
-    On the CPU (float32) they take milliseconds, so the whole default bench runs in well
-    under a minute; on a GPU (bfloat16; float32 logits) they are large enough to fill it:
-    Llama-3-8B-like heads (32 query and 8 KV heads of 128), 2048-token prefill,
-    4096-token paged decode over 64 sequences, a 128256-token vocabulary.
+    On the CPU, the shapes the C++ backend is measured on: a 2048-token causal prefill
+    (16 query / 4 KV heads of 128), decode of one token over an 8192-token cache (batch 4,
+    32 / 8 heads of 128; contiguous, and paged in float32), in float32 and bfloat16, and
+    sampling over a 128256-token vocabulary (batch 16). On a GPU they are large enough to
+    fill it: Llama-3-8B-like heads, 2048-token prefill over 8 sequences, 4096-token paged
+    decode over 64, 128 rows of logits.
 
     Parameters
     ----------
@@ -260,25 +273,114 @@ def default_cases(op: str, device) -> List[BenchCase]:
     list of BenchCase
     """
     device = torch.device(device)
+    fp32, bf16 = torch.float32, torch.bfloat16
     if device.type == "cpu":
         table = {
-            "attention": lambda: _attention_case(device, torch.float32, 1, 512, 8, 2, 64),
-            "decode_attention": lambda: _decode_case(device, torch.float32, 4, 1024, 32, 8, 128, 16),
-            "append_kv": lambda: _append_kv_case(device, torch.float32, 8, 1000, 1, 8, 128, 16),
-            "filter_logits": lambda: _sampling_case("filter_logits", device, torch.float32, 8, 32000),
-            "sample": lambda: _sampling_case("sample", device, torch.float32, 8, 32000),
+            "attention": lambda: [_attention_case(device, dtype, 1, 2048, 16, 4, 128) for dtype in (fp32, bf16)],
+            "decode_attention": lambda: [
+                _decode_case(device, fp32, 4, 8192, 32, 8, 128),
+                _decode_case(device, bf16, 4, 8192, 32, 8, 128),
+                _decode_case(device, fp32, 4, 8192, 32, 8, 128, block_size=16),
+            ],
+            "append_kv": lambda: [_append_kv_case(device, fp32, 8, 1000, 1, 8, 128, 16)],
+            "filter_logits": lambda: [_sampling_case("filter_logits", device, fp32, 16, 128256)],
+            "sample": lambda: [_sampling_case("sample", device, fp32, 16, 128256)],
         }
     else:
         table = {
-            "attention": lambda: _attention_case(device, torch.bfloat16, 8, 2048, 32, 8, 128),
-            "decode_attention": lambda: _decode_case(device, torch.bfloat16, 64, 4096, 32, 8, 128, 16),
-            "append_kv": lambda: _append_kv_case(device, torch.bfloat16, 64, 4096, 16, 8, 128, 16),
-            "filter_logits": lambda: _sampling_case("filter_logits", device, torch.float32, 128, 128256),
-            "sample": lambda: _sampling_case("sample", device, torch.float32, 128, 128256),
+            "attention": lambda: [_attention_case(device, bf16, 8, 2048, 32, 8, 128)],
+            "decode_attention": lambda: [_decode_case(device, bf16, 64, 4096, 32, 8, 128, 16)],
+            "append_kv": lambda: [_append_kv_case(device, bf16, 64, 4096, 16, 8, 128, 16)],
+            "filter_logits": lambda: [_sampling_case("filter_logits", device, fp32, 128, 128256)],
+            "sample": lambda: [_sampling_case("sample", device, fp32, 128, 128256)],
         }
     if op not in table:
         raise ValueError(f"op must be one of {', '.join(registry.OPS)}, got {op!r}")
-    return [table[op]()]
+    return table[op]()
+
+
+# ----------------------------------------------------------------------------
+# The hardware's limits, measured
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Peaks:
+    """What this device reaches on the simplest kernels, measured in the same run.
+
+    Attributes
+    ----------
+    bandwidth_gbps : float
+        Copying a large tensor: bytes read + written per second, / 1e9.
+    tflops : dict
+        Per dtype name ("float32", "bfloat16", ...): a large square matmul's FLOP/s, / 1e12.
+    """
+
+    bandwidth_gbps: float
+    tflops: Dict[str, float]
+
+
+def measure_peaks(device, dtypes: Iterable[torch.dtype]) -> Peaks:
+    """Measure the copy bandwidth and the matmul rate of each dtype on ``device`` (fastest calls).
+
+    These are the limits a kernel is held to (DESIGN.md, "Performance method"): a matmul
+    from torch's BLAS is as close to the FLOP peak as this machine gets in practice, and a
+    tensor copy as close to the memory bandwidth.
+
+    Parameters
+    ----------
+    device : str or torch.device
+    dtypes : iterable of torch.dtype
+
+    Returns
+    -------
+    Peaks
+    """
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    # A peak is the best the device showed: the fastest call, not the median.
+    elements = (1 << 28) // 4  # 256 MB: past any cache, CPU or GPU
+    source = torch.ones(elements, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    seconds = min(call_seconds(lambda: target.copy_(source), device, 20 if on_gpu else 10))
+    bandwidth = 2 * source.numel() * 4 / seconds / 1e9
+    size = 8192 if on_gpu else 4096  # large enough for the BLAS to reach its best rate
+    tflops = {}
+    for dtype in dict.fromkeys(dtypes):
+        a = torch.ones(size, size, dtype=dtype, device=device)
+        seconds = min(call_seconds(lambda: a @ a, device, 20 if on_gpu else 5))
+        tflops[str(dtype).replace("torch.", "")] = 2 * size**3 / seconds / 1e12
+    return Peaks(bandwidth, tflops)
+
+
+def roofline_fraction(flops: Optional[int], bytes_moved: Optional[int], seconds: float, dtype: str,
+                      peaks: Peaks) -> Optional[float]:
+    """The fraction of the hardware's limit a call reached: the roofline floor over its time.
+
+    The floor is the larger of FLOPs / the dtype's matmul rate and bytes / the copy
+    bandwidth: whichever resource the call cannot do faster than.
+
+    Parameters
+    ----------
+    flops, bytes_moved : int or None
+        The call's work (None where not counted).
+    seconds : float
+        Its median time.
+    dtype : str
+        Its inputs' dtype name, for the FLOP rate.
+    peaks : Peaks
+
+    Returns
+    -------
+    float or None
+        None when neither work is counted.
+    """
+    floors = []
+    if flops and dtype in peaks.tflops:
+        floors.append(flops / (peaks.tflops[dtype] * 1e12))
+    if bytes_moved:
+        floors.append(bytes_moved / (peaks.bandwidth_gbps * 1e9))
+    return max(floors) / seconds if floors else None
 
 
 # ----------------------------------------------------------------------------
@@ -286,8 +388,8 @@ def default_cases(op: str, device) -> List[BenchCase]:
 # ----------------------------------------------------------------------------
 
 
-def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
-    """Median time of ``fn()`` over ``repeats`` calls, after max(1, repeats // 5) warm-up calls.
+def call_seconds(fn: Callable[[], Any], device, repeats: int) -> List[float]:
+    """Times of ``repeats`` calls of ``fn()``, after max(1, repeats // 5) warm-up calls.
 
     Parameters
     ----------
@@ -302,8 +404,8 @@ def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
 
     Returns
     -------
-    float
-        Seconds.
+    list of float
+        Seconds, one per timed call.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -316,7 +418,7 @@ def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return times
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
     for start, end in events:
@@ -325,7 +427,12 @@ def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
         fn()
         end.record()
     torch.cuda.synchronize(device)
-    return statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
+
+
+def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
+    """Median of ``call_seconds(fn, device, repeats)``: what a benchmark row reports."""
+    return statistics.median(call_seconds(fn, device, repeats))
 
 
 # ----------------------------------------------------------------------------
@@ -369,7 +476,7 @@ def measure(job: Job, repeats: int) -> BenchRow:
     Returns
     -------
     BenchRow
-        Without ``speedup``: ``with_speedups`` fills it once the reference is timed too.
+        Without comparisons: ``with_comparisons`` fills them once every row is timed.
     """
     case, impl = job.case, job.impl
     row = BenchRow(
@@ -396,29 +503,48 @@ def measure(job: Job, repeats: int) -> BenchRow:
     )
 
 
-def with_speedups(rows: Sequence[BenchRow]) -> List[BenchRow]:
-    """``rows`` with ``speedup`` = the reference's median time / each row's, per op and shape.
+def with_comparisons(rows: Sequence[BenchRow], peaks: Optional[Peaks] = None) -> List[BenchRow]:
+    """``rows`` with their speedups and roofline fractions filled in.
+
+    speedup: the reference's median time / the row's, for the same op and shape. vs_peer:
+    the fastest peer's (``peer``) / the row's. roofline: see ``roofline_fraction``, when
+    ``peaks`` is given.
 
     Parameters
     ----------
     rows : sequence of BenchRow
+    peaks : Peaks, optional
 
     Returns
     -------
     list of BenchRow
-        Rows without a time, or whose op and shape have no timed reference, keep speedup None.
+        Rows without a time keep None; so do comparisons with nothing timed to compare to.
     """
-    reference_ms = {
-        (row.op, row.shape): row.median_ms
-        for row in rows
-        if row.implementation == "reference" and row.median_ms is not None
-    }
-    return [
-        dataclasses.replace(row, speedup=reference_ms[(row.op, row.shape)] / row.median_ms)
-        if row.median_ms and (row.op, row.shape) in reference_ms
-        else row
-        for row in rows
-    ]
+    reference_ms: Dict[tuple, float] = {}
+    fastest_peer: Dict[tuple, BenchRow] = {}
+    for row in rows:
+        if row.median_ms is None:
+            continue
+        key = (row.op, row.shape, row.dtype)
+        if row.implementation == "reference":
+            reference_ms[key] = row.median_ms
+        if row.kind == "peer" and (key not in fastest_peer or row.median_ms < fastest_peer[key].median_ms):
+            fastest_peer[key] = row
+    compared = []
+    for row in rows:
+        if row.median_ms is None:
+            compared.append(row)
+            continue
+        key = (row.op, row.shape, row.dtype)
+        peer = fastest_peer.get(key)
+        compared.append(dataclasses.replace(
+            row,
+            speedup=reference_ms[key] / row.median_ms if key in reference_ms else None,
+            peer=peer.implementation if peer else None,
+            vs_peer=peer.median_ms / row.median_ms if peer else None,
+            roofline=roofline_fraction(row.flops, row.bytes, row.median_ms / 1e3, row.dtype, peaks) if peaks else None,
+        ))
+    return compared
 
 
 def device_name(device) -> str:
@@ -445,7 +571,7 @@ def device_name(device) -> str:
     return host.processor() or host.machine()
 
 
-def metadata(device, command: str) -> Dict[str, Any]:
+def metadata(device, command: str, peaks: Optional[Peaks] = None) -> Dict[str, Any]:
     """What a benchmark JSON records beside its rows, so a figure is never quoted without its device.
 
     Parameters
@@ -453,13 +579,16 @@ def metadata(device, command: str) -> Dict[str, Any]:
     device : str or torch.device
     command : str
         The command line that produced the rows.
+    peaks : Peaks, optional
+        The measured limits the rows' roofline fractions refer to.
 
     Returns
     -------
     dict
         device, device_name, cpu_threads, torch_version, fmkernels_version, date (UTC,
-        ISO 8601), command.
+        ISO 8601), command, and peak_bandwidth_gbps and peak_tflops when measured.
     """
+    extra = {} if peaks is None else {"peak_bandwidth_gbps": peaks.bandwidth_gbps, "peak_tflops": peaks.tflops}
     return {
         "device": torch.device(device).type,
         "device_name": device_name(device),
@@ -468,6 +597,7 @@ def metadata(device, command: str) -> Dict[str, Any]:
         "fmkernels_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
+        **extra,
     }
 
 

@@ -229,25 +229,31 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         jobs = benchmark.plan(ops, device)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=_console(stderr=True), transient=True) as progress:
-            task = progress.add_task("bench", total=len(jobs))
+            task = progress.add_task("peak bandwidth and FLOP/s", total=len(jobs) + 1)
+            peaks = benchmark.measure_peaks(device, (job.case.dtype for job in jobs))
+            progress.advance(task)
             for job in jobs:
                 progress.update(task, description=f"{job.impl.op} · {job.impl.name}")
                 rows.append(benchmark.measure(job, repeats))
                 progress.advance(task)
-    rows = benchmark.with_speedups(rows)
+    rows = benchmark.with_comparisons(rows, peaks)
 
+    limits = ", ".join(f"{dtype} matmul {rate * 1e3:.0f} GFLOP/s" for dtype, rate in peaks.tflops.items())
     table = Table(
-        title=f"fmkernels bench on {benchmark.device_name(device)} (median of {repeats}; "
-        "speedup = the reference's time / this time)"
+        title=f"fmkernels bench on {benchmark.device_name(device)} (median of {repeats})",
+        caption=f"speedup: the reference's time / this time; vs peer: the fastest peer's time / this time; "
+        f"roofline: the time the measured limits allow / this time (copy {peaks.bandwidth_gbps:.1f} GB/s, {limits})",
     )
     table.add_column("op", no_wrap=True)
     table.add_column("implementation", no_wrap=True)
     table.add_column("shape")
-    for column in ("median", "TFLOP/s", "GB/s", "speedup"):
+    for column in ("median", "TFLOP/s", "GB/s", "roofline", "speedup", "vs peer"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("note", min_width=_RESULT_WIDTH)
     for row in rows:
         speedup = f"{row.speedup:.2f}x" if row.speedup is not None else "-"
+        vs_peer = f"{row.vs_peer:.2f}x {row.peer}" if row.vs_peer is not None and row.kind != "peer" else "-"
+        roofline = f"{row.roofline:.0%}" if row.roofline is not None else "-"
         if row.error:
             note = Text(f"error: {row.error}", "bold red")
         elif row.skipped:
@@ -256,12 +262,13 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             note = Text("")
         table.add_row(
             row.op, row.implementation, f"{row.shape} {row.dtype}",
-            _time_text(row.median_ms), _rate_text(row.tflops), _rate_text(row.gbps), speedup, note,
+            _time_text(row.median_ms), _rate_text(row.tflops), _rate_text(row.gbps), roofline, speedup, vs_peer,
+            note,
         )
     console = _console()
     console.print(table)
     if args.json:
-        benchmark.write_json(args.json, rows, benchmark.metadata(device, args.command_line))
+        benchmark.write_json(args.json, rows, benchmark.metadata(device, args.command_line, peaks))
         console.print(f"wrote {args.json}")
     return 1 if any(row.error for row in rows) else 0
 

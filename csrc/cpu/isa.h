@@ -1,0 +1,13 @@
+// Which instruction set the CPU kernels' hot loops use, chosen at run time so that the
+// default build runs on any x86-64.
+#pragma once
+
+namespace fmkernels::cpu {
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+// The widest set this CPU supports that the kernels have a variant for (AVX-512 with
+// VL/BW/DQ, or AVX2 with FMA), capped by FMKERNELS_CPU_ISA=avx2 or generic when set.
+Isa cpu_isa();
+
+}  // namespace fmkernels::cpu

@@ -1,0 +1,34 @@
+#pragma once
+
+#include "common/tensor_view.h"
+
+namespace fmkernels::cpu {
+
+// The sampling pipeline of fmkernels.reference, one row of logits (batch, vocab) at a time:
+//   x = logits / temperature (temperature 0: greedy, only the argmax is kept, unscaled)
+//   -> top-k (exactly k tokens by descending x, ties by lower id; 0 or >= vocab is off)
+//   -> top-p (the shortest prefix, by rank, of the top-k survivors' distribution whose
+//      mass reaches p; 1 is off) -> min-p (exp(x - max x) >= min_p); -inf is never kept.
+// Per-row parameters are (batch,) tensors: temperature, top_p, min_p float32, top_k int64.
+// logits: float32, float16 or bfloat16 with unit stride along the vocabulary.
+// Rows run in parallel on num_threads OpenMP threads; a row's result does not depend on
+// its batch or on the thread count. Each returns nullptr, or why the views do not fit
+// (nothing is written then).
+
+// out (batch, vocab), logits' dtype: x where kept, -inf elsewhere.
+const char* filter_logits(const TensorView& logits, const TensorView& out,
+                          const TensorView& temperature, const TensorView& top_k,
+                          const TensorView& top_p, const TensorView& min_p, int num_threads);
+
+// tokens (batch,) int64: argmax over kept tokens of x_i - log(-log u_i), u_i from
+// Philox4x32-10 keyed by seeds[b] (int64), counter (i / 4, steps[b]), word i % 4
+// (common/philox.h). With logprobs (batch,) float32 (or null): the token's log-probability
+// under softmax of the filtered logits; top_ids (batch, n) int64 and top_logprobs (batch, n)
+// float32 (both or neither): the n most likely tokens, best first, ties by lower id.
+const char* sample(const TensorView& logits, const TensorView& tokens,
+                   const TensorView& temperature, const TensorView& top_k,
+                   const TensorView& top_p, const TensorView& min_p, const TensorView& seeds,
+                   const TensorView& steps, const TensorView* logprobs,
+                   const TensorView* top_ids, const TensorView* top_logprobs, int num_threads);
+
+}  // namespace fmkernels::cpu
