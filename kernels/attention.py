@@ -57,6 +57,8 @@ def _attention_tiles(
         if MASKED:
             inside = (start_n + offs_n) < seqlen_k
             kT = tl.load(kT_ptrs + step * k_stride_token, mask=mask_d[:, None] & inside[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            kT = tl.load(kT_ptrs + step * k_stride_token)
         else:
             kT = tl.load(kT_ptrs + step * k_stride_token, mask=mask_d[:, None], other=0.0)
         if UPCAST:
@@ -76,11 +78,13 @@ def _attention_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
             v = tl.load(v_ptrs + step * v_stride_token, mask=inside[:, None] & mask_d[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            v = tl.load(v_ptrs + step * v_stride_token)
         else:
             v = tl.load(v_ptrs + step * v_stride_token, mask=mask_d[None, :], other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         m_i = m_new
     return acc, m_i, l_i
 
@@ -277,7 +281,12 @@ def attention(
     q_heads, head_dim = q.shape[-2], q.shape[-1]
     group = q_heads // k.shape[-2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    interpreting = platform.triton_interpreting()
+    # bf16 arithmetic and tl.dot are wrong under the interpreter: load bf16, compute in fp32.
+    upcast = interpreting and q.dtype == torch.bfloat16
+    # ... and its fp32 -> bf16 conversion truncates (a GPU rounds to nearest even): there the
+    # kernel writes fp32 and torch rounds.
+    out = torch.empty(q.shape, dtype=torch.float32 if upcast else q.dtype, device=q.device)
     if varlen:
         batch = cu_seqlens_q.numel() - 1
         total_q = q.shape[0]
@@ -299,9 +308,9 @@ def attention(
         lse_strides = lse.stride()
         cu_q = cu_k = lse  # any pointer; not read unless VARLEN
     if batch == 0 or max_seqlen_q == 0 or q_heads == 0:
+        out = out.to(q.dtype)
         return (out, lse) if return_lse else out
 
-    interpreting = platform.triton_interpreting()
     args = (
         q, k, v, out, lse, cu_q, cu_k,
         *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
@@ -309,8 +318,7 @@ def attention(
     )
     flags = dict(
         CAUSAL=causal, VARLEN=varlen, RETURN_LSE=return_lse,
-        # bf16 arithmetic and tl.dot are wrong under the interpreter: load bf16, compute in fp32.
-        UPCAST=interpreting and q.dtype == torch.bfloat16,
+        UPCAST=upcast,
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
     )
     if interpreting:
@@ -322,4 +330,5 @@ def attention(
 
         with torch.cuda.device(q.device):
             _attention_kernel_autotuned[grid](*args, **flags)
+    out = out.to(q.dtype)
     return (out, lse) if return_lse else out
