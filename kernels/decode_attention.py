@@ -191,12 +191,16 @@ def _decode_attention_merge_kernel(
              tl.where(seen, m + tl.log(l_safe), float("-inf")))
 
 
-def _blocks(rows: int, head_dim: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_D): rows padded to >= 16 for tl.dot, fewer for the widest heads."""
+def _blocks(rows: int, head_dim: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_D): rows padded to >= 16 for tl.dot; smaller tiles for the
+    widest heads and for fp32, whose pipelined tiles would not fit an A100's shared memory."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    cap_m = 32 if block_d > 128 else 64
-    block_m = min(max(16, triton.next_power_of_2(rows)), cap_m)
-    block_n = 32 if block_d > 128 or platform.triton_interpreting() else 64
+    wide = block_d > 128 or dtype == torch.float32
+    block_m = min(max(16, triton.next_power_of_2(rows)), 32 if wide else 64)
+    if block_d > 128 and dtype == torch.float32:
+        block_n = 16
+    else:
+        block_n = 32 if wide or platform.triton_interpreting() else 64
     return block_m, block_n, block_d
 
 
@@ -238,16 +242,18 @@ def decode_attention(
     kv_heads = k_cache.shape[2]
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # The interpreter truncates fp32 to bf16; there the kernels write fp32 and torch rounds.
+    upcast = platform.triton_interpreting() and q.dtype == torch.bfloat16
+    out = torch.empty(q.shape, dtype=torch.float32 if upcast else q.dtype, device=q.device)
     lse = torch.empty((batch, q_heads, n_new), dtype=torch.float32, device=q.device)
     if batch == 0:
-        return (out, lse) if return_lse else out
+        return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
 
     paged = block_table is not None
     table = block_table if paged else cache_seqlens  # any int32 pointer; not read unless PAGED
     block_size = k_cache.shape[1]
     capacity = block_table.shape[1] * block_size if paged else k_cache.shape[1]
-    block_m, block_n, block_d = _blocks(group * n_new, head_dim)
+    block_m, block_n, block_d = _blocks(group * n_new, head_dim, q.dtype)
     row_blocks = triton.cdiv(group * n_new, block_m)
     if num_splits is None:
         max_len = int(cache_seqlens.max())
@@ -262,7 +268,6 @@ def decode_attention(
         part_lse = torch.empty((batch, num_splits, q_heads, n_new), dtype=torch.float32, device=q.device)
         part_out_strides, part_lse_strides = part_out.stride(), part_lse.stride()
 
-    interpreting = platform.triton_interpreting()
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _decode_attention_split_kernel[(batch * kv_heads, num_splits, row_blocks)](
             q, k_cache, v_cache, cache_seqlens, table, part_out, part_lse,
@@ -272,7 +277,7 @@ def decode_attention(
             n_new, kv_heads, group, head_dim, block_size, capacity, k_cache.shape[0],
             scale * _LOG2E,
             PAGED=paged,
-            UPCAST=interpreting and q.dtype == torch.bfloat16,
+            UPCAST=upcast,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=4,
@@ -285,5 +290,6 @@ def decode_attention(
                 BLOCK_S=min(16, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
                 num_warps=4,
             )
+    out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
