@@ -186,7 +186,7 @@ def test_supports_names_what_it_cannot_do():
     reason = kernels().decode_attention_supports(**case)
     assert reason is not None and "head_dim" in reason
     assert kernels().decode_attention_supports(**make_case((5,), 1, 2, 1, 256, torch.float32)) is None
-    with pytest.raises(Exception, match="head_dim"):
+    with pytest.raises(ValueError, match="head_dim"):
         fmkernels.decode_attention(**case, backend="triton")
 
 
