@@ -6,19 +6,21 @@ a few numbers, each found with passes over the row (128k fp32 logits are 512 KB:
 in L2 between passes):
 
 1. the max m of x and its lowest id (the greedy token);
-2. top-k: the k-th largest x, by bisection over x's order-preserving int32 key (32 steps,
-   exact): the largest key t with count(key >= t) >= k. The r = k - count(key > t) ties at
-   t with the lowest ids survive;
-3. the top-k survivors' mass Z = sum exp(x - m) (ties at t counted r times);
-4. top-p: the largest key t_p >= t with mass(key >= t_p) / Z >= p, by the same bisection
-   (every key above t is a survivor), then the mass M above t_p: the i-th tie at t_p (by id)
-   is kept while (M + i * exp(x_t_p - m)) / Z < p, the reference's "mass before < p";
+2. top-k: the k-th largest x, by bisection over x's order-preserving int32 key: the largest
+   key t_k with count(key >= t_k) >= k. The r = k - count(key > t_k) ties at t_k with the
+   lowest ids survive;
+3. the top-k survivors' mass Z = sum exp(x - m) (ties at t_k counted r times);
+4. top-p: the largest key t_p >= t_k with mass(key >= t_p) / Z >= p, by the same bisection
+   (every key above t_k is a survivor), then the mass M above t_p: the i-th tie at t_p (by
+   id) is kept while (M + i * exp(x_t_p - m)) / Z < p, the reference's "mass before < p";
 5. one pass that applies the thresholds, min-p (exp(x - m) >= min_p), and writes the row,
    or draws token = argmax over kept tokens of x - log(-log u) (lowest id on ties) with u
    from Philox4x32-10 as in ``fmkernels.reference.uniform_draws``.
 
-Ties at a threshold are counted per block with a prefix sum plus a running count, so the
-lowest ids win. Passes per row: 2 without top-k and top-p, up to 2 + 32 + 1 + 32 + 1 with both.
+Each bisection step is one pass; its bounds move to token keys (``_bisection_pass``), so it
+is exact and ends after at most 32 steps, usually far fewer. Ties at a threshold are ranked
+per block with a prefix sum plus a running count, so the lowest ids win. Passes per row: 2
+without top-k and top-p; 3 + steps with top-k; 4 + steps with top-p; up to 4 + 64 with both.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from fmkernels import reference
 PerRow = Union[int, float, torch.Tensor]
 
 # int32 keys: key(a) < key(b) exactly when a < b for floats (-0 is made +0 first).
-_KEY_NEG_INF = -2139095041  # key(-inf)
-_KEY_PAST_END = -2147483648  # lanes past the vocabulary: below every token
+_KEY_NEG_INF = tl.constexpr(-2139095041)  # key(-inf)
+_KEY_PAST_END = tl.constexpr(-2147483648)  # lanes past the vocabulary: below every token
+_KEY_TOP = tl.constexpr(2147483647)  # above every key
 _MAX_BLOCK = 4096
 
 
@@ -51,6 +54,32 @@ def _scaled_block(Logits_ptr, logits_stride_vocab, offs, vocab, divisor):
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     key = tl.where(valid, key, _KEY_PAST_END)
     return x, key
+
+
+@triton.jit
+def _bisection_pass(Logits_ptr, logits_stride_vocab, vocab, divisor, m, mid,
+                    MASS: tl.constexpr, BLOCK: tl.constexpr):
+    """One bisection step's pass over the row: the count of keys >= mid, their mass
+    sum exp(x - m) (if MASS, else 0), the smallest key >= mid and the largest key < mid.
+
+    The bisection moves its bounds to those two keys rather than to mid: the count and the
+    mass are the same there, so it stays exact, and it skips ranges no token's key is in
+    (often most of the 2**32 keys: far fewer than 32 steps).
+    """
+    count = tl.full([], 0, tl.int32)
+    mass = tl.full([], 0.0, tl.float32)
+    key_up = tl.full([], _KEY_TOP, tl.int32)
+    key_down = tl.full([], _KEY_PAST_END, tl.int32)
+    for start in range(0, vocab, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x, key = _scaled_block(Logits_ptr, logits_stride_vocab, offs, vocab, divisor)
+        at_or_above = key >= mid
+        count += tl.sum(at_or_above.to(tl.int32), axis=0)
+        if MASS:
+            mass += tl.sum(tl.where(at_or_above, tl.exp(x - m), 0.0), axis=0)
+        key_up = tl.minimum(key_up, tl.min(tl.where(at_or_above, key, _KEY_TOP), axis=0))
+        key_down = tl.maximum(key_down, tl.max(tl.where(at_or_above, _KEY_PAST_END, key), axis=0))
+    return count, mass, key_up, key_down
 
 
 @triton.jit
@@ -93,15 +122,11 @@ def _row_thresholds(
         hi = key_max.to(tl.int64)
         while lo < hi:
             mid = lo + ((hi - lo + 1) >> 1)
-            mid32 = mid.to(tl.int32)
-            count = tl.full([], 0, tl.int32)
-            for start in range(0, vocab, BLOCK):
-                offs = start + arange
-                x, key = _scaled_block(Logits_ptr, logits_stride_vocab, offs, vocab, divisor)
-                count += tl.sum((key >= mid32).to(tl.int32), axis=0)
+            count, mass, key_up, key_down = _bisection_pass(
+                Logits_ptr, logits_stride_vocab, vocab, divisor, m, mid.to(tl.int32), False, BLOCK)
             enough = count.to(tl.int64) >= k
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid - 1)
+            lo = tl.where(enough, key_up.to(tl.int64), lo)
+            hi = tl.where(enough, hi, tl.maximum(key_down.to(tl.int64), lo))
     t_k = lo.to(tl.int32)
 
     # Pass 3: how many ties at t_k survive top-k, and the survivors' mass (for top-p).
@@ -120,7 +145,7 @@ def _row_thresholds(
             x_tie = tl.maximum(x_tie, tl.max(tl.where(key == t_k, x, float("-inf")), axis=0))
         r_k = k - count_above.to(tl.int64)
         z = mass_above + r_k.to(tl.float32) * tl.exp(x_tie - m)
-    inv_z = 1.0 / z
+    inv_z = tl.math.div_rn(1.0, z)
 
     # Pass 4 (top-p): the largest key t_p with mass(key >= t_p) / z >= top_p (t_k qualifies),
     # then the mass above it and the probability of one tie at it.
@@ -131,15 +156,11 @@ def _row_thresholds(
         hi_p = key_max.to(tl.int64)
         while lo_p < hi_p:
             mid = lo_p + ((hi_p - lo_p + 1) >> 1)
-            mid32 = mid.to(tl.int32)
-            mass = tl.full([], 0.0, tl.float32)
-            for start in range(0, vocab, BLOCK):
-                offs = start + arange
-                x, key = _scaled_block(Logits_ptr, logits_stride_vocab, offs, vocab, divisor)
-                mass += tl.sum(tl.where(key >= mid32, tl.exp(x - m), 0.0), axis=0)
+            count, mass, key_up, key_down = _bisection_pass(
+                Logits_ptr, logits_stride_vocab, vocab, divisor, m, mid.to(tl.int32), True, BLOCK)
             enough = mass * inv_z >= top_p
-            lo_p = tl.where(enough, mid, lo_p)
-            hi_p = tl.where(enough, hi_p, mid - 1)
+            lo_p = tl.where(enough, key_up.to(tl.int64), lo_p)
+            hi_p = tl.where(enough, hi_p, tl.maximum(key_down.to(tl.int64), lo_p))
         t_p_key = lo_p.to(tl.int32)
         mass_above_p = tl.full([], 0.0, tl.float32)
         x_tie_p = tl.full([], float("-inf"), tl.float32)
