@@ -12,16 +12,17 @@ Gumbel-score near ties (fmkernels.testing's rule); log-probabilities are within 
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
-import fmkernels
-from fmkernels import reference
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+import fmkernels  # noqa: E402
+from _sampling_checks import assert_tokens_match, gumbel_scores  # noqa: E402
+from fmkernels import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUT_ATOL = 1e-5  # how far from p the reference's mass before a token may be for its cut to differ
-NEAR_TIE = 1e-5
 LOGPROB_ATOL = 1e-4
 
 
@@ -94,21 +95,6 @@ def _check_masks(actual, expected, logits, params):
     both = kept & kept_expected
     assert torch.equal(actual[both], expected[both])
     return rows
-
-
-def _gumbel_scores(logits, params, seeds, steps):
-    filtered = reference.filter_logits(logits.float(), **params)
-    u = reference.uniform_draws(seeds, steps, logits.shape[1])
-    return filtered - torch.log(-torch.log(u))
-
-
-def _check_tokens(tokens, expected, scores):
-    rows = (tokens != expected).nonzero().flatten()
-    if len(rows):
-        a = scores[rows].gather(1, tokens[rows, None])[:, 0]
-        b = scores[rows].gather(1, expected[rows, None])[:, 0]
-        gap = (a - b).abs() / torch.maximum(a.abs(), b.abs())
-        assert float(gap.max()) <= NEAR_TIE, f"tokens differ in rows {rows.tolist()}"
 
 
 def _check_logprobs(actual, expected, logits, params):
@@ -265,7 +251,7 @@ def test_sample_equals_the_reference(dtype, vocab):
         kwargs = dict(params, seed=seeds, step=steps, return_logprobs=True, num_logprobs=n)
         actual = fmkernels.sample(logits, backend="triton", **kwargs)
         expected = reference.sample(logits, **kwargs)
-        _check_tokens(actual.tokens, expected.tokens, _gumbel_scores(logits, params, seeds, steps))
+        assert_tokens_match(actual.tokens, expected.tokens, gumbel_scores(logits, params, seeds, steps))
         _check_logprobs(actual, expected, logits, params)
         if ties:
             assert torch.equal(actual.top_ids, expected.top_ids)
@@ -337,8 +323,8 @@ def test_outputs_fill_poisoned_buffers(dtype):
     _check_masks(out, reference.filter_logits(logits, **params), logits, params)
     tokens = torch.full((8,), -1, dtype=torch.int64, device=DEVICE)
     fmkernels.sample(logits, seed=4, backend="triton", out=tokens, **params)
-    _check_tokens(tokens, reference.sample(logits, seed=4, **params),
-                  _gumbel_scores(logits, params, reference.row_seeds(4, 8, DEVICE), torch.zeros(8, dtype=torch.int64,
+    assert_tokens_match(tokens, reference.sample(logits, seed=4, **params),
+                  gumbel_scores(logits, params, reference.row_seeds(4, 8, DEVICE), torch.zeros(8, dtype=torch.int64,
                                                                                                  device=DEVICE)))
     tokens.fill_(-1)
     result = fmkernels.sample(logits, seed=4, backend="triton", out=tokens, return_logprobs=True, num_logprobs=3)
@@ -388,7 +374,7 @@ def test_gpu_sample_full_vocabulary(dtype, batch):
     actual = fmkernels.sample(logits, backend="triton", **kwargs)
     expected = reference.sample(logits, **kwargs)
     steps = torch.full((batch,), 17, dtype=torch.int64, device=DEVICE)
-    _check_tokens(actual.tokens, expected.tokens, _gumbel_scores(logits, params, seeds, steps))
+    assert_tokens_match(actual.tokens, expected.tokens, gumbel_scores(logits, params, seeds, steps))
     _check_logprobs(actual, expected, logits, params)
     alone = fmkernels.sample(logits[-1:], backend="triton", seed=seeds[-1:], step=17,
                              **_row_params(params, batch - 1))
