@@ -31,16 +31,10 @@ def _run_cpu(q, k, v, **kwargs):
 
 
 def _check(q, k, v, **kwargs):
-    """Runs the cpu backend and holds its output and LSE to the tolerance; returns them."""
+    """Runs the backend and holds its output and LSE to the tolerance; returns them."""
     out, lse = _run_cpu(q, k, v, **kwargs)
-    truth, truth_lse = reference.attention(q.double(), k.double(), v.double(), return_lse=True, **kwargs)
-    plain, plain_lse = testing.plain_attention(q, k, v, return_lse=True, **kwargs)
-    error, tolerance = testing.max_error(out, truth), testing.attention_tolerance(plain, truth)
-    assert error <= tolerance, f"out: error {error:.3g} > tolerance {tolerance:.3g}"
-    lse_error = testing.max_error(lse, truth_lse)
-    lse_tolerance = testing.attention_tolerance(plain_lse, truth_lse)
-    assert lse_error <= lse_tolerance, f"lse: error {lse_error:.3g} > tolerance {lse_tolerance:.3g}"
-    assert lse.dtype == torch.float32 and out.dtype == q.dtype
+    result = testing.compare_attention("attention", dict(q=q, k=k, v=v, return_lse=True, **kwargs), (out, lse))
+    assert result.passed, result.detail
     return out, lse
 
 

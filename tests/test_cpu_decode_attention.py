@@ -62,14 +62,8 @@ def run_cpu(case):
 
 def assert_matches_reference(case, actual=None):
     out, lse = run_cpu(case) if actual is None else actual
-    upcast = {name: t.double() if t is not None and t.is_floating_point() else t for name, t in case.items()}
-    truth_out, truth_lse = reference.decode_attention(**upcast, return_lse=True)
-    plain_out, plain_lse = testing.plain_decode_attention(**case, return_lse=True)
-    assert out.dtype == case["q"].dtype and lse.dtype == torch.float32
-    assert lse.shape == (case["q"].shape[0], case["q"].shape[2], case["q"].shape[1])
-    for name, actual_t, plain, truth in (("out", out, plain_out, truth_out), ("lse", lse, plain_lse, truth_lse)):
-        error, tolerance = testing.max_error(actual_t, truth), testing.attention_tolerance(plain, truth)
-        assert error <= tolerance, f"{name}: error {error:.3g} > tolerance {tolerance:.3g}"
+    result = testing.compare_attention("decode_attention", dict(case, return_lse=True), (out, lse))
+    assert result.passed, result.detail
     return out, lse
 
 

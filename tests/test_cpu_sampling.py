@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import fmkernels
+from _sampling_checks import assert_tokens_match, gumbel_scores
 from fmkernels import platform, reference
 from fmkernels._views import tensor_view
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SORT_ALL = 4096  # csrc/cpu/sampling.cpp kSortAll
 CUT_RTOL = 2e-5  # the reference's fp32 softmax sum is within ~1e-5 of the exact one
-NEAR_TIE = 1e-5
 
 
 def _rows(batch, vocab, dtype, generator, ties=False):
@@ -98,21 +98,6 @@ def test_top_k_breaks_ties_by_lower_id():
     assert (~torch.isneginf(out[0])).nonzero().flatten().tolist() == [1, 2, 3, 4, 6]
 
 
-def _gumbel_scores(logits, params, seeds, steps):
-    filtered = reference.filter_logits(logits.float(), **params)
-    u = reference.uniform_draws(seeds, steps, logits.shape[1])
-    return filtered - torch.log(-torch.log(u))
-
-
-def _check_tokens(tokens, expected, scores):
-    rows = (tokens != expected).nonzero().flatten()
-    if len(rows):
-        a = scores[rows].gather(1, tokens[rows, None])[:, 0]
-        b = scores[rows].gather(1, expected[rows, None])[:, 0]
-        gap = (a - b).abs() / torch.maximum(a.abs(), b.abs())
-        assert float(gap.max()) <= NEAR_TIE, f"tokens differ in rows {rows.tolist()}"
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("vocab", [7, 1000, 32000])
 def test_sample_equals_the_reference(dtype, vocab):
@@ -125,7 +110,7 @@ def test_sample_equals_the_reference(dtype, vocab):
         kwargs = dict(params, seed=seeds, step=steps, return_logprobs=True, num_logprobs=n)
         actual = fmkernels.sample(logits, backend="cpu", **kwargs)
         expected = reference.sample(logits, **kwargs)
-        _check_tokens(actual.tokens, expected.tokens, _gumbel_scores(logits, params, seeds, steps))
+        assert_tokens_match(actual.tokens, expected.tokens, gumbel_scores(logits, params, seeds, steps))
         logprobs = torch.log_softmax(reference.filter_logits(logits.float(), **params), dim=-1)
         torch.testing.assert_close(actual.logprobs, logprobs.gather(1, actual.tokens[:, None])[:, 0],
                                    atol=1e-4, rtol=1e-5)

@@ -168,7 +168,9 @@ def test_implementations_lists_backends_by_priority_then_peers_then_users():
     assert [impl.name for impl in impls if impl.kind == "backend"] == expected
     names = [impl.name for impl in impls]
     assert names.index("z_peer") < names.index("a_user") == len(names) - 1
-    assert [impl.name for impl in fmkernels.implementations("attention")] == ["cpu", "reference", "sdpa"]
+    assert [impl.name for impl in fmkernels.implementations("attention")] == (
+        ["cpu", "reference", "triton", "sdpa"] if platform.triton_interpreting() else ["triton", "cpu", "reference", "sdpa"]
+    )
 
 
 @pytest.mark.parametrize("call", [

@@ -264,3 +264,20 @@ def test_run_checks_skips_what_cannot_run_and_fails_what_raises(register):
     assert broken_rows and all(not row.result.passed and "kernel exploded" in row.result.detail for row in broken_rows)
     cuda_rows = [row for row in rows if row.implementation == "cuda"]
     assert len(cuda_rows) == 1 and cuda_rows[0].case == "" and cuda_rows[0].skipped
+
+
+def test_compare_attention_passes_the_reference_and_catches_wrong_results():
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 9, 4, 32, generator=generator)
+    k = torch.randn(2, 13, 2, 32, generator=generator)
+    v = torch.randn(2, 13, 2, 32, generator=generator)
+    kwargs = dict(q=q, k=k, v=v, causal=True, return_lse=True)
+    out, lse = reference.attention(**kwargs)
+    assert testing.compare_attention("attention", kwargs, (out, lse)).passed
+    assert not testing.compare_attention("attention", kwargs, (out + 1e-3, lse)).passed
+    assert not testing.compare_attention("attention", kwargs, (out, lse - 1e-3)).passed
+    wrong_dtype = testing.compare_attention("attention", kwargs, (out.half(), lse))
+    assert not wrong_dtype.passed and "float16" in wrong_dtype.detail
+    assert not testing.compare_attention("attention", kwargs, (out,)).passed
+    with pytest.raises(ValueError, match="op must be"):
+        testing.compare_attention("sample", kwargs, out)

@@ -660,17 +660,45 @@ def _nan_note(actual: torch.Tensor, truth: torch.Tensor) -> str:
     return f"{count} NaN elements (unwritten?)" if count else ""
 
 
+def compare_attention(op: str, kwargs: Kwargs, actual) -> CheckResult:
+    """Hold an attention or decode_attention result to the reference, as ``fmkernels check`` does.
+
+    Parameters
+    ----------
+    op : str
+        "attention" or "decode_attention".
+    kwargs : dict
+        The call's arguments, as the reference takes them (``return_lse`` included).
+    actual : Tensor or (Tensor, Tensor)
+        What the implementation returned: out, or (out, lse) with ``return_lse``.
+
+    Returns
+    -------
+    CheckResult
+        Passed when out (and lse) are within ``attention_tolerance`` of the reference run on
+        float64 inputs and have the reference's dtypes and shapes.
+    """
+    if op not in ("attention", "decode_attention"):
+        raise ValueError(f"op must be 'attention' or 'decode_attention', got {op!r}")
+    plain_fn = plain_attention if op == "attention" else plain_decode_attention
+    truth = _as_tuple(getattr(reference, op)(**_upcast(kwargs)))
+    plain = _as_tuple(plain_fn(**kwargs))
+    actual = _as_tuple(actual)
+    if len(actual) != len(truth):
+        return CheckResult(math.inf, 0.0, False, f"returned {len(actual)} tensors, the reference {len(truth)}")
+    expected_dtypes = (kwargs["q"].dtype, torch.float32)
+    measures = []
+    for name, a, p, t, dtype in zip(("out", "lse"), actual, plain, truth, expected_dtypes):
+        if a.dtype != dtype or a.shape != t.shape:
+            return CheckResult(math.inf, 0.0, False,
+                               f"{name} is {a.dtype} {tuple(a.shape)}, expected {dtype} {tuple(t.shape)}")
+        measures.append(_Measure.within(name, max_error(a, t), attention_tolerance(p, t), _nan_note(a, t)))
+    return _verdict(measures)
+
+
 def _check_attention(impl: registry.Impl, case: Case) -> CheckResult:
     kwargs = case.make_kwargs()
-    plain_fn = plain_attention if case.op == "attention" else plain_decode_attention
-    truth = _as_tuple(getattr(reference, case.op)(**_upcast(kwargs)))
-    plain = _as_tuple(plain_fn(**kwargs))
-    actual = _as_tuple(_call(impl, kwargs, out=torch.full_like(kwargs["q"], float("nan"))))
-    measures = [
-        _Measure.within(name, max_error(a, t), attention_tolerance(p, t), _nan_note(a, t))
-        for name, a, p, t in zip(("out", "lse"), actual, plain, truth)
-    ]
-    return _verdict(measures)
+    return compare_attention(case.op, kwargs, _call(impl, kwargs, out=torch.full_like(kwargs["q"], float("nan"))))
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
