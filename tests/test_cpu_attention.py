@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fmkernels
-from fmkernels import platform, reference, testing
+from _attention_checks import check_attention, run_attention
+from fmkernels import platform, reference
 from fmkernels._views import tensor_view
 
 pytestmark = pytest.mark.skipif(
@@ -24,18 +25,11 @@ def _randn(*shape, dtype=torch.float32):
 
 
 def _run_cpu(q, k, v, **kwargs):
-    out = torch.full_like(q, float("nan"))
-    result, lse = fmkernels.attention(q, k, v, backend="cpu", out=out, return_lse=True, **kwargs)
-    assert result.data_ptr() == out.data_ptr()
-    return out, lse
+    return run_attention("cpu", q, k, v, **kwargs)
 
 
 def _check(q, k, v, **kwargs):
-    """Runs the backend and holds its output and LSE to the tolerance; returns them."""
-    out, lse = _run_cpu(q, k, v, **kwargs)
-    result = testing.compare_attention("attention", dict(q=q, k=k, v=v, return_lse=True, **kwargs), (out, lse))
-    assert result.passed, result.detail
-    return out, lse
+    return check_attention("cpu", q, k, v, **kwargs)
 
 
 # (batch, seqlen_q, seqlen_k, q_heads, kv_heads, head_dim, causal)

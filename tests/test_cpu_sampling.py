@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fmkernels
-from _sampling_checks import assert_tokens_match, gumbel_scores
+from _sampling_checks import assert_tokens_match, gumbel_scores, random_rows
 from fmkernels import platform, reference
 from fmkernels._views import tensor_view
 
@@ -21,26 +21,7 @@ CUT_RTOL = 2e-5  # the reference's fp32 softmax sum is within ~1e-5 of the exact
 
 
 def _rows(batch, vocab, dtype, generator, ties=False):
-    """Random logits with -inf holes (never a whole row) and per-row mixed parameters."""
-    if ties:
-        logits = torch.randint(-4, 5, (batch, vocab), generator=generator).float()
-    else:
-        logits = torch.randn((batch, vocab), generator=generator) * 3
-    holes = torch.rand((batch, vocab), generator=generator) < 0.05
-    holes[:, 0] = False
-    logits = logits.masked_fill(holes, float("-inf")).to(dtype)
-
-    def pick(values):
-        values = torch.tensor(values)
-        return values[torch.randint(0, len(values), (batch,), generator=generator)]
-
-    params = dict(
-        temperature=pick([0.0, 0.7, 1.0, 1.5]).float(),
-        top_k=pick([0, 1, 50, vocab, vocab + 3]).long(),
-        top_p=pick([1.0, 0.9, 0.01]).float(),
-        min_p=pick([0.0, 0.05]).float(),
-    )
-    return logits, params
+    return random_rows(batch, vocab, dtype, generator, ties=ties)
 
 
 def _mass_before(logits, params, row):

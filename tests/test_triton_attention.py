@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fmkernels
+from _attention_checks import check_attention, run_attention
 from fmkernels import platform, reference, testing
 from fmkernels.kernels import attention as triton_attention
 
@@ -33,18 +34,11 @@ def _cu_seqlens(lengths, device=DEVICE):
 
 
 def _run_triton(q, k, v, **kwargs):
-    out = torch.full_like(q, float("nan"))
-    result, lse = fmkernels.attention(q, k, v, backend="triton", out=out, return_lse=True, **kwargs)
-    assert result.data_ptr() == out.data_ptr()
-    return out, lse
+    return run_attention("triton", q, k, v, **kwargs)
 
 
 def _check(q, k, v, **kwargs):
-    """Runs the backend and holds its output and LSE to the tolerance; returns them."""
-    out, lse = _run_triton(q, k, v, **kwargs)
-    result = testing.compare_attention("attention", dict(q=q, k=k, v=v, return_lse=True, **kwargs), (out, lse))
-    assert result.passed, result.detail
-    return out, lse
+    return check_attention("triton", q, k, v, **kwargs)
 
 
 def _dense(shape, dtype, device=DEVICE):

@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 import fmkernels  # noqa: E402
-from _sampling_checks import assert_tokens_match, gumbel_scores  # noqa: E402
+from _sampling_checks import assert_tokens_match, gumbel_scores, random_rows  # noqa: E402
 from fmkernels import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,26 +27,7 @@ LOGPROB_ATOL = 1e-4
 
 
 def _rows(batch, vocab, dtype, generator, ties=False, holes=0.05):
-    """Logits with -inf holes (never a whole row) and per-row mixed parameters, on DEVICE."""
-    if ties:
-        logits = torch.randint(-4, 5, (batch, vocab), generator=generator).float()
-    else:
-        logits = torch.randn((batch, vocab), generator=generator) * 3
-    hole = torch.rand((batch, vocab), generator=generator) < holes
-    hole[:, 0] = False
-    logits = logits.masked_fill(hole, float("-inf")).to(dtype)
-
-    def pick(values):
-        values = torch.tensor(values)
-        return values[torch.randint(0, len(values), (batch,), generator=generator)]
-
-    params = dict(
-        temperature=pick([0.0, 0.7, 1.0, 1.5]).float(),
-        top_k=pick([0, 1, 50, vocab, vocab + 3]).long(),
-        top_p=pick([1.0, 0.9, 0.01]).float(),
-        min_p=pick([0.0, 0.05]).float(),
-    )
-    return logits.to(DEVICE), {key: value.to(DEVICE) for key, value in params.items()}
+    return random_rows(batch, vocab, dtype, generator, ties=ties, holes=holes, device=DEVICE)
 
 
 def _row_params(params, row):
