@@ -8,18 +8,13 @@
 #include <stdexcept>
 #include <string>
 
+#include "bindings_cuda.h"
 #include "bindings_views.h"
 #include "common/append_kv_shapes.h"
 #include "cuda/append_kv.cuh"
 
 namespace py = pybind11;
 namespace {
-
-void raise_on_error(cudaError_t status, const char* op) {
-  if (status != cudaSuccess)
-    throw std::runtime_error(std::string("fmkernels.") + op + " (cuda): " +
-                             cudaGetErrorName(status) + ": " + cudaGetErrorString(status));
-}
 
 // (device_count, error name or "") without raising: used by fmkernels.backends().
 py::tuple device_status() {
@@ -45,7 +40,7 @@ void append_kv(py::handle k_cache, py::handle v_cache, py::handle k, py::handle 
   if (const char* error = fmkernels::check_append_kv_shapes(views.k_cache, views.v_cache, views.k,
                                                             views.v, views.cache_seqlens, table))
     throw std::invalid_argument(error);
-  raise_on_error(fmkernels::cuda::append_kv(views.k_cache, views.v_cache, views.k, views.v,
+  fmkernels::raise_on_cuda_error(fmkernels::cuda::append_kv(views.k_cache, views.v_cache, views.k, views.v,
                                             views.cache_seqlens, table,
                                             reinterpret_cast<cudaStream_t>(stream)),
                  "append_kv");

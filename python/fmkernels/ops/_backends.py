@@ -9,11 +9,8 @@ from __future__ import annotations
 import functools
 import importlib
 
-import torch
-
 from .. import platform, reference, registry
-from .._views import tensor_view
-from . import _cpu
+from . import _cpu, _cuda
 
 PRIORITY = {"reference": 0, "cpu": 10, "triton": 20, "cuda": 30}
 if platform.triton_interpreting():
@@ -46,6 +43,8 @@ def _availability(name: str, op: str):
         reason = platform.unavailable_reason(name)
         if reason is None and name == "cpu" and not hasattr(platform.cpu_module(), op):
             reason = f"fmkernels._C was built without {op}; rebuild fmkernels"
+        if reason is None and name == "cuda" and not hasattr(platform.cuda_module(), op):
+            reason = f"fmkernels._cuda was built without {op}; rebuild fmkernels"
         if reason is None and name == "triton" and not hasattr(_triton_module(op), op):
             reason = f"fmkernels.kernels.{TRITON_MODULES[op]} has no {op}"
         return reason
@@ -73,22 +72,15 @@ def _register(op: str, name: str, fn, devices, supports=None) -> None:
     )
 
 
-def _append_kv_cuda(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None) -> None:
-    with torch.cuda.device(k_cache.device):
-        stream = torch.cuda.current_stream(k_cache.device).cuda_stream
-        platform.cuda_module().append_kv(
-            tensor_view(k_cache), tensor_view(v_cache), tensor_view(k), tensor_view(v),
-            tensor_view(cache_seqlens), tensor_view(block_table), stream,
-        )
-
-
 def register_all() -> None:
     for op in registry.OPS:
         _register(op, "reference", getattr(reference, op), devices=None)
     for op in registry.OPS:
         supports = _cpu.supports_head_dim if op in ("attention", "decode_attention") else None
         _register(op, "cpu", getattr(_cpu, op), devices=("cpu",), supports=supports)
-    _register("append_kv", "cuda", _append_kv_cuda, devices=("cuda",))
+    for op in registry.OPS:
+        if hasattr(_cuda, op):
+            _register(op, "cuda", getattr(_cuda, op), devices=("cuda",), supports=getattr(_cuda, f"{op}_supports", None))
     triton_devices = ("cuda", "cpu") if platform.triton_interpreting() else ("cuda",)
     for op in registry.OPS:
         launch, supports = _triton(op)

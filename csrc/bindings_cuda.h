@@ -1,0 +1,19 @@
+// fmkernels._cuda is assembled from one bindings file per op; each adds its functions here.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace fmkernels {
+
+// Raises RuntimeError naming the op and the CUDA error when a launch failed.
+inline void raise_on_cuda_error(cudaError_t status, const char* op) {
+  if (status != cudaSuccess)
+    throw std::runtime_error(std::string("fmkernels.") + op + " (cuda): " + cudaGetErrorName(status) +
+                             ": " + cudaGetErrorString(status));
+}
+
+}  // namespace fmkernels
