@@ -1,42 +1,124 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: build for its architecture, run the GPU tests, run them
-# again under compute-sanitizer, then benchmark, writing logs and JSON under $OUT.
+# One call on a lent GPU machine: build for its architecture, test, sanitize and benchmark,
+# writing logs and JSON under $OUT and a summary at the end of the output.
 #
-#   bash bench/gpu_check.sh            (OUT defaults to ./gpu-out)
+#   bash bench/gpu_check.sh [STAGE ...]        (OUT defaults to ./gpu-out)
+#
+# Stages, run in the order given (default: build sass test memcheck check bench):
+#   build     pip install -e . for this GPU's architecture only, with ptxas's resource report
+#   sass      per-kernel registers/shared memory/spills and the matrix instructions in the SASS
+#   test      pytest -m gpu over $TESTS (default: tests)
+#   memcheck  the CUDA backend's GPU tests under compute-sanitizer memcheck
+#   racecheck the CUDA attention and sampling GPU tests under compute-sanitizer racecheck
+#   check     fmkernels check --device cuda
+#   bench     fmkernels bench --device cuda (one default shape per op, every implementation)
+#   sweep     fmkernels bench --device cuda --sweep: attention, decode and append_kv against the
+#             SDPA peers and triton; sampling against the sort-based reference and triton
+#
+# Logs go to $OUT/logs.tgz (the device tool returns at most 8 files); JSON beside it.
 #
 # The machine has its own python3 with torch, triton, pybind11 and scikit-build-core and
 # no network: the install uses what is there (no build isolation, no dependencies).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
 PYTHON=${PYTHON:-python3}
+TESTS=${TESTS:-tests}
+export PYTHONUNBUFFERED=1
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build sass test memcheck check bench)
+summary=()
 status=0
+
+note() {  # note STAGE RC TEXT: one summary line, and a failure marks the run
+  summary+=("$(printf '%-9s %s %s' "$1" "$([ "$2" = 0 ] && echo ok || echo "FAILED($2)")" "$3")")
+  [ "$2" = 0 ] || status=1
+}
 
 capability=$($PYTHON -c "import torch; major, minor = torch.cuda.get_device_capability(); print(f'{major}{minor}')")
 arch=$([ "$capability" = "90" ] && echo "90a" || echo "$capability")
 device=$($PYTHON -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
 date=$(date -u +%Y-%m-%d)
-echo "device $device, sm_$arch" | tee "$OUT/device.txt"
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+echo "device $device, sm_$arch, $($PYTHON -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')" | tee "$LOGS/device.txt"
+nvidia-smi >> "$LOGS/device.txt" 2>&1
 
-FMKERNELS_CUDA=ON FMKERNELS_CUDA_ARCHITECTURES="$arch" \
-  $PYTHON -m pip install --no-build-isolation --no-deps -v -e . > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }
-grep -E "ptxas info|spill" "$OUT/build.log" > "$OUT/ptxas.txt" || true
+cuda_tests() { ls tests/test_cuda_*.py 2>/dev/null; echo tests/test_append_kv.py; }
 
-$PYTHON -m fmkernels backends | tee "$OUT/backends.txt"
-$PYTHON -m pytest -m gpu -q -x tests > "$OUT/pytest-gpu.log" 2>&1 || status=1
-tail -5 "$OUT/pytest-gpu.log"
-$PYTHON -m fmkernels check --device cuda > "$OUT/check.log" 2>&1 || status=1
-tail -3 "$OUT/check.log"
+for stage in "${stages[@]}"; do
+  start=$SECONDS
+  case $stage in
+    build)
+      FMKERNELS_CUDA=ON FMKERNELS_CUDA_ARCHITECTURES="$arch" CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-Xptxas=-v" \
+        $PYTHON -m pip install --no-build-isolation --no-deps -v -e . > "$LOGS/build.log" 2>&1
+      rc=$?
+      grep -E "ptxas info|spill|stack frame" "$LOGS/build.log" > "$LOGS/ptxas.txt"
+      [ $rc = 0 ] || { tail -40 "$LOGS/build.log"; note build $rc "see build.log"; break; }
+      $PYTHON -m fmkernels backends | tee -a "$LOGS/device.txt"
+      note build 0 "$((SECONDS - start)) s"
+      ;;
+    sass)
+      module=$($PYTHON -c "import fmkernels._cuda as m; print(m.__file__)")
+      cuobjdump --dump-resource-usage "$module" > "$LOGS/resource-usage.txt" 2>&1
+      cuobjdump --dump-sass "$module" | $PYTHON bench/sass_summary.py > "$LOGS/sass-summary.txt" 2>&1
+      rc=$?
+      cat "$LOGS/sass-summary.txt"
+      note sass $rc "resource-usage.txt, sass-summary.txt"
+      ;;
+    test)
+      timeout ${TEST_TIMEOUT:-900} $PYTHON -m pytest -m gpu -q -p no:cacheprovider $TESTS > "$LOGS/pytest-gpu.log" 2>&1
+      rc=$?
+      grep -E "^(FAILED|ERROR)" "$LOGS/pytest-gpu.log" | head -30
+      note test $rc "$(tail -1 "$LOGS/pytest-gpu.log")"
+      ;;
+    memcheck)
+      timeout 900 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+        $PYTHON -m pytest -m gpu -q -x -p no:cacheprovider -k "cuda" $(cuda_tests) > "$LOGS/memcheck.log" 2>&1
+      rc=$?
+      grep -m 20 -E "Invalid|out of bounds|ERROR SUMMARY" "$LOGS/memcheck.log"
+      note memcheck $rc "$(grep -E 'ERROR SUMMARY' "$LOGS/memcheck.log" | tail -1) $(tail -1 "$LOGS/memcheck.log")"
+      ;;
+    racecheck)
+      targets=$(ls tests/test_cuda_attention.py tests/test_cuda_sampling.py 2>/dev/null)
+      timeout 900 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
+        $PYTHON -m pytest -m gpu -q -x -p no:cacheprovider -k "${RACECHECK_FILTER:-not large}" $targets \
+        > "$LOGS/racecheck.log" 2>&1
+      rc=$?
+      grep -m 20 -E "hazard|RACECHECK SUMMARY" "$LOGS/racecheck.log"
+      note racecheck $rc "$(grep -E 'RACECHECK SUMMARY' "$LOGS/racecheck.log" | tail -1) $(tail -1 "$LOGS/racecheck.log")"
+      ;;
+    check)
+      timeout 600 $PYTHON -m fmkernels check --device cuda > "$LOGS/check.log" 2>&1
+      rc=$?
+      grep -E "fail|error" "$LOGS/check.log" | grep -v " pass " | head -20
+      note check $rc "$(tail -1 "$LOGS/check.log")"
+      ;;
+    bench)
+      timeout 600 $PYTHON -m fmkernels bench --device cuda --json "$OUT/$date-bench.json" > "$LOGS/bench.log" 2>&1
+      rc=$?
+      cat "$LOGS/bench.log"
+      note bench $rc "$OUT/$date-bench.json"
+      ;;
+    sweep)
+      rc=0
+      for group in "attention decode_attention append_kv|cuda,triton,sdpa,sdpa_flash,sdpa_cudnn|attention" \
+                   "filter_logits sample|cuda,triton,reference|sampling"; do
+        IFS="|" read -r ops only name <<< "$group"
+        timeout 900 $PYTHON -m fmkernels bench $ops --device cuda --sweep --only "$only" \
+          --repeats "${SWEEP_REPEATS:-30}" --json "$OUT/$date-sweep-$name.json" > "$LOGS/sweep-$name.log" 2>&1 || rc=$?
+        cat "$LOGS/sweep-$name.log"
+      done
+      note sweep $rc "$OUT/$date-sweep-*.json"
+      ;;
+    *)
+      note "$stage" 2 "unknown stage"
+      ;;
+  esac
+  echo "== $stage: $((SECONDS - start)) s"
+done
 
-if command -v compute-sanitizer > /dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 1 $PYTHON -m pytest -m gpu -q -x tests \
-    > "$OUT/memcheck.log" 2>&1 || status=1
-  tail -3 "$OUT/memcheck.log"
-fi
-
-$PYTHON -m fmkernels bench --device cuda --json "$OUT/$date-bench.json" > "$OUT/bench.log" 2>&1 || status=1
-cat "$OUT/bench.log"
-echo "copy $OUT/$date-bench.json to bench/results/$device/ to keep it"
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+echo "== summary ($device, sm_$arch; copy JSON to bench/results/$device/ to keep it)"
+printf '%s\n' "${summary[@]}"
 exit $status

@@ -177,16 +177,16 @@ def _paged_cache(batch, blocks_per_sequence, block_size, kv_heads, head_dim, dty
     return _randn(shape, dtype, device, generator), _randn(shape, dtype, device, generator), block_table
 
 
-def _attention_case(device, dtype, batch, seqlen, q_heads, kv_heads, head_dim) -> BenchCase:
+def _attention_case(device, dtype, batch, seqlen, q_heads, kv_heads, head_dim, causal=True) -> BenchCase:
     def make_kwargs() -> Kwargs:
         generator = _generator(device)
         q = _randn((batch, seqlen, q_heads, head_dim), dtype, device, generator)
         k = _randn((batch, seqlen, kv_heads, head_dim), dtype, device, generator)
         v = _randn((batch, seqlen, kv_heads, head_dim), dtype, device, generator)
-        return dict(q=q, k=k, v=v, causal=True)
+        return dict(q=q, k=k, v=v, causal=causal)
 
-    flops = attention_flops(q_heads, head_dim, batch * visible_pairs(seqlen, seqlen, causal=True))
-    shape = f"b={batch} s={seqlen} h={q_heads}/{kv_heads} d={head_dim} causal"
+    flops = attention_flops(q_heads, head_dim, batch * visible_pairs(seqlen, seqlen, causal=causal))
+    shape = f"b={batch} s={seqlen} h={q_heads}/{kv_heads} d={head_dim}" + (" causal" if causal else "")
     return BenchCase("attention", shape, dtype, device, make_kwargs, flops, None)
 
 
@@ -294,6 +294,63 @@ def default_cases(op: str, device) -> List[BenchCase]:
             "filter_logits": lambda: [_sampling_case("filter_logits", device, fp32, 128, 128256)],
             "sample": lambda: [_sampling_case("sample", device, fp32, 128, 128256)],
         }
+    if op not in table:
+        raise ValueError(f"op must be one of {', '.join(registry.OPS)}, got {op!r}")
+    return table[op]()
+
+
+def sweep_cases(op: str, device) -> List[BenchCase]:
+    """The grids ``fmkernels bench --sweep`` times ``op`` over: how speed moves with size.
+
+    On a GPU (bfloat16 attention, float32 logits):
+
+    * attention: seqlen 1k to 16k at 16k tokens per call (batch = 16384 / seqlen), 16 heads
+      of 128 (FlashAttention's published setting), causal and not;
+    * decode_attention: one new token, 32 query / 8 KV heads of 128, batch 1, 4, 16, 64 x
+      cache 1k, 2k, 8k, 32k, contiguous; and paged (blocks of 16) at batch 1 / 32k,
+      16 / 8k and 64 / 2k;
+    * append_kv: 16 new tokens over batch 1 and 64, paged;
+    * filter_logits and sample: vocabulary 128256, batch 1, 16, 64, 256 (sample) and 1,
+      64, 256 (filter_logits), top_k 50, top_p 0.9, temperature 0.7.
+
+    On the CPU, the same kinds of grid at sizes a few cores finish in minutes.
+
+    Parameters
+    ----------
+    op : str
+        One of ``fmkernels.registry.OPS``.
+    device : str or torch.device
+
+    Returns
+    -------
+    list of BenchCase
+    """
+    device = torch.device(device)
+    fp32, bf16 = torch.float32, torch.bfloat16
+    if device.type == "cpu":
+        seqlens, tokens = (256, 512, 1024, 2048), 2048
+        decode_grid = [(batch, context) for batch in (1, 4) for context in (1024, 8192)]
+        paged_grid = [(1, 8192)]
+        sample_batches, filter_batches, append_batches = (1, 16), (1, 16), (1, 8)
+        dtype = fp32
+    else:
+        seqlens, tokens = (1024, 2048, 4096, 8192, 16384), 16384
+        decode_grid = [(batch, context) for batch in (1, 4, 16, 64) for context in (1024, 2048, 8192, 32768)]
+        paged_grid = [(1, 32768), (16, 8192), (64, 2048)]
+        sample_batches, filter_batches, append_batches = (1, 16, 64, 256), (1, 64, 256), (1, 64)
+        dtype = bf16
+    table = {
+        "attention": lambda: [
+            _attention_case(device, dtype, max(1, tokens // seqlen), seqlen, 16, 16, 128, causal)
+            for causal in (False, True) for seqlen in seqlens
+        ],
+        "decode_attention": lambda: [
+            _decode_case(device, dtype, batch, context, 32, 8, 128) for batch, context in decode_grid
+        ] + [_decode_case(device, dtype, batch, context, 32, 8, 128, block_size=16) for batch, context in paged_grid],
+        "append_kv": lambda: [_append_kv_case(device, dtype, batch, 2048, 16, 8, 128, 16) for batch in append_batches],
+        "filter_logits": lambda: [_sampling_case("filter_logits", device, fp32, batch, 128256) for batch in filter_batches],
+        "sample": lambda: [_sampling_case("sample", device, fp32, batch, 128256) for batch in sample_batches],
+    }
     if op not in table:
         raise ValueError(f"op must be one of {', '.join(registry.OPS)}, got {op!r}")
     return table[op]()
@@ -440,24 +497,39 @@ def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
 # ----------------------------------------------------------------------------
 
 
-def plan(op_names: Iterable[str], device) -> List[Job]:
-    """Every registered implementation of each op on each default case, in table order.
+def plan(op_names: Iterable[str], device, *, sweep: bool = False,
+         only: Optional[Iterable[str]] = None) -> List[Job]:
+    """Every registered implementation of each op on each case, in table order.
 
     Parameters
     ----------
     op_names : iterable of str
     device : str or torch.device
+    sweep : bool
+        The grids of ``sweep_cases`` instead of ``default_cases``.
+    only : iterable of str, optional
+        Implementation names to keep (the others are left out of the plan); unknown names
+        raise ValueError.
 
     Returns
     -------
     list of Job
         Jobs for implementations that cannot run on ``device`` carry the reason in ``skipped``.
     """
+    op_names = list(op_names)
+    cases = sweep_cases if sweep else default_cases
+    if only is not None:
+        only = set(only)
+        known = {impl.name for op in op_names for impl in registry.implementations(op)}
+        unknown = sorted(only - known)
+        if unknown:
+            raise ValueError(f"only: no implementation named {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     return [
         Job(impl, case, skip_reason(impl, device))
         for op in op_names
-        for case in default_cases(op, device)
+        for case in cases(op, device)
         for impl in registry.implementations(op)
+        if only is None or impl.name in only
     ]
 
 

@@ -114,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
         help="timed calls per implementation, after warm-up (default: "
         + ", ".join(f"{count} on {device}" for device, count in benchmark.DEFAULT_REPEATS.items()) + ")",
     )
+    bench.add_argument(
+        "--sweep", action="store_true",
+        help="time grids of sizes (seqlen, batch x context, batch) instead of one default shape per op",
+    )
+    bench.add_argument(
+        "--only", metavar="NAMES", type=lambda value: [name for name in value.split(",") if name],
+        help="comma-separated implementation names to time (e.g. cuda,triton,sdpa_flash); default: all",
+    )
     bench.set_defaults(handler=_bench)
 
     listing = commands.add_parser("backends", help="which backends can run here, and why not")
@@ -226,7 +234,10 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     repeats = args.repeats or benchmark.DEFAULT_REPEATS[device.type]
     rows = []
     with _user_impls(args, parser):
-        jobs = benchmark.plan(ops, device)
+        try:
+            jobs = benchmark.plan(ops, device, sweep=args.sweep, only=args.only)
+        except ValueError as exc:
+            parser.error(str(exc))
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=_console(stderr=True), transient=True) as progress:
             task = progress.add_task("peak bandwidth and FLOP/s", total=len(jobs) + 1)

@@ -5,15 +5,37 @@ check`` holds them to the same reference and ``fmkernels bench`` times them in t
 for the device), for dense attention and decode against a contiguous cache. Its
 ``is_causal`` aligns the mask top-left, so a causal call with seqlen_q != seqlen_k passes
 an explicit bottom-right mask instead.
+
+On CUDA, each of SDPA's own backends is also a peer of its own, pinned with
+``torch.nn.attention.sdpa_kernel``: ``sdpa_flash`` (FlashAttention-2), ``sdpa_cudnn``
+(cuDNN's fused attention) and ``sdpa_efficient`` (memory-efficient attention). A case a
+pinned backend cannot run (its dtype, head_dim, GQA or mask) is a skip, not an error.
 """
 
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from . import reference, registry
+
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - older torch: only the unpinned sdpa peer
+    SDPBackend = sdpa_kernel = None
+try:  # torch >= 2.3: a bottom-right causal mask the flash and efficient backends take
+    from torch.nn.attention.bias import causal_lower_right
+except ImportError:  # pragma: no cover
+    causal_lower_right = None
+
+#: The pinned CUDA peers: name -> the SDPBackend member's name.
+PINNED_SDPA_BACKENDS = {
+    "sdpa_flash": "FLASH_ATTENTION",
+    "sdpa_cudnn": "CUDNN_ATTENTION",
+    "sdpa_efficient": "EFFICIENT_ATTENTION",
+}
 
 # enable_gqa (torch >= 2.5) reads the shared KV heads without copying them.
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -35,9 +57,63 @@ def _sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None):
 
 def sdpa_attention(q, k, v, *, causal=False, scale=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False):
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    if causal and seqlen_q == 1:
+        causal = False  # one query at the bottom right sees every key
     if causal and seqlen_q != seqlen_k:
         return _sdpa(q, k, v, attn_mask=reference.causal_mask(seqlen_q, seqlen_k, q.device), scale=scale)
     return _sdpa(q, k, v, is_causal=causal, scale=scale)
+
+
+def _pinned_sdpa_attention(backend_name: str):
+    """sdpa_attention restricted to one of SDPA's CUDA backends."""
+    backend = getattr(SDPBackend, backend_name)
+
+    def attention(q, k, v, *, causal=False, scale=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False):
+        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+        if causal and seqlen_q == 1:
+            causal = False
+        mask, is_causal = None, causal
+        if causal and seqlen_q != seqlen_k:
+            if causal_lower_right is None or backend_name == "CUDNN_ATTENTION":
+                raise NotImplementedError(f"SDPA's {backend_name} backend takes no bottom-right causal mask here")
+            mask, is_causal = causal_lower_right(seqlen_q, seqlen_k), False
+        with sdpa_kernel([backend]):
+            try:
+                return _sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+            except RuntimeError as exc:
+                if "No available kernel" not in str(exc):
+                    raise
+                raise NotImplementedError(f"SDPA's {backend_name} backend cannot run this case") from None
+
+    return attention
+
+
+def _pinned_sdpa_decode_attention(attention):
+    """Decode through a pinned backend: one call when every sequence has the same length."""
+
+    def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, return_lse=False):
+        lengths = cache_seqlens.tolist()
+        if len(set(lengths)) != 1:
+            raise NotImplementedError("pinned SDPA peers time decode on sequences of one length only")
+        return attention(q, k_cache[:, : lengths[0]], v_cache[:, : lengths[0]], causal=True, scale=scale)
+
+    return decode_attention
+
+
+@functools.lru_cache(maxsize=None)
+def pinned_sdpa_unavailable_reason(name: str):
+    """Why the pinned peer ``name`` cannot run here (no GPU, torch without that backend), or None."""
+    if sdpa_kernel is None:
+        return "torch < 2.3 has no torch.nn.attention.sdpa_kernel"
+    if not hasattr(SDPBackend, PINNED_SDPA_BACKENDS[name]):
+        return f"this torch has no SDPBackend.{PINNED_SDPA_BACKENDS[name]}"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    if name == "sdpa_flash" and not torch.backends.cuda.is_flash_attention_available():
+        return "this torch was built without the flash backend"
+    if name == "sdpa_cudnn" and not torch.backends.cudnn.is_available():
+        return "this torch has no cuDNN"
+    return None
 
 
 def sdpa_attention_supports(q, k, causal=False, cu_seqlens_q=None, return_lse=False, **_):
@@ -75,3 +151,16 @@ def register_all() -> None:
     registry.register_impl(
         "decode_attention", "sdpa", sdpa_decode_attention, sdpa_decode_attention_supports, kind="peer"
     )
+    if sdpa_kernel is None:
+        return
+    for name, backend_name in PINNED_SDPA_BACKENDS.items():
+        available = functools.partial(pinned_sdpa_unavailable_reason, name)
+        attention = _pinned_sdpa_attention(backend_name)
+        registry.register_impl(
+            "attention", name, attention, sdpa_attention_supports,
+            available=available, devices=("cuda",), kind="peer",
+        )
+        registry.register_impl(
+            "decode_attention", name, _pinned_sdpa_decode_attention(attention), sdpa_decode_attention_supports,
+            available=available, devices=("cuda",), kind="peer",
+        )
