@@ -67,7 +67,9 @@ for stage in "${stages[@]}"; do
       note sass $rc "resource-usage.txt, sass-summary.txt"
       ;;
     test)
-      timeout ${TEST_TIMEOUT:-900} $PYTHON -m pytest -m gpu -q -p no:cacheprovider $TESTS > "$LOGS/pytest-gpu.log" 2>&1
+      # Triton compiles each kernel variant on first use: spread the tests over processes.
+      workers=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
+      timeout ${TEST_TIMEOUT:-900} $PYTHON -m pytest -m gpu -q -p no:cacheprovider $workers $TESTS > "$LOGS/pytest-gpu.log" 2>&1
       rc=$?
       grep -E "^(FAILED|ERROR)" "$LOGS/pytest-gpu.log" | head -30
       note test $rc "$(tail -1 "$LOGS/pytest-gpu.log")"

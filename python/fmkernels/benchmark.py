@@ -397,14 +397,16 @@ def measure_peaks(device, dtypes: Iterable[torch.dtype]) -> Peaks:
     on_gpu = device.type == "cuda"
     # A peak is the best the device showed: the fastest call, not the median.
     elements = (1 << 28) // 4  # 256 MB: past any cache, CPU or GPU
-    source = torch.ones(elements, dtype=torch.float32, device=device)
+    # Random data, never constants: a GPU's matmul runs measurably faster on zeros or ones.
+    generator = _generator(device)
+    source = torch.randn(elements, dtype=torch.float32, device=device, generator=generator)
     target = torch.empty_like(source)
     seconds = min(call_seconds(lambda: target.copy_(source), device, 20 if on_gpu else 10))
     bandwidth = 2 * source.numel() * 4 / seconds / 1e9
     size = 8192 if on_gpu else 4096  # large enough for the BLAS to reach its best rate
     tflops = {}
     for dtype in dict.fromkeys(dtypes):
-        a = torch.ones(size, size, dtype=dtype, device=device)
+        a = torch.randn(size, size, dtype=torch.float32, device=device, generator=generator).to(dtype)
         seconds = min(call_seconds(lambda: a @ a, device, 20 if on_gpu else 5))
         tflops[str(dtype).replace("torch.", "")] = 2 * size**3 / seconds / 1e12
     return Peaks(bandwidth, tflops)
