@@ -51,3 +51,35 @@ def test_measured_peaks_are_positive_and_recorded_per_dtype():
     peaks = benchmark.measure_peaks("cpu", [torch.float32, torch.float32])
     assert peaks.bandwidth_gbps > 0
     assert list(peaks.tflops) == ["float32"] and peaks.tflops["float32"] > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_sweep_grids_cover_every_op_and_count_their_work(device):
+    # Cases are descriptions: building them allocates nothing, so the CUDA grid is listable anywhere.
+    attention = benchmark.sweep_cases("attention", device)
+    assert {case.shape.endswith("causal") for case in attention} == {True, False}
+    for case in attention:
+        batch, seqlen = (int(part.split("=")[1]) for part in case.shape.split()[:2])
+        causal = case.shape.endswith("causal")
+        assert case.flops == 4 * 16 * 128 * batch * benchmark.visible_pairs(seqlen, seqlen, causal)
+    decode = benchmark.sweep_cases("decode_attention", device)
+    assert any("paged/16" in case.shape for case in decode) and any("contiguous" in case.shape for case in decode)
+    for case in decode:
+        batch, context = int(case.shape.split()[0][2:]), int(case.shape.split()[1][6:])
+        itemsize = torch.empty((), dtype=case.dtype).element_size()
+        # K and V of 8 heads x 128 read once per cached position; q and out of 32 x 128.
+        assert case.bytes == (2 * batch * context * 8 * 128 + 2 * batch * 32 * 128) * itemsize
+    for op in ("append_kv", "filter_logits", "sample"):
+        assert benchmark.sweep_cases(op, device) and all(case.bytes for case in benchmark.sweep_cases(op, device))
+    with pytest.raises(ValueError, match="op must be one of"):
+        benchmark.sweep_cases("softmax", device)
+
+
+def test_plan_keeps_only_the_named_implementations():
+    jobs = benchmark.plan(["sample"], "cpu", only=["cpu", "reference"])
+    assert {job.impl.name for job in jobs} == {"cpu", "reference"}
+    assert len(jobs) == 2 * len(benchmark.default_cases("sample", "cpu"))
+    swept = benchmark.plan(["sample"], "cpu", sweep=True, only=["reference"])
+    assert [job.case.shape for job in swept] == [case.shape for case in benchmark.sweep_cases("sample", "cpu")]
+    with pytest.raises(ValueError, match="no implementation named nope"):
+        benchmark.plan(["sample"], "cpu", only=["reference", "nope"])

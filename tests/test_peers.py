@@ -62,3 +62,17 @@ def test_sdpa_is_a_peer_and_never_picked_by_auto():
     with pytest.raises(ValueError, match="no paged KV cache"):
         fmkernels.decode_attention(q[:, :1], k, v, torch.tensor([5], dtype=torch.int32), block_table=block_table,
                                    backend="sdpa")
+
+
+@pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient"])
+def test_pinned_sdpa_peers_run_on_cuda_only_and_say_why_not(name):
+    for op in ("attention", "decode_attention"):
+        impl = registry.get_impl(op, name)
+        assert impl.kind == "peer" and impl.devices == ("cuda",)
+        q = torch.randn(1, 4, 2, 16)
+        reason = impl.unsupported_reason(dict(q=q, k=q, v=q))
+        if torch.cuda.is_available():
+            assert "cuda" in reason  # CPU tensors
+        else:
+            assert reason == "not available: no CUDA GPU"
+        assert registry.select(op, "auto", dict(q=q, k=q, v=q)).name != name
