@@ -17,22 +17,16 @@ namespace {
 void attention(py::handle q, py::handle k, py::handle v, py::handle out, py::handle lse,
                py::handle cu_seqlens_q, py::handle cu_seqlens_k, bool causal, float scale,
                int64_t max_seqlen_q, uintptr_t stream) {
-  const TensorView q_view = view_from_python(q, "q");
-  const TensorView k_view = view_from_python(k, "k");
-  const TensorView v_view = view_from_python(v, "v");
-  const TensorView out_view = view_from_python(out, "out");
-  const OptionalView lse_view = optional_view_from_python(lse, "lse");
-  const OptionalView cu_q_view = optional_view_from_python(cu_seqlens_q, "cu_seqlens_q");
-  const OptionalView cu_k_view = optional_view_from_python(cu_seqlens_k, "cu_seqlens_k");
-  if (const char* error = check_attention_shapes(q_view, k_view, v_view, out_view, lse_view.get(),
-                                                 cu_q_view.get(), cu_k_view.get()))
+  const AttentionViews views = attention_views(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k);
+  const TensorView* lse_view = views.lse.get();
+  const TensorView* cu_q = views.cu_seqlens_q.get();
+  const TensorView* cu_k = views.cu_seqlens_k.get();
+  if (const char* error = check_attention_shapes(views.q, views.k, views.v, views.out, lse_view, cu_q, cu_k))
     throw std::invalid_argument(error);
-  if (const char* error = cuda::attention_unsupported(q_view, k_view, v_view, out_view, cu_q_view.get(),
-                                                     cu_k_view.get()))
+  if (const char* error = cuda::attention_unsupported(views.q, views.k, views.v, views.out, cu_q, cu_k))
     throw std::invalid_argument(error);
-  raise_on_cuda_error(cuda::attention(q_view, k_view, v_view, out_view, lse_view.get(), cu_q_view.get(),
-                                      cu_k_view.get(), max_seqlen_q, causal, scale,
-                                      reinterpret_cast<cudaStream_t>(stream)),
+  raise_on_cuda_error(cuda::attention(views.q, views.k, views.v, views.out, lse_view, cu_q, cu_k, max_seqlen_q,
+                                      causal, scale, reinterpret_cast<cudaStream_t>(stream)),
                       "attention");
 }
 
