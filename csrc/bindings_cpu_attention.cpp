@@ -14,18 +14,12 @@ namespace {
 void attention(py::handle q, py::handle k, py::handle v, py::handle out, py::handle lse,
                py::handle cu_seqlens_q, py::handle cu_seqlens_k, bool causal, float scale,
                int num_threads) {
-  const TensorView q_view = view_from_python(q, "q");
-  const TensorView k_view = view_from_python(k, "k");
-  const TensorView v_view = view_from_python(v, "v");
-  const TensorView out_view = view_from_python(out, "out");
-  const OptionalView lse_view = optional_view_from_python(lse, "lse");
-  const OptionalView cu_q_view = optional_view_from_python(cu_seqlens_q, "cu_seqlens_q");
-  const OptionalView cu_k_view = optional_view_from_python(cu_seqlens_k, "cu_seqlens_k");
+  const AttentionViews views = attention_views(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k);
   const char* error = nullptr;
   {
     py::gil_scoped_release release;
-    error = cpu::attention(q_view, k_view, v_view, out_view, lse_view.get(), cu_q_view.get(),
-                           cu_k_view.get(), causal, scale, num_threads);
+    error = cpu::attention(views.q, views.k, views.v, views.out, views.lse.get(), views.cu_seqlens_q.get(),
+                           views.cu_seqlens_k.get(), causal, scale, num_threads);
   }
   if (error != nullptr) throw std::invalid_argument(error);
 }

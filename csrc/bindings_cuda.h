@@ -9,6 +9,8 @@
 
 namespace fmkernels {
 
+void bind_cuda_attention(pybind11::module_& m);
+
 // Raises RuntimeError naming the op and the CUDA error when a launch failed.
 inline void raise_on_cuda_error(cudaError_t status, const char* op) {
   if (status != cudaSuccess)

@@ -69,4 +69,22 @@ inline AppendKVViews append_kv_views(pybind11::handle k_cache, pybind11::handle 
           optional_view_from_python(block_table, "block_table")};
 }
 
+// attention's arguments, as every backend's binding receives them.
+struct AttentionViews {
+  TensorView q, k, v, out;
+  OptionalView lse, cu_seqlens_q, cu_seqlens_k;
+};
+
+inline AttentionViews attention_views(pybind11::handle q, pybind11::handle k, pybind11::handle v,
+                                      pybind11::handle out, pybind11::handle lse,
+                                      pybind11::handle cu_seqlens_q, pybind11::handle cu_seqlens_k) {
+  return {view_from_python(q, "q"),
+          view_from_python(k, "k"),
+          view_from_python(v, "v"),
+          view_from_python(out, "out"),
+          optional_view_from_python(lse, "lse"),
+          optional_view_from_python(cu_seqlens_q, "cu_seqlens_q"),
+          optional_view_from_python(cu_seqlens_k, "cu_seqlens_k")};
+}
+
 }  // namespace fmkernels

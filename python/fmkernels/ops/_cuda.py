@@ -9,6 +9,8 @@ kernels cannot run, so ``backend="auto"`` passes them to the next backend and
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import platform
@@ -30,3 +32,66 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None) -> Non
             tensor_view(k_cache), tensor_view(v_cache), tensor_view(k), tensor_view(v),
             tensor_view(cache_seqlens), tensor_view(block_table), stream_of(k_cache),
         )
+
+
+#: What csrc/cuda/attention.cu instantiates its tensor-core kernel for.
+ATTENTION_HEAD_DIMS = (64, 128)
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+#: Its grid is (q_heads, batch, query tiles of ATTENTION_BLOCK_M rows); CUDA bounds y and z.
+ATTENTION_BLOCK_M = 128
+_MAX_GRID_YZ = 65535
+
+
+def attention_supports(q, k, v, *, cu_seqlens_q=None, **_) -> str | None:
+    """None when the cuda attention kernel can run this (validated) case, else why not."""
+    head_dim = q.shape[-1]
+    if head_dim not in ATTENTION_HEAD_DIMS or q.dtype not in ATTENTION_DTYPES:
+        dtype = str(q.dtype).removeprefix("torch.")
+        return f"cuda attention runs head_dim 64 or 128 in float16/bfloat16; got head_dim {head_dim} {dtype}"
+    batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+    if batch > _MAX_GRID_YZ:
+        return f"cuda attention launches at most {_MAX_GRID_YZ} sequences; got batch {batch}"
+    rows = q.shape[-3]  # seqlen_q, or total_q (which bounds every packed sequence)
+    if rows > _MAX_GRID_YZ * ATTENTION_BLOCK_M:
+        return f"cuda attention launches at most {_MAX_GRID_YZ * ATTENTION_BLOCK_M} query rows per sequence; got {rows}"
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "cuda attention needs compute capability 8.0 or newer (mma.sync m16n8k16 in float16/bfloat16)"
+    return None
+
+
+def _aligned_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a contiguous copy where the attention kernel's 16-byte row copies need one:
+    unit stride along head_dim, and a data pointer and strides (of dimensions longer than one)
+    that are multiples of 16 bytes."""
+    element = tensor.element_size()
+    aligned = (
+        tensor.stride(-1) == 1
+        and tensor.data_ptr() % 16 == 0
+        and all(size == 1 or stride * element % 16 == 0 for size, stride in zip(tensor.shape[:-1], tensor.stride()[:-1]))
+    )
+    return tensor if aligned else tensor.clone(memory_format=torch.contiguous_format)
+
+
+def attention(q, k, v, *, causal=False, scale=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False):
+    q, k, v = _aligned_rows(q), _aligned_rows(k), _aligned_rows(v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    packed = cu_seqlens_q is not None
+    lse = None
+    if return_lse:
+        lse_shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    max_seqlen_q = q.shape[1] if not packed else 0
+    if packed:
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+        # Host sync (the ops layer has already synced to validate cu_seqlens): the grid covers
+        # the longest query sequence.
+        if cu_seqlens_q.numel() > 1:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    with torch.cuda.device(q.device):
+        _module().attention(
+            tensor_view(q), tensor_view(k), tensor_view(v), tensor_view(out), tensor_view(lse),
+            tensor_view(cu_seqlens_q), tensor_view(cu_seqlens_k), bool(causal), scale, max_seqlen_q,
+            stream_of(q),
+        )
+    return (out, lse) if return_lse else out
