@@ -169,8 +169,9 @@ def test_implementations_lists_backends_by_priority_then_peers_then_users():
     names = [impl.name for impl in impls]
     assert names.index("z_peer") < names.index("a_user") == len(names) - 1
     assert [impl.name for impl in fmkernels.implementations("attention")] == (
-        ["cuda", "cpu", "reference", "triton", "sdpa"] if platform.triton_interpreting()
-        else ["cuda", "triton", "cpu", "reference", "sdpa"]
+        ["cuda", "cpu", "reference", "triton", "sdpa", "sdpa_cudnn", "sdpa_efficient", "sdpa_flash"]
+        if platform.triton_interpreting()
+        else ["cuda", "triton", "cpu", "reference", "sdpa", "sdpa_cudnn", "sdpa_efficient", "sdpa_flash"]
     )
 
 
