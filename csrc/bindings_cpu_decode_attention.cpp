@@ -14,18 +14,14 @@ namespace {
 void decode_attention(py::handle q, py::handle k_cache, py::handle v_cache,
                       py::handle cache_seqlens, py::handle block_table, py::handle out,
                       py::handle lse, float scale, int num_threads) {
-  const TensorView q_view = view_from_python(q, "q");
-  const TensorView k_view = view_from_python(k_cache, "k_cache");
-  const TensorView v_view = view_from_python(v_cache, "v_cache");
-  const TensorView seqlens_view = view_from_python(cache_seqlens, "cache_seqlens");
-  const OptionalView table_view = optional_view_from_python(block_table, "block_table");
-  const TensorView out_view = view_from_python(out, "out");
-  const OptionalView lse_view = optional_view_from_python(lse, "lse");
+  const DecodeAttentionViews views =
+      decode_attention_views(q, k_cache, v_cache, cache_seqlens, block_table, out, lse);
   const char* error = nullptr;
   {
     py::gil_scoped_release release;
-    error = cpu::decode_attention(q_view, k_view, v_view, seqlens_view, table_view.get(), out_view,
-                                  lse_view.get(), scale, num_threads);
+    error = cpu::decode_attention(views.q, views.k_cache, views.v_cache, views.cache_seqlens,
+                                  views.block_table.get(), views.out, views.lse.get(), scale,
+                                  num_threads);
   }
   if (error != nullptr) throw std::invalid_argument(error);
 }

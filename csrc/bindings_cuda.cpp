@@ -57,4 +57,5 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("v"), py::arg("cache_seqlens"), py::arg("block_table"), py::arg("stream"),
         "Write k, v into a contiguous or paged KV cache on the device.");
   fmkernels::bind_cuda_attention(m);
+  fmkernels::bind_cuda_decode_attention(m);
 }

@@ -18,4 +18,6 @@ inline void raise_on_cuda_error(cudaError_t status, const char* op) {
                              ": " + cudaGetErrorString(status));
 }
 
+void bind_cuda_decode_attention(pybind11::module_& m);
+
 }  // namespace fmkernels

@@ -87,4 +87,26 @@ inline AttentionViews attention_views(pybind11::handle q, pybind11::handle k, py
           optional_view_from_python(cu_seqlens_k, "cu_seqlens_k")};
 }
 
+// decode_attention's tensor arguments, as every backend's binding receives them.
+struct DecodeAttentionViews {
+  TensorView q, k_cache, v_cache, cache_seqlens;
+  OptionalView block_table;
+  TensorView out;
+  OptionalView lse;
+};
+
+inline DecodeAttentionViews decode_attention_views(pybind11::handle q, pybind11::handle k_cache,
+                                                   pybind11::handle v_cache,
+                                                   pybind11::handle cache_seqlens,
+                                                   pybind11::handle block_table,
+                                                   pybind11::handle out, pybind11::handle lse) {
+  return {view_from_python(q, "q"),
+          view_from_python(k_cache, "k_cache"),
+          view_from_python(v_cache, "v_cache"),
+          view_from_python(cache_seqlens, "cache_seqlens"),
+          optional_view_from_python(block_table, "block_table"),
+          view_from_python(out, "out"),
+          optional_view_from_python(lse, "lse")};
+}
+
 }  // namespace fmkernels

@@ -108,6 +108,15 @@ def _transpose_layout(t):
     return buffer.transpose(1, 2), buffer
 
 
+def _offset_by_one_element(t):
+    """t's values one element into a buffer, so rows miss 16-byte alignment: (view, buffer)."""
+    buffer = torch.randn(t.numel() + 1).to(t.dtype) if t.is_floating_point() else torch.full((t.numel() + 1,), -5)
+    buffer = buffer.to(t.device)
+    view = buffer[1:].view(t.shape)
+    view.copy_(t)
+    return view, buffer
+
+
 VARIANTS = {
     "k_v_transposed": {"k": _transpose_layout, "v": _transpose_layout},
     "k_v_last_dim_strided": {"k": _spread_last_dim, "v": _spread_last_dim},
@@ -116,6 +125,9 @@ VARIANTS = {
     "v_cache_unlike_k_cache": {"v_cache": _transpose_layout},
     "index_tensors_strided": {"cache_seqlens": _spread_last_dim, "block_table": _spread_last_dim},
     "fused_kv_buffer": "fused",
+    # Misaligned rows: a vectorised copy must fall back to elements.
+    "caches_misaligned": {"k_cache": _offset_by_one_element, "v_cache": _offset_by_one_element},
+    "k_v_misaligned": {"k": _offset_by_one_element, "v": _offset_by_one_element},
 }
 
 
@@ -139,7 +151,7 @@ def restride(case, variant):
 
 def check_strided(case, variant, backend):
     case, buffers = restride(case, variant)
-    assert not all(t.is_contiguous() for t in case.values() if t is not None)
+    assert any(not t.is_contiguous() or t.storage_offset() for t in case.values() if t is not None)
     # The reference writes through views of the same shape and strides into copies of the buffers.
     copies = {id(buffer): buffer.clone() for buffer in buffers.values()}
     views = {name: copies[id(buffer)].as_strided(case[name].shape, case[name].stride(), case[name].storage_offset())

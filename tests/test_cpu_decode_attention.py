@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fmkernels
+from _decode_attention_checks import make_case
 from fmkernels import platform, reference, testing
 from fmkernels._views import tensor_view
 
@@ -20,37 +21,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def make_case(lengths, n_new, q_heads, kv_heads, head_dim, dtype, block_size=None, seed=0):
-    """q, caches and tables for sequences of the given lengths (new tokens included)."""
-    generator = torch.Generator().manual_seed(seed)
-    batch, capacity = len(lengths), max(lengths) + 5
-    if block_size is None:
-        table = None
-        shape = (batch, capacity, kv_heads, head_dim)
-    else:
-        max_blocks = -(-capacity // block_size)
-        num_blocks = batch * max_blocks + 3
-        table = torch.randperm(num_blocks, generator=generator)[: batch * max_blocks].view(batch, max_blocks).int()
-        for b, length in enumerate(lengths):
-            unused = torch.arange(-(-length // block_size), max_blocks)
-            table[b, unused] = torch.where(unused % 2 == 0, -1, num_blocks + 7).int()  # junk, never read
-        shape = (num_blocks, block_size, kv_heads, head_dim)
-    caches = []
-    for _ in ("k", "v"):
-        cache = torch.full(shape, math.nan)
-        for b, length in enumerate(lengths):
-            history = torch.randn((length, kv_heads, head_dim), generator=generator)
-            if table is None:
-                cache[b, :length] = history
-            else:
-                positions = torch.arange(length)
-                cache[table[b, positions // block_size].long(), positions % block_size] = history
-        caches.append(cache.to(dtype))
-    q = torch.randn((batch, n_new, q_heads, head_dim), generator=generator).to(dtype)
-    return dict(q=q, k_cache=caches[0], v_cache=caches[1], cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
-                block_table=table)
 
 
 def run_cpu(case):

@@ -16,7 +16,13 @@ import pytest
 import torch
 
 import fmkernels
-from fmkernels import platform, reference, testing
+from _decode_attention_checks import (  # noqa: F401 (poisoned_allocations is a fixture)
+    assert_matches_reference,
+    assert_splits_agree,
+    make_case,
+    poisoned_allocations,
+)
+from fmkernels import platform, testing
 
 pytestmark = pytest.mark.skipif(
     platform.unavailable_reason("triton") is not None, reason=str(platform.unavailable_reason("triton"))
@@ -32,50 +38,6 @@ def kernels():
     return decode_attention
 
 
-def make_case(lengths, n_new, q_heads, kv_heads, head_dim, dtype, block_size=None, seed=0, device=DEVICE):
-    """q, caches and tables for sequences of the given lengths (new tokens included)."""
-    generator = torch.Generator(device).manual_seed(seed)
-    batch, capacity = len(lengths), max(lengths) + 5
-    if block_size is None:
-        table = None
-        shape = (batch, capacity, kv_heads, head_dim)
-    else:
-        max_blocks = -(-capacity // block_size)
-        num_blocks = batch * max_blocks + 3
-        table = torch.randperm(num_blocks, generator=generator, device=device)[: batch * max_blocks]
-        table = table.view(batch, max_blocks).int()
-        for b, length in enumerate(lengths):
-            unused = torch.arange(-(-length // block_size), max_blocks, device=device)
-            table[b, unused] = torch.where(unused % 2 == 0, -1, num_blocks + 7).int()  # junk, never read
-        shape = (num_blocks, block_size, kv_heads, head_dim)
-    caches = []
-    for _ in ("k", "v"):
-        cache = torch.full(shape, math.nan, dtype=dtype, device=device)
-        for b, length in enumerate(lengths):
-            history = torch.randn((length, kv_heads, head_dim), generator=generator, device=device).to(dtype)
-            if table is None:
-                cache[b, :length] = history
-            else:
-                positions = torch.arange(length, device=device)
-                cache[table[b, positions // block_size].long(), positions % block_size] = history
-        caches.append(cache)
-    q = torch.randn((batch, n_new, q_heads, head_dim), generator=generator, device=device).to(dtype)
-    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
-    return dict(q=q, k_cache=caches[0], v_cache=caches[1], cache_seqlens=seqlens, block_table=table)
-
-
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """torch.empty / torch.empty_like return NaN-filled floating tensors while a test runs."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(empty(*args, **kwargs)))
-    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(empty_like(*args, **kwargs)))
-
-
 def run_triton(case, num_splits=None):
     """Through the public op (with a NaN-poisoned ``out``), or the launcher with a forced split count."""
     if num_splits is not None:
@@ -84,11 +46,6 @@ def run_triton(case, num_splits=None):
     result, lse = fmkernels.decode_attention(**case, return_lse=True, backend="triton", out=out)
     assert result.data_ptr() == out.data_ptr()
     return out, lse
-
-
-def assert_matches_reference(case, actual):
-    result = testing.compare_attention("decode_attention", dict(case, return_lse=True), actual)
-    assert result.passed, result.detail
 
 
 def _dtype_id(dtype):
@@ -116,7 +73,7 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_matches_reference(shape, dtype, poisoned_allocations):
     lengths, n_new, q_heads, kv_heads, head_dim, block_size = shape
-    case = make_case(lengths, n_new, q_heads, kv_heads, head_dim, dtype, block_size)
+    case = make_case(lengths, n_new, q_heads, kv_heads, head_dim, dtype, block_size, device=DEVICE)
     assert_matches_reference(case, run_triton(case))
 
 
@@ -124,17 +81,12 @@ def test_matches_reference(shape, dtype, poisoned_allocations):
 @pytest.mark.parametrize("block_size", [None, 7], ids=["contiguous", "paged7"])
 def test_split_counts(dtype, block_size, poisoned_allocations):
     """One split (written directly), a few, and more splits than tiles (most of them empty)."""
-    case = make_case((113, 3, 40), 3, 8, 2, 64, dtype, block_size, seed=1)
+    case = make_case((113, 3, 40), 3, 8, 2, 64, dtype, block_size, seed=1, device=DEVICE)
     results = []
     for num_splits in (1, 2, 5):
         results.append(run_triton(case, num_splits))
         assert_matches_reference(case, results[-1])
-    plain_out = testing.plain_decode_attention(**case)
-    truth = reference.decode_attention(**{k: v.double() if v is not None and v.is_floating_point() else v
-                                          for k, v in case.items()})
-    for out, lse in results[1:]:
-        assert testing.max_error(out, results[0][0]) <= testing.attention_tolerance(plain_out, truth)
-        assert testing.max_error(lse, results[0][1]) <= 1e-5
+    assert_splits_agree(case, results)
 
 
 def test_launcher_splits_long_sequences():
@@ -147,7 +99,7 @@ def test_launcher_splits_long_sequences():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 def test_strided_q_and_cache(dtype, poisoned_allocations):
-    case = make_case((17, 113, 40), 3, 8, 2, 64, dtype, seed=2)
+    case = make_case((17, 113, 40), 3, 8, 2, 64, dtype, seed=2, device=DEVICE)
     # q as a transposed (batch, heads, n_new, D) buffer; the caches as views of wider ones.
     case["q"] = case["q"].transpose(1, 2).contiguous().transpose(1, 2)
     assert not case["q"].is_contiguous()
@@ -175,10 +127,10 @@ def test_equals_last_rows_of_attention():
 
 
 def test_supports_names_what_it_cannot_do():
-    case = make_case((5,), 1, 2, 1, 320, torch.float32)
+    case = make_case((5,), 1, 2, 1, 320, torch.float32, device=DEVICE)
     reason = kernels().decode_attention_supports(**case)
     assert reason is not None and "head_dim" in reason
-    assert kernels().decode_attention_supports(**make_case((5,), 1, 2, 1, 256, torch.float32)) is None
+    assert kernels().decode_attention_supports(**make_case((5,), 1, 2, 1, 256, torch.float32, device=DEVICE)) is None
     with pytest.raises(ValueError, match="head_dim"):
         fmkernels.decode_attention(**case, backend="triton")
 

@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/decode_attention_shapes.h"
 #include "cpu/dtype.h"
 #include "cpu/isa.h"
 
@@ -40,7 +41,7 @@
 namespace fmkernels::cpu {
 namespace {
 
-constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kMaxHeadDim = kDecodeAttentionMaxHeadDim;
 constexpr int64_t kTile = 32;       // positions per tile: a tile's scores, K and V rows stay in L1/L2
 constexpr int64_t kMinSplit = 256;  // a split reads at least this many positions (merging costs ~1)
 constexpr int64_t kUnitsPerThread = 8;  // splitting aims at this many units per thread, for balance
@@ -664,47 +665,6 @@ void run(Problem& p, int num_threads) {
 // Checks
 // ---------------------------------------------------------------------------
 
-bool is_float(DType dtype) {
-  return dtype == DType::kFloat32 || dtype == DType::kFloat16 || dtype == DType::kBFloat16;
-}
-
-const char* check_shapes(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
-                         const TensorView& cache_seqlens, const TensorView* block_table,
-                         const TensorView& out, const TensorView* lse) {
-  if (q.rank != 4 || k_cache.rank != 4 || v_cache.rank != 4 || out.rank != 4)
-    return "decode_attention: q, k_cache, v_cache and out must be 4-D";
-  if (!is_float(q.dtype)) return "decode_attention: q must be float32, float16 or bfloat16";
-  if (k_cache.dtype != q.dtype || v_cache.dtype != q.dtype || out.dtype != q.dtype)
-    return "decode_attention: q, k_cache, v_cache and out must share one dtype";
-  for (int d = 0; d < 4; ++d) {
-    if (k_cache.sizes[d] != v_cache.sizes[d]) return "decode_attention: k_cache and v_cache shapes differ";
-    if (out.sizes[d] != q.sizes[d]) return "decode_attention: out must have q's shape";
-  }
-  const int64_t batch = q.sizes[0], n_new = q.sizes[1], q_heads = q.sizes[2], head_dim = q.sizes[3];
-  const int64_t kv_heads = k_cache.sizes[2];
-  if (n_new < 1) return "decode_attention: q must hold at least one new token (n_new >= 1)";
-  if (head_dim < 1 || head_dim > kMaxHeadDim) return "decode_attention: head_dim must be in [1, 256]";
-  if (k_cache.sizes[3] != head_dim) return "decode_attention: k_cache must have q's head_dim";
-  if (kv_heads < 1 || q_heads % kv_heads != 0)
-    return "decode_attention: q_heads must be a multiple of kv_heads";
-  if (k_cache.sizes[1] < 1) return "decode_attention: the cache must hold at least one position per row";
-  if (q.strides[3] != 1 || k_cache.strides[3] != 1 || v_cache.strides[3] != 1 || out.strides[3] != 1)
-    return "decode_attention: q, k_cache, v_cache and out must have unit stride along head_dim";
-  if (cache_seqlens.rank != 1 || cache_seqlens.dtype != DType::kInt32 || cache_seqlens.sizes[0] != batch)
-    return "decode_attention: cache_seqlens must be int32 of shape (batch,)";
-  if (block_table != nullptr) {
-    if (block_table->rank != 2 || block_table->dtype != DType::kInt32 || block_table->sizes[0] != batch)
-      return "decode_attention: block_table must be int32 of shape (batch, max_blocks)";
-  } else if (k_cache.sizes[0] != batch) {
-    return "decode_attention: a contiguous cache's batch must equal q's batch";
-  }
-  if (lse != nullptr &&
-      (lse->rank != 3 || lse->dtype != DType::kFloat32 || lse->sizes[0] != batch ||
-       lse->sizes[1] != q_heads || lse->sizes[2] != n_new))
-    return "decode_attention: lse must be float32 of shape (batch, q_heads, n_new)";
-  return nullptr;
-}
-
 // Every length in [n_new, capacity], and every block a sequence reads inside the pool.
 const char* check_positions(const Problem& p, int64_t capacity, int64_t num_blocks) {
   for (int64_t b = 0; b < p.batch; ++b) {
@@ -728,7 +688,8 @@ const char* decode_attention(const TensorView& q, const TensorView& k_cache,
                              const TensorView& v_cache, const TensorView& cache_seqlens,
                              const TensorView* block_table, const TensorView& out,
                              const TensorView* lse, float scale, int num_threads) {
-  if (const char* error = check_shapes(q, k_cache, v_cache, cache_seqlens, block_table, out, lse))
+  if (const char* error =
+          check_decode_attention_shapes(q, k_cache, v_cache, cache_seqlens, block_table, out, lse))
     return error;
   Problem p{};
   p.batch = q.sizes[0];

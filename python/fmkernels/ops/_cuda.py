@@ -9,12 +9,24 @@ kernels cannot run, so ``backend="auto"`` passes them to the next backend and
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from .. import platform
 from .._views import tensor_view
+
+#: The largest head_dim the CUDA decode_attention kernels accept.
+DECODE_MAX_HEAD_DIM = 256
+#: decode_attention splits each sequence's positions so that a launch has about this many
+#: CTAs per SM (an SM holds ~3 at a time: several waves keep the tail short) ...
+DECODE_CTAS_PER_SM = 16
+#: ... never cutting pieces shorter than this many positions (each split adds a partial
+#: result to write and merge) ...
+DECODE_MIN_SPLIT_POSITIONS = 256
+#: ... and at most this many splits (the kernels' limit).
+DECODE_MAX_SPLITS = 256
 
 
 def _module():
@@ -24,6 +36,71 @@ def _module():
 def stream_of(tensor: torch.Tensor) -> int:
     """The handle of the current CUDA stream on ``tensor``'s device."""
     return torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+def _scale(q: torch.Tensor, scale) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_rows_per_cta(rows: int) -> int:
+    """Query rows (group x n_new) one decode_attention CTA computes, as the kernels choose them."""
+    return 4 if rows <= 4 else 8
+
+
+def decode_num_splits(ctas_per_split: int, capacity: int, num_sms: int) -> int:
+    """Splits per sequence for decode_attention.
+
+    ``ctas_per_split``: CTAs a launch has with one split (batch x kv_heads x row blocks);
+    ``capacity``: the most positions a sequence can hold; ``num_sms``: the GPU's SMs.
+    """
+    wanted = DECODE_CTAS_PER_SM * num_sms // max(1, ctas_per_split)
+    worth_splitting = -(-capacity // DECODE_MIN_SPLIT_POSITIONS)
+    return max(1, min(wanted, worth_splitting, DECODE_MAX_SPLITS))
+
+
+def decode_attention_supports(q, k_cache, v_cache, **_) -> str | None:
+    head_dim, vector = q.shape[-1], 16 // q.element_size()
+    if head_dim > DECODE_MAX_HEAD_DIM:
+        return f"cuda decode_attention supports head_dim <= {DECODE_MAX_HEAD_DIM}, got {head_dim}"
+    if head_dim % vector != 0:
+        return (f"cuda decode_attention reads rows in 16-byte vectors: head_dim must be a multiple of "
+                f"{vector} for {q.dtype}, got {head_dim}")
+    for cache in (k_cache, v_cache):
+        if cache.stride(-1) != 1 or cache.data_ptr() % 16 != 0 or any(s % vector for s in cache.stride()[:3]):
+            return "cuda decode_attention needs 16-byte aligned cache rows at unit stride along head_dim"
+    return None
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, return_lse=False,
+                     num_splits=None):
+    """``num_splits``: splits per sequence; None lets decode_num_splits choose."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    batch, n_new, q_heads, head_dim = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, q_heads, n_new), dtype=torch.float32, device=q.device) if return_lse else None
+    if num_splits is None:
+        kv_heads = k_cache.shape[2]
+        rows = q_heads // kv_heads * n_new
+        row_blocks = -(-rows // decode_rows_per_cta(rows))
+        capacity = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+        num_splits = decode_num_splits(batch * kv_heads * row_blocks, capacity, _sm_count(q.device.index))
+    partial_out = partial_lse = None
+    if num_splits > 1:
+        partial_rows = batch * num_splits * q_heads * n_new
+        partial_out = torch.empty(partial_rows * head_dim, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(partial_rows, dtype=torch.float32, device=q.device)
+    with torch.cuda.device(q.device):
+        _module().decode_attention(
+            tensor_view(q), tensor_view(k_cache), tensor_view(v_cache), tensor_view(cache_seqlens),
+            tensor_view(block_table), tensor_view(out), tensor_view(lse), _scale(q, scale), num_splits,
+            tensor_view(partial_out), tensor_view(partial_lse), stream_of(q),
+        )
+    return (out, lse) if return_lse else out
 
 
 def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None) -> None:

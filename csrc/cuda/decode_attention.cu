@@ -1,0 +1,536 @@
+// Decode attention on the GPU: a few new queries per sequence against a long KV cache.
+//
+// Memory bound: every K and V row of every sequence is read once, against ~4 flops per
+// element per query row of its GQA group. Split-KV (flash-decoding), two launches:
+//
+// decode_split_kernel: one CTA per (sequence, KV head, split of the positions, block of
+//   kRows query rows). The query rows of a KV head are its group's query heads times the
+//   n_new new tokens (row r: head h * group + r / n_new, token r % n_new), so each K/V row
+//   read serves all of them. The CTA's 128 threads form kReaders = 128 / kLanes readers of
+//   kLanes threads; a reader reads a K and a V row (head_dim elements) in 16-byte vectors,
+//   one vector per lane (two for fp32 at head_dim > 128), kUnroll positions per step with
+//   all their loads in flight before any is used. Scores are fp32 dots on CUDA cores,
+//   summed over a reader's lanes with xor shuffles, in base 2 (q is pre-scaled by
+//   scale x log2 e). Each reader keeps an online softmax (m, l, acc) over the positions it
+//   read; at the end the readers are merged through shared memory. One split writes out and
+//   lse directly; several write fp32 partials: the normalised output and m + log2 l.
+// decode_merge_kernel: one CTA per (sequence, token, query head) merges the splits'
+//   partials by their log-sum-exps.
+//
+// A masked position never contributes a value: positions at or past the split's end, or
+// whose block id lies outside the pool, are not read (zeros instead) and score -inf, as do
+// positions past a query row's causal limit; probabilities exp2(-inf - m) are exactly 0.
+#include "cuda/decode_attention.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/decode_attention_shapes.h"
+
+namespace fmkernels::cuda {
+namespace {
+
+constexpr int kThreads = 128;       // threads of a split CTA
+constexpr int kMergeThreads = 128;  // threads of a merge CTA
+constexpr float kLn2 = 0.69314718055994530942f;
+constexpr float kLog2e = 1.44269504088896340736f;
+constexpr float kNegInf = -INFINITY;
+constexpr int64_t kMaxPositions = int64_t{1} << 30;  // positions are 32-bit in the kernels
+
+struct DecodeParams {
+  const void* q;
+  int64_t q_stride[3];  // batch, token, head (elements)
+  const void* k_cache;
+  const void* v_cache;
+  int64_t k_stride[3];  // row (sequence or block), slot, head
+  int64_t v_stride[3];
+  const int32_t* seqlens;
+  int64_t seqlens_stride;
+  const int32_t* block_table;  // nullptr: a contiguous cache
+  int64_t table_stride[2];
+  int64_t num_blocks;  // rows of the cache
+  int32_t block_size;  // slots per row
+  int32_t capacity;    // positions a sequence can hold (< 2^30: positions are 32-bit)
+  void* out;
+  int64_t out_stride[3];  // batch, token, head
+  float* lse;             // nullptr: not wanted
+  int64_t lse_stride[3];  // batch, head, token
+  float* partial_out;  // (batch, num_splits, q_heads, n_new, head_dim), used when num_splits > 1
+  float* partial_lse;  // (batch, num_splits, q_heads, n_new), base 2
+  int32_t n_new, q_heads, kv_heads, group, head_dim;
+  int32_t rows;        // group x n_new query rows per KV head
+  int32_t row_blocks;  // CTAs sharing one KV head's rows
+  int32_t num_splits;
+  float scale_log2;
+};
+
+// 16 bytes of the cache as fp32.
+template <typename Element>
+struct Vector;
+
+template <>
+struct Vector<float> {
+  static constexpr int kElements = 4;
+  __device__ static void widen(const uint4& bits, float* x) {
+    x[0] = __uint_as_float(bits.x);
+    x[1] = __uint_as_float(bits.y);
+    x[2] = __uint_as_float(bits.z);
+    x[3] = __uint_as_float(bits.w);
+  }
+};
+
+template <>
+struct Vector<__nv_bfloat16> {
+  static constexpr int kElements = 8;
+  __device__ static void widen_word(uint32_t word, float* x) {
+    x[0] = __uint_as_float(word << 16);
+    x[1] = __uint_as_float(word & 0xFFFF0000u);
+  }
+  __device__ static void widen(const uint4& bits, float* x) {
+    widen_word(bits.x, x);
+    widen_word(bits.y, x + 2);
+    widen_word(bits.z, x + 4);
+    widen_word(bits.w, x + 6);
+  }
+};
+
+template <>
+struct Vector<__half> {
+  static constexpr int kElements = 8;
+  __device__ static void widen_word(uint32_t word, float* x) {
+    x[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xFFFFu)));
+    x[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(word >> 16)));
+  }
+  __device__ static void widen(const uint4& bits, float* x) {
+    widen_word(bits.x, x);
+    widen_word(bits.y, x + 2);
+    widen_word(bits.z, x + 4);
+    widen_word(bits.w, x + 6);
+  }
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename Element>
+__device__ __forceinline__ Element from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// kLanes threads read one cache row, kChunks 16-byte vectors each: lane t's chunk c is
+// vector c * kLanes + t of the row, so a reader's loads are contiguous. kRows query rows per
+// CTA; kUnroll positions per reader per step.
+template <typename Element, int kLanes, int kChunks, int kRows, int kUnroll>
+__global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams p) {
+  constexpr int kVec = Vector<Element>::kElements;
+  constexpr int kReaders = kThreads / kLanes;  // positions read side by side
+  constexpr int kStep = kReaders * kUnroll;    // positions per step of the CTA
+  constexpr int kDimPadded = kLanes * kChunks * kVec;
+
+  __shared__ float reader_acc[kReaders][kRows][kDimPadded];
+  __shared__ float reader_m[kReaders][kRows];
+  __shared__ float reader_l[kReaders][kRows];
+  __shared__ float reader_weight[kReaders][kRows];
+  __shared__ float row_m[kRows];
+  __shared__ float row_l[kRows];
+
+  // blockIdx.x enumerates (b, h, split, row_block), row_block fastest.
+  int unit = static_cast<int>(blockIdx.x);
+  const int row_block = unit % p.row_blocks;
+  unit /= p.row_blocks;
+  const int split = unit % p.num_splits;
+  unit /= p.num_splits;
+  const int h = unit % p.kv_heads;
+  const int64_t b = unit / p.kv_heads;
+
+  const int lane = threadIdx.x % kLanes;
+  const int reader = threadIdx.x / kLanes;
+  const int vectors = p.head_dim / kVec;  // 16-byte vectors per row
+
+  // This split's positions [begin, end): the sequence cut evenly, in whole steps.
+  const int length = min(max(p.seqlens[b * p.seqlens_stride], 0), p.capacity);
+  const int per_split = ((length + p.num_splits - 1) / p.num_splits + kStep - 1) / kStep * kStep;
+  const int begin = min(split * per_split, length);
+  const int end = min(begin + per_split, length);
+
+  // q rows of this CTA, pre-scaled; a row past p.rows is zero and sees nothing.
+  float q[kRows][kChunks][kVec];
+  int last_visible[kRows];  // causal, bottom-right: token i sees positions <= i + L - n_new
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int row = row_block * kRows + r;
+    const bool row_valid = row < p.rows;
+    const int head = h * p.group + row / p.n_new, token = row % p.n_new;
+    last_visible[r] = row_valid ? token + length - p.n_new : -1;
+    const Element* src = static_cast<const Element*>(p.q) + b * p.q_stride[0] +
+                         token * p.q_stride[1] + head * p.q_stride[2];
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const int vector = c * kLanes + lane;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e)
+        q[r][c][e] = row_valid && vector < vectors ? to_float(src[vector * kVec + e]) * p.scale_log2 : 0.0f;
+    }
+  }
+
+  float m[kRows], l[kRows], acc[kRows][kChunks][kVec];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[r][c][e] = 0.0f;
+  }
+
+  const Element* k_cache = static_cast<const Element*>(p.k_cache);
+  const Element* v_cache = static_cast<const Element*>(p.v_cache);
+  // begin and end are the same for every thread of the CTA, so every warp runs every step
+  // and the shuffles below always have their 32 lanes.
+  for (int step = begin; step < end; step += kStep) {
+    int pos[kUnroll];
+    bool live[kUnroll];
+    int64_t k_row[kUnroll], v_row[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      pos[u] = step + u * kReaders + reader;
+      live[u] = pos[u] < end;
+      int64_t cache_row = b;
+      int slot = pos[u];
+      if (p.block_table != nullptr) {
+        int64_t block = -1;
+        if (live[u]) block = p.block_table[b * p.table_stride[0] + (pos[u] / p.block_size) * p.table_stride[1]];
+        live[u] = live[u] && block >= 0 && block < p.num_blocks;
+        cache_row = block;
+        slot = pos[u] % p.block_size;
+      }
+      k_row[u] = cache_row * p.k_stride[0] + slot * p.k_stride[1] + h * p.k_stride[2];
+      v_row[u] = cache_row * p.v_stride[0] + slot * p.v_stride[1] + h * p.v_stride[2];
+    }
+    uint4 k_bits[kUnroll][kChunks], v_bits[kUnroll][kChunks];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const int vector = c * kLanes + lane;
+        k_bits[u][c] = make_uint4(0, 0, 0, 0);
+        v_bits[u][c] = make_uint4(0, 0, 0, 0);
+        if (live[u] && vector < vectors) {
+          k_bits[u][c] = __ldg(reinterpret_cast<const uint4*>(k_cache + k_row[u] + vector * kVec));
+          v_bits[u][c] = __ldg(reinterpret_cast<const uint4*>(v_cache + v_row[u] + vector * kVec));
+        }
+      }
+    }
+
+    // scores[u][r]: q_r . k_u over the whole row, in base 2; -inf where masked.
+    float scores[kUnroll][kRows];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float k[kChunks][kVec];
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) Vector<Element>::widen(k_bits[u][c], k[c]);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) dot = fmaf(q[r][c][e], k[c][e], dot);
+        scores[u][r] = dot;
+      }
+    }
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset /= 2)
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+          scores[u][r] += __shfl_xor_sync(0xFFFFFFFFu, scores[u][r], offset);
+
+    // Online softmax: scores become probabilities relative to the new running max.
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float step_max = kNegInf;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (!(live[u] && pos[u] <= last_visible[r])) scores[u][r] = kNegInf;
+        step_max = fmaxf(step_max, scores[u][r]);
+      }
+      const float m_new = fmaxf(m[r], step_max);
+      // A row that has seen nothing keeps m = -inf: subtract 0 instead, so exp2 gives 0, not NaN.
+      const float m_base = m_new == kNegInf ? 0.0f : m_new;
+      const float alpha = exp2f(m[r] - m_base);
+      l[r] *= alpha;
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[r][c][e] *= alpha;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        scores[u][r] = exp2f(scores[u][r] - m_base);
+        l[r] += scores[u][r];
+      }
+      m[r] = m_new;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float v[kChunks][kVec];
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) Vector<Element>::widen(v_bits[u][c], v[c]);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[r][c][e] = fmaf(scores[u][r], v[c][e], acc[r][c][e]);
+    }
+  }
+
+  // Merge the readers: row r's result is sum_g 2^(m_g - M) acc_g / L, L = sum_g 2^(m_g - M) l_g.
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    if (lane == 0) {
+      reader_m[reader][r] = m[r];
+      reader_l[reader][r] = l[r];
+    }
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) reader_acc[reader][r][(c * kLanes + lane) * kVec + e] = acc[r][c][e];
+  }
+  __syncthreads();
+  if (threadIdx.x < kRows) {
+    const int r = threadIdx.x;
+    float top = kNegInf;
+    for (int g = 0; g < kReaders; ++g) top = fmaxf(top, reader_m[g][r]);
+    const float base = top == kNegInf ? 0.0f : top;
+    float total = 0.0f;
+    for (int g = 0; g < kReaders; ++g) total += reader_l[g][r] * exp2f(reader_m[g][r] - base);
+    row_m[r] = base;
+    row_l[r] = total;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kReaders * kRows; i += kThreads) {
+    const int g = i / kRows, r = i % kRows;
+    reader_weight[g][r] = row_l[r] > 0.0f ? exp2f(reader_m[g][r] - row_m[r]) / row_l[r] : 0.0f;
+  }
+  __syncthreads();
+
+  const bool direct = p.num_splits == 1;
+  for (int i = threadIdx.x; i < kRows * p.head_dim; i += kThreads) {
+    const int r = i / p.head_dim, d = i % p.head_dim;
+    const int row = row_block * kRows + r;
+    if (row >= p.rows) continue;
+    float value = 0.0f;
+    for (int g = 0; g < kReaders; ++g) value = fmaf(reader_weight[g][r], reader_acc[g][r][d], value);
+    const int head = h * p.group + row / p.n_new, token = row % p.n_new;
+    if (direct) {
+      static_cast<Element*>(p.out)[b * p.out_stride[0] + token * p.out_stride[1] + head * p.out_stride[2] + d] =
+          from_float<Element>(value);
+    } else {
+      p.partial_out[(((b * p.num_splits + split) * p.q_heads + head) * p.n_new + token) * p.head_dim + d] = value;
+    }
+  }
+  if (threadIdx.x < kRows) {
+    const int r = threadIdx.x;
+    const int row = row_block * kRows + r;
+    if (row < p.rows) {
+      const int head = h * p.group + row / p.n_new, token = row % p.n_new;
+      const float lse2 = row_l[r] > 0.0f ? row_m[r] + log2f(row_l[r]) : kNegInf;
+      if (!direct) {
+        p.partial_lse[((b * p.num_splits + split) * p.q_heads + head) * p.n_new + token] = lse2;
+      } else if (p.lse != nullptr) {
+        p.lse[b * p.lse_stride[0] + head * p.lse_stride[1] + token * p.lse_stride[2]] = lse2 * kLn2;
+      }
+    }
+  }
+}
+
+// One CTA per (b, token, head), blockIdx.x enumerating them head fastest:
+// out = sum_s 2^(lse_s - M) out_s / sum_s 2^(lse_s - M), lse = M + log2 sum_s 2^(lse_s - M).
+template <typename Element>
+__global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const DecodeParams p) {
+  __shared__ float weight[kDecodeAttentionMaxSplits];
+  const int row = static_cast<int>(blockIdx.x);
+  const int head = row % p.q_heads;
+  const int token = row / p.q_heads % p.n_new;
+  const int64_t b = row / (p.q_heads * p.n_new);
+  const int64_t split_stride = p.q_heads * p.n_new;
+  const int64_t first = (b * p.num_splits * p.q_heads + head) * p.n_new + token;  // split 0's row
+
+  float top = kNegInf;
+  for (int s = 0; s < p.num_splits; ++s) top = fmaxf(top, p.partial_lse[first + s * split_stride]);
+  const float base = top == kNegInf ? 0.0f : top;
+  for (int s = threadIdx.x; s < p.num_splits; s += kMergeThreads)
+    weight[s] = exp2f(p.partial_lse[first + s * split_stride] - base);
+  __syncthreads();
+  float total = 0.0f;
+  for (int s = 0; s < p.num_splits; ++s) total += weight[s];
+  const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
+
+  for (int d = threadIdx.x; d < p.head_dim; d += kMergeThreads) {
+    float value = 0.0f;
+    for (int s = 0; s < p.num_splits; ++s)
+      value = fmaf(weight[s], p.partial_out[(first + s * split_stride) * p.head_dim + d], value);
+    static_cast<Element*>(p.out)[b * p.out_stride[0] + token * p.out_stride[1] + head * p.out_stride[2] + d] =
+        from_float<Element>(value * inverse);
+  }
+  if (threadIdx.x == 0 && p.lse != nullptr)
+    p.lse[b * p.lse_stride[0] + head * p.lse_stride[1] + token * p.lse_stride[2]] =
+        total > 0.0f ? (base + log2f(total)) * kLn2 : kNegInf;
+}
+
+template <typename Element, int kLanes, int kChunks, int kRows>
+cudaError_t launch_split(const DecodeParams& p, int64_t ctas, cudaStream_t stream) {
+  // Eight rows hold twice the q and acc registers: half the positions in flight keeps them.
+  constexpr int kUnroll = kRows > 4 ? 2 : 4;
+  decode_split_kernel<Element, kLanes, kChunks, kRows, kUnroll>
+      <<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename Element, int kLanes, int kChunks>
+cudaError_t launch_rows(const DecodeParams& p, int rows_per_cta, int64_t ctas, cudaStream_t stream) {
+  if (rows_per_cta == 4) return launch_split<Element, kLanes, kChunks, 4>(p, ctas, stream);
+  return launch_split<Element, kLanes, kChunks, 8>(p, ctas, stream);
+}
+
+template <typename Element>
+cudaError_t launch(DecodeParams p, int64_t batch, cudaStream_t stream) {
+  // Rows per CTA: 4 (a decode step of GQA up to 4, or MHA), else 8, in as many CTAs as the
+  // rows need (each reads the KV head's positions again, mostly from L2).
+  const int rows_per_cta = p.rows <= 4 ? 4 : 8;
+  p.row_blocks = (p.rows + rows_per_cta - 1) / rows_per_cta;
+  const int64_t ctas = batch * p.kv_heads * p.num_splits * p.row_blocks;
+  const int64_t merge_ctas = batch * p.n_new * static_cast<int64_t>(p.q_heads);
+  if (ctas > INT32_MAX || merge_ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
+
+  // Lanes per reader: the row's 16-byte vectors, one per lane (at least 4 lanes, at most 32;
+  // two vectors per lane for fp32 rows of more than 32 vectors).
+  const int vectors = p.head_dim / Vector<Element>::kElements;
+  cudaError_t status;
+  if (vectors <= 4) {
+    status = launch_rows<Element, 4, 1>(p, rows_per_cta, ctas, stream);
+  } else if (vectors <= 8) {
+    status = launch_rows<Element, 8, 1>(p, rows_per_cta, ctas, stream);
+  } else if (vectors <= 16) {
+    status = launch_rows<Element, 16, 1>(p, rows_per_cta, ctas, stream);
+  } else if (vectors <= 32) {
+    status = launch_rows<Element, 32, 1>(p, rows_per_cta, ctas, stream);
+  } else if constexpr (Vector<Element>::kElements == 4) {
+    status = launch_rows<Element, 32, 2>(p, rows_per_cta, ctas, stream);
+  } else {
+    return cudaErrorInvalidValue;  // 16-bit rows of head_dim <= 256 are at most 32 vectors
+  }
+  if (status != cudaSuccess || p.num_splits == 1) return status;
+  decode_merge_kernel<Element><<<static_cast<unsigned>(merge_ctas), kMergeThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+bool is_flat_float32(const TensorView* view, int64_t elements) {
+  return view != nullptr && view->rank == 1 && view->dtype == DType::kFloat32 &&
+         view->strides[0] == 1 && view->sizes[0] >= elements;
+}
+
+}  // namespace
+
+const char* check_decode_attention_launch(const TensorView& q, const TensorView& k_cache,
+                                          const TensorView& v_cache, const TensorView* block_table,
+                                          int64_t num_splits,
+                                          const TensorView* partial_out,
+                                          const TensorView* partial_lse) {
+  const int64_t vec = 16 / element_size(q.dtype);
+  const int64_t max_blocks = block_table != nullptr ? block_table->sizes[1] : 1;
+  if (k_cache.sizes[1] >= kMaxPositions || max_blocks >= kMaxPositions ||
+      k_cache.sizes[1] * max_blocks >= kMaxPositions)
+    return "decode_attention (cuda): a sequence must hold fewer than 2^30 positions";
+  if (q.sizes[1] * q.sizes[2] > INT32_MAX)
+    return "decode_attention (cuda): n_new x q_heads must fit in 32 bits";
+  if (q.sizes[3] % vec != 0)
+    return "decode_attention (cuda): head_dim must be a multiple of 8 (float16, bfloat16) or 4 (float32)";
+  for (const TensorView* cache : {&k_cache, &v_cache}) {
+    if (reinterpret_cast<uintptr_t>(cache->data) % 16 != 0 || cache->strides[0] % vec != 0 ||
+        cache->strides[1] % vec != 0 || cache->strides[2] % vec != 0)
+      return "decode_attention (cuda): k_cache and v_cache rows must be 16-byte aligned";
+  }
+  if (num_splits < 1 || num_splits > kDecodeAttentionMaxSplits)
+    return "decode_attention (cuda): num_splits must be in [1, 256]";
+  if (num_splits > 1) {
+    const int64_t rows = q.sizes[0] * num_splits * q.sizes[2] * q.sizes[1];
+    if (!is_flat_float32(partial_out, rows * q.sizes[3]) || !is_flat_float32(partial_lse, rows))
+      return "decode_attention (cuda): split scratch must be flat float32 tensors of "
+             "batch x num_splits x q_heads x n_new (x head_dim) elements";
+  }
+  return nullptr;
+}
+
+cudaError_t decode_attention(const TensorView& q, const TensorView& k_cache,
+                             const TensorView& v_cache, const TensorView& cache_seqlens,
+                             const TensorView* block_table, const TensorView& out,
+                             const TensorView* lse, float scale, int64_t num_splits,
+                             const TensorView* partial_out, const TensorView* partial_lse,
+                             cudaStream_t stream) {
+  const int64_t batch = q.sizes[0];
+  if (batch == 0) return cudaSuccess;
+  DecodeParams p{};
+  p.q = q.data;
+  p.k_cache = k_cache.data;
+  p.v_cache = v_cache.data;
+  p.out = out.data;
+  for (int d = 0; d < 3; ++d) {
+    p.q_stride[d] = q.strides[d];
+    p.k_stride[d] = k_cache.strides[d];
+    p.v_stride[d] = v_cache.strides[d];
+    p.out_stride[d] = out.strides[d];
+  }
+  p.seqlens = static_cast<const int32_t*>(cache_seqlens.data);
+  p.seqlens_stride = cache_seqlens.strides[0];
+  p.num_blocks = k_cache.sizes[0];
+  p.block_size = static_cast<int32_t>(k_cache.sizes[1]);
+  p.capacity = static_cast<int32_t>(k_cache.sizes[1]);
+  if (block_table != nullptr) {
+    p.block_table = static_cast<const int32_t*>(block_table->data);
+    p.table_stride[0] = block_table->strides[0];
+    p.table_stride[1] = block_table->strides[1];
+    p.capacity = static_cast<int32_t>(block_table->sizes[1] * k_cache.sizes[1]);
+  }
+  if (lse != nullptr) {
+    p.lse = static_cast<float*>(lse->data);
+    for (int d = 0; d < 3; ++d) p.lse_stride[d] = lse->strides[d];
+  }
+  if (num_splits > 1) {
+    p.partial_out = static_cast<float*>(partial_out->data);
+    p.partial_lse = static_cast<float*>(partial_lse->data);
+  }
+  p.n_new = static_cast<int32_t>(q.sizes[1]);
+  p.q_heads = static_cast<int32_t>(q.sizes[2]);
+  p.head_dim = static_cast<int32_t>(q.sizes[3]);
+  p.kv_heads = static_cast<int32_t>(k_cache.sizes[2]);
+  p.group = p.q_heads / p.kv_heads;
+  p.rows = p.group * p.n_new;
+  p.num_splits = static_cast<int32_t>(num_splits);
+  p.scale_log2 = scale * kLog2e;
+  switch (q.dtype) {
+    case DType::kFloat32:
+      return launch<float>(p, batch, stream);
+    case DType::kFloat16:
+      return launch<__half>(p, batch, stream);
+    case DType::kBFloat16:
+      return launch<__nv_bfloat16>(p, batch, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fmkernels::cuda
