@@ -16,7 +16,8 @@ What one call is credited with:
 
 Index tensors (cache_seqlens, block tables) are left out of the bytes: a few bytes per
 sequence. Timing: warm-up calls, then the median of ``repeats`` timed calls; on CUDA each
-is timed with CUDA events after the L2 cache is flushed, on the CPU with time.perf_counter.
+is timed with CUDA events after the L2 cache is flushed and behind a queued GPU busy-wait
+(so the host's launch cost stays outside the timed region), on the CPU with time.perf_counter.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ DEFAULT_REPEATS = {"cpu": 5, "cuda": 100}
 
 # Zeroed before each timed CUDA call: larger than any GPU's L2 cache (50 MB on an H100).
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
+# GPU clock cycles of busy-waiting queued ahead of each timed CUDA call (~0.5 ms at 2 GHz).
+_HOST_AHEAD_CYCLES = 1_000_000
 
 Kwargs = Dict[str, Any]
 
@@ -457,7 +460,10 @@ def call_seconds(fn: Callable[[], Any], device, repeats: int) -> List[float]:
     device : str or torch.device
         On CUDA, each call is timed with CUDA events on the current stream, after a buffer
         larger than the L2 cache is zeroed, so no call finds the previous one's data in
-        cache. Elsewhere, time.perf_counter around each call.
+        cache, and after a queued busy-wait (``torch.cuda._sleep``) that keeps the GPU
+        occupied while the host launches the call: the time is the call's GPU work, not
+        its Python launch cost (a call that synchronises with the host still pays it).
+        Elsewhere, time.perf_counter around each call.
     repeats : int
         Timed calls, >= 1.
 
@@ -480,8 +486,13 @@ def call_seconds(fn: Callable[[], Any], device, repeats: int) -> List[float]:
         return times
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    sleep = getattr(torch.cuda, "_sleep", None)
     for start, end in events:
         flush.zero_()
+        if sleep is not None:
+            # Keep the GPU busy while the host launches the call, so the timed region holds
+            # the call's GPU work and not Python's launch cost (as a CUDA-graph replay would).
+            sleep(_HOST_AHEAD_CYCLES)
         start.record()
         fn()
         end.record()
