@@ -56,4 +56,5 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("append_kv", &append_kv, py::arg("k_cache"), py::arg("v_cache"), py::arg("k"),
         py::arg("v"), py::arg("cache_seqlens"), py::arg("block_table"), py::arg("stream"),
         "Write k, v into a contiguous or paged KV cache on the device.");
+  fmkernels::bind_cuda_sampling(m);
 }

@@ -9,6 +9,9 @@
 
 namespace fmkernels {
 
+// filter_logits and sample (bindings_cuda_sampling.cpp).
+void bind_cuda_sampling(pybind11::module_& m);
+
 // Raises RuntimeError naming the op and the CUDA error when a launch failed.
 inline void raise_on_cuda_error(cudaError_t status, const char* op) {
   if (status != cudaSuccess)
