@@ -58,4 +58,5 @@ PYBIND11_MODULE(_cuda, m) {
         "Write k, v into a contiguous or paged KV cache on the device.");
   fmkernels::bind_cuda_attention(m);
   fmkernels::bind_cuda_decode_attention(m);
+  fmkernels::bind_cuda_sampling(m);
 }

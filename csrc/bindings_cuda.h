@@ -9,7 +9,8 @@
 
 namespace fmkernels {
 
-void bind_cuda_attention(pybind11::module_& m);
+void bind_cuda_attention(pybind11::module_& m);// filter_logits and sample (bindings_cuda_sampling.cpp).
+void bind_cuda_sampling(pybind11::module_& m);
 
 // Raises RuntimeError naming the op and the CUDA error when a launch failed.
 inline void raise_on_cuda_error(cudaError_t status, const char* op) {
@@ -17,7 +18,5 @@ inline void raise_on_cuda_error(cudaError_t status, const char* op) {
     throw std::runtime_error(std::string("fmkernels.") + op + " (cuda): " + cudaGetErrorName(status) +
                              ": " + cudaGetErrorString(status));
 }
-
-void bind_cuda_decode_attention(pybind11::module_& m);
 
 }  // namespace fmkernels

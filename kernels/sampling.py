@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from fmkernels import reference
+from fmkernels.ops._top_tokens import top_tokens
 
 PerRow = Union[int, float, torch.Tensor]
 
@@ -364,20 +365,6 @@ def filter_logits(
     return out
 
 
-def _top_tokens(filtered: torch.Tensor, n: int) -> torch.Tensor:
-    """Ids of the n largest of each row of filtered (batch, vocab), by (value desc, id asc)."""
-    # torch.topk's values are right, but which of several tied ids it returns is not defined:
-    # keep everything above the n-th value, then the lowest ids among the ties at it.
-    nth = torch.topk(filtered, n, dim=1).values[:, -1:]
-    above = filtered > nth
-    tie = filtered == nth
-    needed = n - above.sum(dim=1, keepdim=True)
-    chosen = above | (tie & (torch.cumsum(tie, dim=1) <= needed))
-    ids = chosen.nonzero()[:, 1].view(filtered.shape[0], n)  # ascending ids in each row
-    order = torch.sort(filtered.gather(1, ids), dim=1, descending=True, stable=True).indices
-    return ids.gather(1, order)
-
-
 def sample(
     logits: torch.Tensor,
     *,
@@ -415,7 +402,7 @@ def sample(
     if not return_logprobs:
         return tokens
     if write_filtered and batch > 0:
-        top_ids = _top_tokens(filtered, num_logprobs)
+        top_ids = top_tokens(filtered, num_logprobs)
         top_logprobs = filtered.gather(1, top_ids) - lse[:, None]
     else:
         top_ids = torch.empty((batch, num_logprobs), dtype=torch.int64, device=device)

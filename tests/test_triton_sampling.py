@@ -17,13 +17,13 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 import fmkernels  # noqa: E402
-from _sampling_checks import assert_tokens_match, gumbel_scores, random_rows  # noqa: E402
+from _sampling_checks import (  # noqa: E402
+    assert_tokens_match, check_logprobs, check_masks, gumbel_scores, random_rows,
+)
 from fmkernels import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CUT_ATOL = 1e-5  # how far from p the reference's mass before a token may be for its cut to differ
-LOGPROB_ATOL = 1e-4
 
 
 def _rows(batch, vocab, dtype, generator, ties=False, holes=0.05):
@@ -32,58 +32,6 @@ def _rows(batch, vocab, dtype, generator, ties=False, holes=0.05):
 
 def _row_params(params, row):
     return {key: value[row:row + 1] if isinstance(value, torch.Tensor) else value for key, value in params.items()}
-
-
-def _mass_before(logits, params, row):
-    """The mass before each token's rank (float64) under the row's top-k distribution."""
-    t = float(params["temperature"][row]) or 1.0
-    x = logits[row].float().cpu() / t  # fp32, as the reference ranks
-    vocab = x.numel()
-    order = torch.sort(x, descending=True, stable=True).indices
-    k = int(params["top_k"][row])
-    k = vocab if k == 0 or k >= vocab else k
-    sorted_x = x[order].double()
-    sorted_x[k:] = float("-inf")
-    probs = torch.softmax(sorted_x, dim=0)
-    before = torch.cumsum(probs, 0) - probs
-    return torch.empty_like(before).scatter_(0, order, before)
-
-
-def _min_p_ratio(logits, params, row):
-    """exp(x - max) / min_p (float64) per token: near 1 where the min-p cut is a rounding call."""
-    t = float(params["temperature"][row]) or 1.0
-    x = (logits[row].float().cpu() / t).double()
-    return torch.exp(x - x.max()) / float(params["min_p"][row])
-
-
-def _check_masks(actual, expected, logits, params):
-    """Kept sets equal up to rounding cuts, kept values equal; returns the rows that differ.
-
-    A token may differ only where the reference's own fp32 rounding decides: its mass before
-    it within CUT_ATOL of top_p, or exp(x - max) within CUT_ATOL (relatively) of min_p (the
-    GPU's exp is not torch's to the last bit).
-    """
-    kept, kept_expected = ~torch.isneginf(actual), ~torch.isneginf(expected)
-    rows = (kept != kept_expected).any(dim=1).nonzero().flatten().tolist()
-    for row in rows:
-        differ = (kept[row] != kept_expected[row]).nonzero().flatten().cpu()
-        near = torch.zeros(len(differ), dtype=torch.bool)
-        if float(params["top_p"][row]) < 1.0:
-            near |= (_mass_before(logits, params, row)[differ] - float(params["top_p"][row])).abs() <= CUT_ATOL
-        if float(params["min_p"][row]) > 0.0:
-            near |= (_min_p_ratio(logits, params, row)[differ] - 1.0).abs() <= CUT_ATOL
-        assert near.all(), f"row {row}: tokens {differ[~near].tolist()} differ away from a rounding cut"
-    both = kept & kept_expected
-    assert torch.equal(actual[both], expected[both])
-    return rows
-
-
-def _check_logprobs(actual, expected, logits, params):
-    logprobs = torch.log_softmax(reference.filter_logits(logits.float(), **params), dim=-1)
-    chosen = logprobs.gather(1, actual.tokens[:, None])[:, 0]
-    torch.testing.assert_close(actual.logprobs, chosen, atol=LOGPROB_ATOL, rtol=0)
-    torch.testing.assert_close(actual.top_logprobs, expected.top_logprobs, atol=LOGPROB_ATOL, rtol=0)
-    torch.testing.assert_close(actual.top_logprobs, logprobs.gather(1, actual.top_ids), atol=LOGPROB_ATOL, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,7 +82,7 @@ def test_filter_logits_masks_equal_the_reference(dtype, vocab):
         actual = fmkernels.filter_logits(logits, backend="triton", **params)
         expected = reference.filter_logits(logits, **params)
         assert actual.dtype == dtype
-        _check_masks(actual, expected, logits, params)
+        check_masks(actual, expected, logits, params)
 
 
 def test_filter_logits_scalar_parameters():
@@ -211,7 +159,7 @@ def test_mask_agreement_on_many_random_rows():
                   top_p=(torch.rand(32, generator=generator) * 0.98 + 0.01).to(DEVICE),
                   min_p=torch.zeros(32, device=DEVICE))
     out = fmkernels.filter_logits(logits, backend="triton", **params)
-    differ = _check_masks(out, reference.filter_logits(logits, **params), logits, params)
+    differ = check_masks(out, reference.filter_logits(logits, **params), logits, params)
     assert len(differ) <= 1
 
 
@@ -233,7 +181,7 @@ def test_sample_equals_the_reference(dtype, vocab):
         actual = fmkernels.sample(logits, backend="triton", **kwargs)
         expected = reference.sample(logits, **kwargs)
         assert_tokens_match(actual.tokens, expected.tokens, gumbel_scores(logits, params, seeds, steps))
-        _check_logprobs(actual, expected, logits, params)
+        check_logprobs(actual, expected, logits, params)
         if ties:
             assert torch.equal(actual.top_ids, expected.top_ids)
 
@@ -301,7 +249,7 @@ def test_outputs_fill_poisoned_buffers(dtype):
     out = torch.full(logits.shape, float("nan"), dtype=dtype, device=DEVICE)
     fmkernels.filter_logits(logits, backend="triton", out=out, **params)
     assert not out.isnan().any()
-    _check_masks(out, reference.filter_logits(logits, **params), logits, params)
+    check_masks(out, reference.filter_logits(logits, **params), logits, params)
     tokens = torch.full((8,), -1, dtype=torch.int64, device=DEVICE)
     fmkernels.sample(logits, seed=4, backend="triton", out=tokens, **params)
     assert_tokens_match(tokens, reference.sample(logits, seed=4, **params),
@@ -341,7 +289,7 @@ def test_gpu_filter_logits_full_vocabulary(dtype, batch):
     for ties in (False, True):
         logits, params = _rows(batch, 128256, dtype, generator, ties, holes=0.001)
         actual = fmkernels.filter_logits(logits, backend="triton", **params)
-        _check_masks(actual, reference.filter_logits(logits, **params), logits, params)
+        check_masks(actual, reference.filter_logits(logits, **params), logits, params)
 
 
 @pytest.mark.gpu
@@ -356,7 +304,7 @@ def test_gpu_sample_full_vocabulary(dtype, batch):
     expected = reference.sample(logits, **kwargs)
     steps = torch.full((batch,), 17, dtype=torch.int64, device=DEVICE)
     assert_tokens_match(actual.tokens, expected.tokens, gumbel_scores(logits, params, seeds, steps))
-    _check_logprobs(actual, expected, logits, params)
+    check_logprobs(actual, expected, logits, params)
     alone = fmkernels.sample(logits[-1:], backend="triton", seed=seeds[-1:], step=17,
                              **_row_params(params, batch - 1))
     assert int(alone) == int(actual.tokens[-1])

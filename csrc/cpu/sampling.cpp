@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/philox.h"
+#include "common/sampling_shapes.h"
 #include "cpu/dtype.h"
 
 namespace fmkernels::cpu {
@@ -395,36 +396,6 @@ void logprob_row(const Row<T>& row, const Selection& sel, Scratch& s, int64_t to
   }
 }
 
-// ---------------------------------------------------------------------------------------
-// Checking the views
-
-bool is_vector(const TensorView& v, int64_t batch, DType dtype) {
-  return (v.data != nullptr || batch == 0) && v.rank == 1 && v.sizes[0] == batch && v.dtype == dtype &&
-         (batch <= 1 || v.strides[0] >= 1);
-}
-
-const char* check_logits(const TensorView& logits) {
-  if (logits.rank != 2) return "logits must be (batch, vocab)";
-  if (logits.data == nullptr && logits.sizes[0] > 0) return "logits has no data";
-  if (logits.dtype != DType::kFloat32 && logits.dtype != DType::kFloat16 &&
-      logits.dtype != DType::kBFloat16)
-    return "logits must be float32, float16 or bfloat16";
-  if (logits.sizes[1] < 1) return "logits must have a non-empty vocabulary";
-  if (logits.sizes[1] >= (int64_t{1} << 31)) return "logits: vocab must be < 2**31";
-  if (logits.sizes[1] > 1 && logits.strides[1] != 1) return "logits must have unit stride along the vocabulary";
-  if (logits.sizes[0] > 1 && logits.strides[0] < 0) return "logits: negative row stride";
-  return nullptr;
-}
-
-const char* check_parameters(int64_t batch, const TensorView& temperature, const TensorView& top_k,
-                             const TensorView& top_p, const TensorView& min_p) {
-  if (!is_vector(temperature, batch, DType::kFloat32)) return "temperature must be float32 (batch,)";
-  if (!is_vector(top_k, batch, DType::kInt64)) return "top_k must be int64 (batch,)";
-  if (!is_vector(top_p, batch, DType::kFloat32)) return "top_p must be float32 (batch,)";
-  if (!is_vector(min_p, batch, DType::kFloat32)) return "min_p must be float32 (batch,)";
-  return nullptr;
-}
-
 Params row_params(const TensorView& temperature, const TensorView& top_k, const TensorView& top_p,
                   const TensorView& min_p, int64_t b) {
   const float t = static_cast<const float*>(temperature.data)[b * temperature.strides[0]];
@@ -493,13 +464,10 @@ void sample_rows(const TensorView& logits, const TensorView& tokens, const Tenso
 const char* filter_logits(const TensorView& logits, const TensorView& out,
                           const TensorView& temperature, const TensorView& top_k,
                           const TensorView& top_p, const TensorView& min_p, int num_threads) {
-  if (const char* error = check_logits(logits)) return error;
+  if (const char* error = check_sampling_logits(logits)) return error;
   const int64_t batch = logits.sizes[0];
-  if ((out.data == nullptr && batch > 0) || out.rank != 2 || out.dtype != logits.dtype || out.sizes[0] != batch ||
-      out.sizes[1] != logits.sizes[1] || (logits.sizes[1] > 1 && out.strides[1] != 1) ||
-      (batch > 1 && out.strides[0] < logits.sizes[1]))
-    return "out must be shaped and typed like logits, rows dense and apart";
-  if (const char* error = check_parameters(batch, temperature, top_k, top_p, min_p)) return error;
+  if (const char* error = check_filtered_rows(logits, out)) return error;
+  if (const char* error = check_sampling_parameters(batch, temperature, top_k, top_p, min_p)) return error;
   if (batch == 0) return nullptr;
   num_threads = std::max(1, num_threads);
   switch (logits.dtype) {
@@ -521,16 +489,14 @@ const char* sample(const TensorView& logits, const TensorView& tokens,
                    const TensorView& top_p, const TensorView& min_p, const TensorView& seeds,
                    const TensorView& steps, const TensorView* logprobs,
                    const TensorView* top_ids, const TensorView* top_logprobs, int num_threads) {
-  if (const char* error = check_logits(logits)) return error;
+  if (const char* error = check_sampling_logits(logits)) return error;
   const int64_t batch = logits.sizes[0], vocab = logits.sizes[1];
-  if (!is_vector(tokens, batch, DType::kInt64)) return "tokens must be int64 (batch,)";
-  if (const char* error = check_parameters(batch, temperature, top_k, top_p, min_p)) return error;
-  if (!is_vector(seeds, batch, DType::kInt64)) return "seeds must be int64 (batch,)";
-  if (!is_vector(steps, batch, DType::kInt64)) return "steps must be int64 (batch,)";
+  if (const char* error = check_sample_vectors(batch, tokens, seeds, steps)) return error;
+  if (const char* error = check_sampling_parameters(batch, temperature, top_k, top_p, min_p)) return error;
   if ((logprobs == nullptr) != (top_ids == nullptr) || (top_ids == nullptr) != (top_logprobs == nullptr))
     return "logprobs, top_ids and top_logprobs come together or not at all";
   if (logprobs != nullptr) {
-    if (!is_vector(*logprobs, batch, DType::kFloat32)) return "logprobs must be float32 (batch,)";
+    if (!is_sampling_vector(*logprobs, batch, DType::kFloat32)) return "logprobs must be float32 (batch,)";
     const int64_t n = top_ids->rank == 2 ? top_ids->sizes[1] : -1;
     if (batch > 0 && n > 0 && (top_ids->data == nullptr || top_logprobs->data == nullptr))
       return "top_ids and top_logprobs have no data";

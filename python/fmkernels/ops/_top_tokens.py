@@ -1,0 +1,19 @@
+"""The top alternatives of ``sample(..., num_logprobs=n)`` from a backend's filtered logits."""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_tokens(filtered: torch.Tensor, n: int) -> torch.Tensor:
+    """Ids of the n > 0 largest of each row of filtered (batch, vocab), by (value desc, id asc)."""
+    # torch.topk's values are right, but which of several tied ids it returns is not defined:
+    # keep everything above the n-th value, then the lowest ids among the ties at it.
+    nth = torch.topk(filtered, n, dim=1).values[:, -1:]
+    above = filtered > nth
+    tie = filtered == nth
+    needed = n - above.sum(dim=1, keepdim=True)
+    chosen = above | (tie & (torch.cumsum(tie, dim=1) <= needed))
+    ids = chosen.nonzero()[:, 1].view(filtered.shape[0], n)  # ascending ids in each row
+    order = torch.sort(filtered.gather(1, ids), dim=1, descending=True, stable=True).indices
+    return ids.gather(1, order)
