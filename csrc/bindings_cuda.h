@@ -9,7 +9,9 @@
 
 namespace fmkernels {
 
-void bind_cuda_attention(pybind11::module_& m);// filter_logits and sample (bindings_cuda_sampling.cpp).
+void bind_cuda_attention(pybind11::module_& m);
+void bind_cuda_decode_attention(pybind11::module_& m);
+// filter_logits and sample (bindings_cuda_sampling.cpp).
 void bind_cuda_sampling(pybind11::module_& m);
 
 // Raises RuntimeError naming the op and the CUDA error when a launch failed.
