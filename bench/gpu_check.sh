@@ -14,6 +14,7 @@
 #   bench     fmkernels bench --device cuda (one default shape per op, every implementation)
 #   sweep     fmkernels bench --device cuda --sweep: attention, decode and append_kv against the
 #             SDPA peers and triton; sampling against the sort-based reference and triton
+#             ($SWEEP_GROUPS: "attention sampling" by default)
 #
 # Logs go to $OUT/logs.tgz (the device tool returns at most 8 files); JSON beside it.
 #
@@ -107,6 +108,7 @@ for stage in "${stages[@]}"; do
       for group in "attention decode_attention append_kv|cuda,triton,sdpa,sdpa_flash,sdpa_cudnn|attention" \
                    "filter_logits sample|cuda,triton,reference|sampling"; do
         IFS="|" read -r ops only name <<< "$group"
+        [[ " ${SWEEP_GROUPS:-attention sampling} " == *" $name "* ]] || continue
         timeout 900 $PYTHON -m fmkernels bench $ops --device cuda --sweep --only "$only" \
           --repeats "${SWEEP_REPEATS:-30}" --json "$OUT/$date-sweep-$name.json" > "$LOGS/sweep-$name.log" 2>&1 || rc=$?
         cat "$LOGS/sweep-$name.log"
