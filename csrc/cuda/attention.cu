@@ -1,9 +1,10 @@
 // Prefill attention on tensor cores (FlashAttention-2's schedule, mma.sync m16n8k16).
 //
-// One CTA computes a tile of kBlockM query rows of one (batch, q head); each of its kWarps
-// warps owns 16 rows and keeps their Q fragments in registers. Keys and values stream through
-// shared memory kBlockN rows at a time, double-buffered with cp.async so the next tile loads
-// while the current one computes. Per tile, a warp computes S = Q K^T (16 x kBlockN, fp32) in
+// One CTA computes a tile of kBlockM query rows of one (batch, q head); each of its warps
+// owns 16 or 32 of them (the Schedule) and keeps their Q fragments in registers where they
+// fit. Keys and values stream through shared memory kBlockN rows at a time, double-buffered
+// with cp.async so the next tile loads while the current one computes. Per tile and 16-row
+// block, a warp computes S = Q K^T (16 x kBlockN, fp32) in
 // registers, updates its rows' running max and sum (softmax in base 2, the scale folded into
 // log2(e)), rounds P to the input type in registers and feeds it straight back as the A
 // operand of O += P V. O / l and the log-sum-exp are written once at the end.
