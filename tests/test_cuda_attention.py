@@ -5,7 +5,9 @@ output and the log-sum-exp. Outputs are poisoned with NaN before each call; inpu
 and sizes odd on purpose: seqlens either side of the kernel's 128-query and 64-key tiles.
 
 The kernel tests need a GPU and the built fmkernels._cuda (marked ``gpu``); the tests of
-``attention_supports`` and of the adapter's alignment copies run anywhere.
+``attention_supports``, of the variant choice and of the adapter's alignment copies run
+anywhere. The correctness tests run every kernel schedule (``_cuda.ATTENTION_VARIANTS``,
+picked through FMKERNELS_CUDA_ATTENTION_VARIANT).
 """
 
 import pytest
@@ -20,6 +22,14 @@ CUDA_REASON = platform.unavailable_reason("cuda")
 needs_cuda = pytest.mark.skipif(CUDA_REASON is not None, reason=f"cuda backend: {CUDA_REASON}")
 
 DTYPES = [torch.float16, torch.bfloat16]
+VARIANTS = list(_cuda.ATTENTION_VARIANTS)
+
+
+@pytest.fixture(params=VARIANTS, ids=lambda n: f"variant{n}")
+def variant(request, monkeypatch):
+    """Runs the test with the kernel schedule ``request.param``."""
+    monkeypatch.setenv(_cuda.ATTENTION_VARIANT_ENV, str(request.param))
+    return request.param
 
 
 def _randn(*shape, dtype, device="cuda"):
@@ -110,6 +120,23 @@ def test_aligned_rows_keeps_aligned_views_and_copies_the_rest():
     assert _cuda._aligned_rows(one_row).data_ptr() % 16 == 0
 
 
+def test_variant_defaults_and_follows_the_environment(monkeypatch):
+    monkeypatch.delenv(_cuda.ATTENTION_VARIANT_ENV, raising=False)
+    assert _cuda.attention_variant() == _cuda.DEFAULT_ATTENTION_VARIANT in _cuda.ATTENTION_VARIANTS
+    for number in _cuda.ATTENTION_VARIANTS:
+        monkeypatch.setenv(_cuda.ATTENTION_VARIANT_ENV, f" {number} ")
+        assert _cuda.attention_variant() == number
+    monkeypatch.setenv(_cuda.ATTENTION_VARIANT_ENV, "")
+    assert _cuda.attention_variant() == _cuda.DEFAULT_ATTENTION_VARIANT
+
+
+@pytest.mark.parametrize("text", ["5", "-1", "two", "1.0"])
+def test_unknown_variant_is_refused(monkeypatch, text):
+    monkeypatch.setenv(_cuda.ATTENTION_VARIANT_ENV, text)
+    with pytest.raises(ValueError, match=f"FMKERNELS_CUDA_ATTENTION_VARIANT must be one of 0, 1, 2, 3, 4; got '{text}'"):
+        _cuda.attention_variant()
+
+
 # ----------------------------------------------------------------------------
 # The kernel, on a GPU
 # ----------------------------------------------------------------------------
@@ -137,7 +164,7 @@ DENSE_SHAPES = [
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", DENSE_SHAPES, ids=_shape_id)
-def test_dense_matches_reference(shape, dtype):
+def test_dense_matches_reference(shape, dtype, variant):
     torch.manual_seed(hash(shape) % 2**31)
     q, k, v = _dense(shape, dtype)
     causal = shape[6]
@@ -153,7 +180,7 @@ def test_dense_matches_reference(shape, dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scale", [0.3, 0.02, -0.2])
-def test_scale(scale, dtype):
+def test_scale(scale, dtype, variant):
     """Any finite scale, a negative one included (the running max is taken after scaling)."""
     torch.manual_seed(7)
     q, k, v = _dense((2, 140, 150, 4, 2, 64), dtype)
@@ -175,7 +202,7 @@ def test_without_lse_and_into_out():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_empty_inputs():
+def test_empty_inputs(variant):
     """No queries: nothing to launch. No keys: every output 0, every log-sum-exp -inf."""
     q, k, v = _dense((2, 0, 5, 2, 1, 64), torch.float16)
     out, lse = run_attention("cuda", q, k, v, causal=True)
@@ -199,7 +226,7 @@ VARLEN = {
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("lengths", VARLEN.values(), ids=VARLEN.keys())
 @pytest.mark.parametrize("heads, head_dim", [((4, 4), 64), ((8, 1), 128), ((16, 4), 128)], ids=["mha-d64", "gqa8-d128", "gqa4-d128"])
-def test_packed_matches_reference(lengths, heads, head_dim, causal, dtype):
+def test_packed_matches_reference(lengths, heads, head_dim, causal, dtype, variant):
     torch.manual_seed(3)
     q, k, v, cu_q, cu_k = _packed(lengths, heads, head_dim, dtype)
     out, lse = _check(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
@@ -210,7 +237,7 @@ def test_packed_matches_reference(lengths, heads, head_dim, causal, dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_non_contiguous_inputs(head_dim, dtype):
+def test_non_contiguous_inputs(head_dim, dtype, variant):
     """q, k, v as slices of a fused qkv projection, as transposes of (B, H, S, D), and packed slices."""
     torch.manual_seed(4)
     B, S, Hq, Hkv = 2, 300, 8, 2
@@ -253,7 +280,7 @@ def _cut_from_nan(*shape, dtype):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_reads_nothing_past_the_inputs(head_dim):
+def test_reads_nothing_past_the_inputs(head_dim, variant):
     """Inputs cut from NaN-filled buffers: past the last query and key, past head_dim, past each head.
 
     A NaN read anywhere would reach the output (0 x NaN is NaN), so passing shows the
@@ -277,7 +304,7 @@ def test_reads_nothing_past_the_inputs(head_dim):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_larger_batch(dtype):
+def test_larger_batch(dtype, variant):
     torch.manual_seed(13)
     q, k, v = _dense((24, 257, 257, 8, 2, 128), dtype)
     _check(q, k, v, causal=True)
@@ -287,7 +314,8 @@ def test_larger_batch(dtype):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_bad_cu_seqlens_stay_in_bounds():
+@pytest.mark.parametrize("variant_number", VARIANTS)
+def test_bad_cu_seqlens_stay_in_bounds(variant_number):
     """Called directly, the binding clamps a cu_seqlens table past the tensors into them."""
     torch.manual_seed(14)
     q, k, v = _randn(10, 2, 64, dtype=torch.float16), _randn(7, 1, 64, dtype=torch.float16), _randn(7, 1, 64, dtype=torch.float16)
@@ -296,7 +324,7 @@ def test_bad_cu_seqlens_stay_in_bounds():
     cu_q = torch.tensor([0, 4, 5000, -3], dtype=torch.int32, device="cuda")
     cu_k = torch.tensor([-9, 3, 9000, 2], dtype=torch.int32, device="cuda")
     views = [_cuda.tensor_view(t) for t in (q, k, v, out, lse, cu_q, cu_k)]
-    _cuda._module().attention(*views, True, 0.125, 5000, _cuda.stream_of(q))
+    _cuda._module().attention(*views, True, 0.125, 5000, variant_number, _cuda.stream_of(q))
     torch.cuda.synchronize()
     # Sequence 0 is q[0:4] against k[0:3]: the first query sees no key.
     assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[:, 0]))
@@ -309,7 +337,13 @@ def test_binding_refuses_what_the_kernel_cannot_run():
     q = _randn(1, 4, 2, 96, dtype=torch.float16)
     views = [_cuda.tensor_view(t) for t in (q, q, q, torch.empty_like(q))]
     with pytest.raises(ValueError, match="head_dim 64 or 128"):
-        _cuda._module().attention(*views, None, None, None, False, 0.1, 0, _cuda.stream_of(q))
+        _cuda._module().attention(*views, None, None, None, False, 0.1, 0, 0, _cuda.stream_of(q))
+    q = _randn(1, 4, 2, 64, dtype=torch.float16)
+    views = [_cuda.tensor_view(t) for t in (q, q, q, torch.empty_like(q))]
+    assert _cuda._module().ATTENTION_VARIANTS == len(VARIANTS)
+    for unknown in (-1, len(VARIANTS)):
+        with pytest.raises(ValueError, match=f"variant must be in \\[0, {len(VARIANTS)}\\); got {unknown}"):
+            _cuda._module().attention(*views, None, None, None, False, 0.1, 0, unknown, _cuda.stream_of(q))
 
 
 @pytest.mark.gpu

@@ -1,9 +1,10 @@
 // Prefill attention on tensor cores (FlashAttention-2's schedule, mma.sync m16n8k16).
 //
-// One CTA computes a tile of kBlockM query rows of one (batch, q head); each of its kWarps
-// warps owns 16 rows and keeps their Q fragments in registers. Keys and values stream through
-// shared memory kBlockN rows at a time, double-buffered with cp.async so the next tile loads
-// while the current one computes. Per tile, a warp computes S = Q K^T (16 x kBlockN, fp32) in
+// One CTA computes a tile of kBlockM query rows of one (batch, q head); each of its warps
+// owns 16 or 32 of them (the Schedule) and keeps their Q fragments in registers where they
+// fit. Keys and values stream through shared memory kBlockN rows at a time, double-buffered
+// with cp.async so the next tile loads while the current one computes. Per tile and 16-row
+// block, a warp computes S = Q K^T (16 x kBlockN, fp32) in
 // registers, updates its rows' running max and sum (softmax in base 2, the scale folded into
 // log2(e)), rounds P to the input type in registers and feeds it straight back as the A
 // operand of O += P V. O / l and the log-sum-exp are written once at the end.
@@ -23,11 +24,27 @@
 namespace fmkernels::cuda {
 namespace {
 
-constexpr int kBlockM = 128;  // query rows per CTA
-constexpr int kBlockN = 64;   // keys per shared-memory tile
-constexpr int kWarps = kBlockM / 16;
-constexpr int kThreads = kWarps * 32;
+constexpr int kBlockM = 128;  // query rows per CTA, in every variant
 constexpr int kMaxGridYZ = 65535;
+
+// One schedule of the kernel: how the CTA's 128 query rows are split between warps, how
+// many keys a shared-memory tile holds, and how the K and V copies are pipelined.
+//   kWarps x kRowBlocks x 16 = kBlockM: each warp owns kRowBlocks blocks of 16 rows and
+//     issues every K / V fragment it loads against all of them;
+//   kSplitCopies: K and V tiles travel in separate cp.async groups, so S = Q K^T starts
+//     once K has landed while V still loads, and the next K loads during P V; otherwise
+//     one group carries both and the next tile's pair loads during the whole tile;
+//   kMinBlocksPerSm: the occupancy __launch_bounds__ asks registers to allow.
+template <int kWarps_, int kRowBlocks_, int kBlockN_, bool kSplitCopies_, int kMinBlocksPerSm_>
+struct Schedule {
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kRowBlocks = kRowBlocks_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr bool kSplitCopies = kSplitCopies_;
+  static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
+  static constexpr int kThreads = kWarps * 32;
+  static_assert(kWarps * kRowBlocks * 16 == kBlockM, "the warps cover the query tile");
+};
 
 struct AttentionParams {
   const void* q;
@@ -69,7 +86,11 @@ __device__ __forceinline__ void copy_16_async(uint32_t destination, const void* 
 
 __device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
-__device__ __forceinline__ void wait_for_copies() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Waits until at most kPending of this thread's most recent copy groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void wait_for_copies() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
 
 __device__ __forceinline__ void load_matrix_x4(uint32_t (&fragment)[4], uint32_t address) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -139,7 +160,7 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
 // Starts copying rows [0, kRows) of a (rows, kHeadDim) global tile into shared memory; rows
 // at or past rows_valid are zero-filled without being read. Consecutive threads copy
 // consecutive 16-byte chunks of a row, so each warp reads whole rows.
-template <typename Element, int kHeadDim, int kRows>
+template <typename Element, int kHeadDim, int kRows, int kThreads>
 __device__ __forceinline__ void load_tile_async(Element* tile, const Element* rows, int64_t row_stride,
                                                 int rows_valid) {
   constexpr int kChunksPerRow = kHeadDim / 8;
@@ -161,21 +182,30 @@ __device__ __forceinline__ void load_tile_async(Element* tile, const Element* ro
 
 // Shared memory: the Q tile (kBlockM x kHeadDim, reused to stage the output), then two
 // stages of a K tile and a V tile (kBlockN x kHeadDim each).
-template <int kHeadDim>
+template <int kHeadDim, class Sched>
 constexpr int shared_bytes() {
-  return (kBlockM + 2 * 2 * kBlockN) * kHeadDim * 2;
+  return (kBlockM + 2 * 2 * Sched::kBlockN) * kHeadDim * 2;
 }
 
 // Grid: (q_heads, batch, query tiles), the query tiles in reverse so that the longest causal
 // tiles start first.
-template <typename Element, int kHeadDim>
-__global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionParams p) {
+template <typename Element, int kHeadDim, class Sched>
+__global__ void __launch_bounds__(Sched::kThreads, Sched::kMinBlocksPerSm)
+    attention_kernel(const AttentionParams p) {
   using Core = TensorCore<Element>;
+  constexpr int kThreads = Sched::kThreads;
+  constexpr int kBlockN = Sched::kBlockN;
+  constexpr int kRowBlocks = Sched::kRowBlocks;  // 16-row blocks per warp
+  constexpr int kWarpRows = 16 * kRowBlocks;
   constexpr int kChunksPerRow = kHeadDim / 8;
   constexpr int kKeySteps = kHeadDim / 16;    // k-steps of S = Q K^T
   constexpr int kKeyBlocks = kBlockN / 8;     // 8-key column blocks of S
   constexpr int kValueSteps = kBlockN / 16;   // k-steps of O = P V
   constexpr int kOutBlocks = kHeadDim / 8;    // 8-column blocks of O
+  // A warp keeps its Q fragments in registers while they take at most 32 per thread (16
+  // rows of head_dim 128, 32 rows of 64); past that it reads them from the Q tile again at
+  // every k-step, as the registers go to the accumulators.
+  constexpr bool kQInRegisters = kRowBlocks * kHeadDim <= 128;
 
   extern __shared__ uint4 shared_memory[];
   Element* const q_tile = reinterpret_cast<Element*>(shared_memory);
@@ -219,107 +249,166 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionP
                            k_start * p.k_row_stride + kv_head * p.k_head_stride;
   const Element* const v = static_cast<const Element*>(p.v) + batch * p.v_batch_stride +
                            k_start * p.v_row_stride + kv_head * p.v_head_stride;
+  // Key tile `tile` into stage tile % 2.
+  auto load_keys = [&](int tile) {
+    const int first = tile * kBlockN;
+    load_tile_async<Element, kHeadDim, kBlockN, kThreads>(k_tile(tile & 1), k + first * p.k_row_stride,
+                                                          p.k_row_stride, seqlen_k - first);
+  };
+  auto load_values = [&](int tile) {
+    const int first = tile * kBlockN;
+    load_tile_async<Element, kHeadDim, kBlockN, kThreads>(v_tile(tile & 1), v + first * p.v_row_stride,
+                                                          p.v_row_stride, seqlen_k - first);
+  };
 
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int quad_row = lane / 4, quad_col = lane % 4;  // (g, t) of the mma fragment layouts
-  const int warp_row = warp * 16;                      // first tile row of this warp
+  const int warp_row = warp * kWarpRows;               // first tile row of this warp
 
-  // This thread's accumulator rows: warp_row + quad_row (index 0) and + 8 (index 1).
-  float o[kOutBlocks][4];
+  // Row block b of this thread's accumulators holds rows warp_row + 16 b + quad_row (index 0)
+  // and + 8 (index 1).
+  float o[kRowBlocks][kOutBlocks][4];
+  float row_max[kRowBlocks][2], row_sum[kRowBlocks][2];  // max: base-2 scaled scores
 #pragma unroll
-  for (int d = 0; d < kOutBlocks; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
-  float row_max[2] = {-INFINITY, -INFINITY};  // base-2 scaled scores
-  float row_sum[2] = {0.0f, 0.0f};            // this thread's part; the quad's sum is the row's
-  uint32_t q_fragments[kKeySteps][4];
+  for (int b = 0; b < kRowBlocks; ++b) {
+#pragma unroll
+    for (int d = 0; d < kOutBlocks; ++d) o[b][d][0] = o[b][d][1] = o[b][d][2] = o[b][d][3] = 0.0f;
+    row_max[b][0] = row_max[b][1] = -INFINITY;
+    row_sum[b][0] = row_sum[b][1] = 0.0f;  // this thread's part; the quad's sum is the row's
+  }
+  // Q's A fragments: every k-step's when kept in registers, else the current k-step's.
+  uint32_t q_fragments[kQInRegisters ? kKeySteps : 1][kRowBlocks][4];
+  // Matrices 0-3 of the A fragment: rows 0-7 / 8-15 of chunk 2 step, then of chunk 2 step + 1.
+  auto load_q_fragment = [&](uint32_t(&fragment)[4], int block, int step) {
+    load_matrix_x4(fragment, shared_address(q_tile + swizzled<kHeadDim>(warp_row + 16 * block + lane % 16,
+                                                                        2 * step + lane / 16)));
+  };
 
+  // Copy groups. Joint: (Q, K0, V0), then (K, V) of tile t + 1 issued at the start of tile t.
+  // Split: (Q, K0), (V0), then K of tile t + 1 at the start of tile t and V of tile t + 1 once
+  // every warp has V of tile t; a group is committed at each of those points even when there
+  // is no next tile, so that the groups in flight are always the two named.
   if (key_tiles > 0) {
-    load_tile_async<Element, kHeadDim, kBlockM>(q_tile, q, p.q_row_stride, seqlen_q - m0);
-    load_tile_async<Element, kHeadDim, kBlockN>(k_tile(0), k, p.k_row_stride, seqlen_k);
-    load_tile_async<Element, kHeadDim, kBlockN>(v_tile(0), v, p.v_row_stride, seqlen_k);
-    commit_copies();
-    wait_for_copies();
+    load_tile_async<Element, kHeadDim, kBlockM, kThreads>(q_tile, q, p.q_row_stride, seqlen_q - m0);
+    load_keys(0);
+    if constexpr (Sched::kSplitCopies) {
+      commit_copies();
+      load_values(0);
+      commit_copies();
+      wait_for_copies<1>();
+    } else {
+      load_values(0);
+      commit_copies();
+      wait_for_copies<0>();
+    }
     __syncthreads();
-    // Matrices 0-3 of the A fragment: rows 0-7 / 8-15 of chunk 2s, then of chunk 2s + 1.
+    if constexpr (kQInRegisters) {
 #pragma unroll
-    for (int s = 0; s < kKeySteps; ++s)
-      load_matrix_x4(q_fragments[s],
-                     shared_address(q_tile + swizzled<kHeadDim>(warp_row + lane % 16, 2 * s + lane / 16)));
+      for (int s = 0; s < kKeySteps; ++s)
+#pragma unroll
+        for (int b = 0; b < kRowBlocks; ++b) load_q_fragment(q_fragments[s][b], b, s);
+    }
   }
 
   for (int tile = 0; tile < key_tiles; ++tile) {
+    const bool has_next = tile + 1 < key_tiles;
     if (tile > 0) {
-      wait_for_copies();
-      // The tile is in shared memory for every warp, and every warp is done with the stage
-      // the next copies overwrite.
+      // This tile's K (joint: and V) has landed; split copies leave V in flight.
+      wait_for_copies<Sched::kSplitCopies ? 1 : 0>();
+      // It is in shared memory for every warp, and every warp is done with the stage the
+      // next copies overwrite.
       __syncthreads();
     }
-    if (tile + 1 < key_tiles) {
-      const int next = (tile + 1) * kBlockN;
-      load_tile_async<Element, kHeadDim, kBlockN>(k_tile((tile + 1) & 1), k + next * p.k_row_stride,
-                                                  p.k_row_stride, seqlen_k - next);
-      load_tile_async<Element, kHeadDim, kBlockN>(v_tile((tile + 1) & 1), v + next * p.v_row_stride,
-                                                  p.v_row_stride, seqlen_k - next);
-      commit_copies();
+    if (has_next) {
+      load_keys(tile + 1);
+      if constexpr (!Sched::kSplitCopies) load_values(tile + 1);
     }
+    commit_copies();
     const Element* const keys = k_tile(tile & 1);
     const Element* const values = v_tile(tile & 1);
 
-    // S = Q K^T, 16 x kBlockN. One ldmatrix.x4 gives the B fragments of key blocks 2j and
-    // 2j + 1 for k-step s: keys 16j + 0-7 (chunks 2s, 2s + 1), then keys 16j + 8-15.
-    float s[kKeyBlocks][4];
+    // S = Q K^T, 16 x kBlockN per row block. One ldmatrix.x4 gives the B fragments of key
+    // blocks 2j and 2j + 1 for k-step `step`: keys 16j + 0-7 (chunks 2 step, 2 step + 1),
+    // then keys 16j + 8-15; each serves every row block of the warp.
+    float s[kRowBlocks][kKeyBlocks][4];
 #pragma unroll
-    for (int n = 0; n < kKeyBlocks; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    for (int b = 0; b < kRowBlocks; ++b)
+#pragma unroll
+      for (int n = 0; n < kKeyBlocks; ++n) s[b][n][0] = s[b][n][1] = s[b][n][2] = s[b][n][3] = 0.0f;
 #pragma unroll
     for (int step = 0; step < kKeySteps; ++step) {
+      uint32_t(&a)[kRowBlocks][4] = q_fragments[kQInRegisters ? step : 0];
+      if constexpr (!kQInRegisters) {
+#pragma unroll
+        for (int b = 0; b < kRowBlocks; ++b) load_q_fragment(a[b], b, step);
+      }
 #pragma unroll
       for (int j = 0; j < kKeyBlocks / 2; ++j) {
-        uint32_t b[4];
-        load_matrix_x4(b, shared_address(keys + swizzled<kHeadDim>(16 * j + lane % 8 + (lane / 16) * 8,
-                                                                   2 * step + (lane / 8) % 2)));
-        Core::mma(s[2 * j], q_fragments[step], b[0], b[1]);
-        Core::mma(s[2 * j + 1], q_fragments[step], b[2], b[3]);
+        uint32_t key_fragment[4];
+        load_matrix_x4(key_fragment, shared_address(keys + swizzled<kHeadDim>(16 * j + lane % 8 + (lane / 16) * 8,
+                                                                              2 * step + (lane / 8) % 2)));
+#pragma unroll
+        for (int b = 0; b < kRowBlocks; ++b) {
+          Core::mma(s[b][2 * j], a[b], key_fragment[0], key_fragment[1]);
+          Core::mma(s[b][2 * j + 1], a[b], key_fragment[2], key_fragment[3]);
+        }
       }
     }
 
     // Scale into base 2; hide keys past seqlen_k and, when causal, past each row's diagonal.
     const bool masked = tile >= unmasked_tiles;
 #pragma unroll
-    for (int n = 0; n < kKeyBlocks; ++n) {
+    for (int b = 0; b < kRowBlocks; ++b) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] *= p.scale_log2;
-        if (masked) {
-          const int key = tile * kBlockN + n * 8 + 2 * quad_col + (e & 1);
-          const int row = m0 + warp_row + quad_row + 8 * (e >> 1);
-          if (key >= seqlen_k || (p.causal && key > row + diagonal)) s[n][e] = -INFINITY;
+      for (int n = 0; n < kKeyBlocks; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[b][n][e] *= p.scale_log2;
+          if (masked) {
+            const int key = tile * kBlockN + n * 8 + 2 * quad_col + (e & 1);
+            const int row = m0 + warp_row + 16 * b + quad_row + 8 * (e >> 1);
+            if (key >= seqlen_k || (p.causal && key > row + diagonal)) s[b][n][e] = -INFINITY;
+          }
         }
       }
     }
 
     // Online softmax per row; the four threads of a quad hold one row's columns.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float tile_max = row_max[r];
+    for (int b = 0; b < kRowBlocks; ++b) {
 #pragma unroll
-      for (int n = 0; n < kKeyBlocks; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      // A row that has seen no key yet keeps max -inf; subtracting 0 instead keeps exp2 at 0.
-      const float shift = tile_max == -INFINITY ? 0.0f : tile_max;
-      const float correction = exp2_approx(row_max[r] - shift);
-      row_max[r] = tile_max;
-      row_sum[r] *= correction;
+      for (int r = 0; r < 2; ++r) {
+        float tile_max = row_max[b][r];
 #pragma unroll
-      for (int d = 0; d < kOutBlocks; ++d) {
-        o[d][2 * r] *= correction;
-        o[d][2 * r + 1] *= correction;
+        for (int n = 0; n < kKeyBlocks; ++n) tile_max = fmaxf(tile_max, fmaxf(s[b][n][2 * r], s[b][n][2 * r + 1]));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        // A row that has seen no key yet keeps max -inf; subtracting 0 instead keeps exp2 at 0.
+        const float shift = tile_max == -INFINITY ? 0.0f : tile_max;
+        const float correction = exp2_approx(row_max[b][r] - shift);
+        row_max[b][r] = tile_max;
+        row_sum[b][r] *= correction;
+#pragma unroll
+        for (int d = 0; d < kOutBlocks; ++d) {
+          o[b][d][2 * r] *= correction;
+          o[b][d][2 * r + 1] *= correction;
+        }
+#pragma unroll
+        for (int n = 0; n < kKeyBlocks; ++n) {
+          s[b][n][2 * r] = exp2_approx(s[b][n][2 * r] - shift);
+          s[b][n][2 * r + 1] = exp2_approx(s[b][n][2 * r + 1] - shift);
+          row_sum[b][r] += s[b][n][2 * r] + s[b][n][2 * r + 1];
+        }
       }
-#pragma unroll
-      for (int n = 0; n < kKeyBlocks; ++n) {
-        s[n][2 * r] = exp2_approx(s[n][2 * r] - shift);
-        s[n][2 * r + 1] = exp2_approx(s[n][2 * r + 1] - shift);
-        row_sum[r] += s[n][2 * r] + s[n][2 * r + 1];
-      }
+    }
+
+    if constexpr (Sched::kSplitCopies) {
+      // This tile's V has landed (the next K may still be in flight), for every warp; every
+      // warp is done with the V stage the next copies overwrite.
+      wait_for_copies<1>();
+      __syncthreads();
+      if (has_next) load_values(tile + 1);
+      commit_copies();
     }
 
     // O += P V. P's A fragment for k-step j is S's accumulators of key blocks 2j and 2j + 1,
@@ -327,47 +416,62 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionP
     // blocks 2c and 2c + 1: keys 16j + 0-7 and 16j + 8-15 of chunk 2c, then of chunk 2c + 1.
 #pragma unroll
     for (int j = 0; j < kValueSteps; ++j) {
-      const uint32_t a[4] = {Core::pack(s[2 * j][0], s[2 * j][1]), Core::pack(s[2 * j][2], s[2 * j][3]),
-                             Core::pack(s[2 * j + 1][0], s[2 * j + 1][1]),
-                             Core::pack(s[2 * j + 1][2], s[2 * j + 1][3])};
+      uint32_t a[kRowBlocks][4];
+#pragma unroll
+      for (int b = 0; b < kRowBlocks; ++b) {
+        a[b][0] = Core::pack(s[b][2 * j][0], s[b][2 * j][1]);
+        a[b][1] = Core::pack(s[b][2 * j][2], s[b][2 * j][3]);
+        a[b][2] = Core::pack(s[b][2 * j + 1][0], s[b][2 * j + 1][1]);
+        a[b][3] = Core::pack(s[b][2 * j + 1][2], s[b][2 * j + 1][3]);
+      }
 #pragma unroll
       for (int c = 0; c < kOutBlocks / 2; ++c) {
-        uint32_t b[4];
+        uint32_t value_fragment[4];
         load_matrix_x4_transposed(
-            b, shared_address(values + swizzled<kHeadDim>(16 * j + lane % 8 + ((lane / 8) % 2) * 8,
-                                                          2 * c + lane / 16)));
-        Core::mma(o[2 * c], a, b[0], b[1]);
-        Core::mma(o[2 * c + 1], a, b[2], b[3]);
+            value_fragment, shared_address(values + swizzled<kHeadDim>(16 * j + lane % 8 + ((lane / 8) % 2) * 8,
+                                                                       2 * c + lane / 16)));
+#pragma unroll
+        for (int b = 0; b < kRowBlocks; ++b) {
+          Core::mma(o[b][2 * c], a[b], value_fragment[0], value_fragment[1]);
+          Core::mma(o[b][2 * c + 1], a[b], value_fragment[2], value_fragment[3]);
+        }
       }
     }
   }
 
-  // O / l through this warp's own rows of the Q tile (no other warp reads them), then out in
-  // 16-byte stores. A row that saw no key has l = 0: its output is 0 and its lse -inf.
-  float inverse_sum[2], total_sum[2];
+  // O / l through this warp's own rows of the Q tile (no other warp reads or writes them),
+  // then out in 16-byte stores. A row that saw no key has l = 0: its output is 0 and its
+  // lse -inf.
+  float inverse_sum[kRowBlocks][2], total_sum[kRowBlocks][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    total_sum[r] = sum;
-    inverse_sum[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+  for (int b = 0; b < kRowBlocks; ++b) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[b][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      total_sum[b][r] = sum;
+      inverse_sum[b][r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    }
   }
   __syncwarp();
 #pragma unroll
-  for (int d = 0; d < kOutBlocks; ++d) {
+  for (int b = 0; b < kRowBlocks; ++b) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = warp_row + quad_row + 8 * r;
-      *reinterpret_cast<uint32_t*>(q_tile + swizzled<kHeadDim>(row, d) + 2 * quad_col) =
-          Core::pack(o[d][2 * r] * inverse_sum[r], o[d][2 * r + 1] * inverse_sum[r]);
+    for (int d = 0; d < kOutBlocks; ++d) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp_row + 16 * b + quad_row + 8 * r;
+        *reinterpret_cast<uint32_t*>(q_tile + swizzled<kHeadDim>(row, d) + 2 * quad_col) =
+            Core::pack(o[b][d][2 * r] * inverse_sum[b][r], o[b][d][2 * r + 1] * inverse_sum[b][r]);
+      }
     }
   }
   __syncwarp();
   Element* const out = static_cast<Element*>(p.out) + batch * p.out_batch_stride +
                        (q_start + m0) * p.out_row_stride + head * p.out_head_stride;
 #pragma unroll
-  for (int i = 0; i < 16 * kChunksPerRow / 32; ++i) {
+  for (int i = 0; i < kWarpRows * kChunksPerRow / 32; ++i) {
     const int index = lane + 32 * i;
     const int row = warp_row + index / kChunksPerRow, chunk = index % kChunksPerRow;
     if (m0 + row < seqlen_q)
@@ -378,11 +482,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionP
     float* const lse = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride +
                        q_start * p.lse_row_stride;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = m0 + warp_row + quad_row + 8 * r;
-      if (row < seqlen_q)
-        lse[row * p.lse_row_stride] =
-            total_sum[r] > 0.0f ? row_max[r] * 0.69314718055994531f + logf(total_sum[r]) : -INFINITY;
+    for (int b = 0; b < kRowBlocks; ++b) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = m0 + warp_row + 16 * b + quad_row + 8 * r;
+        if (row < seqlen_q)
+          lse[row * p.lse_row_stride] = total_sum[b][r] > 0.0f
+                                            ? row_max[b][r] * 0.69314718055994531f + logf(total_sum[b][r])
+                                            : -INFINITY;
+      }
     }
   }
 }
@@ -398,14 +506,33 @@ bool rows_aligned(const TensorView& view) {
   return true;
 }
 
-template <typename Element, int kHeadDim>
+template <typename Element, int kHeadDim, class Sched>
 cudaError_t launch(const AttentionParams& params, dim3 grid, cudaStream_t stream) {
-  constexpr int bytes = shared_bytes<kHeadDim>();
-  const cudaError_t status = cudaFuncSetAttribute(attention_kernel<Element, kHeadDim>,
+  constexpr int bytes = shared_bytes<kHeadDim, Sched>();
+  const cudaError_t status = cudaFuncSetAttribute(attention_kernel<Element, kHeadDim, Sched>,
                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (status != cudaSuccess) return status;
-  attention_kernel<Element, kHeadDim><<<grid, kThreads, bytes, stream>>>(params);
+  attention_kernel<Element, kHeadDim, Sched><<<grid, Sched::kThreads, bytes, stream>>>(params);
   return cudaGetLastError();
+}
+
+// The schedules by variant number (see attention.cuh).
+template <typename Element, int kHeadDim>
+cudaError_t launch_variant(int variant, const AttentionParams& params, dim3 grid, cudaStream_t stream) {
+  switch (variant) {
+    case 0:
+      return launch<Element, kHeadDim, Schedule<8, 1, 64, false, 1>>(params, grid, stream);
+    case 1:
+      return launch<Element, kHeadDim, Schedule<8, 1, 64, true, kHeadDim == 64 ? 2 : 1>>(params, grid, stream);
+    case 2:
+      return launch<Element, kHeadDim, Schedule<4, 2, 64, true, 2>>(params, grid, stream);
+    case 3:
+      return launch<Element, kHeadDim, Schedule<4, 2, 32, true, 2>>(params, grid, stream);
+    case 4:
+      return launch<Element, kHeadDim, Schedule<8, 1, 128, true, 1>>(params, grid, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
@@ -439,8 +566,9 @@ const char* attention_unsupported(const TensorView& q, const TensorView& k, cons
 cudaError_t attention(const TensorView& q, const TensorView& k, const TensorView& v,
                       const TensorView& out, const TensorView* lse,
                       const TensorView* cu_seqlens_q, const TensorView* cu_seqlens_k,
-                      int64_t max_seqlen_q, bool causal, float scale, cudaStream_t stream) {
-  if (attention_unsupported(q, k, v, out, cu_seqlens_q, cu_seqlens_k) != nullptr)
+                      int64_t max_seqlen_q, bool causal, float scale, int variant, cudaStream_t stream) {
+  if (attention_unsupported(q, k, v, out, cu_seqlens_q, cu_seqlens_k) != nullptr || variant < 0 ||
+      variant >= kAttentionVariants)
     return cudaErrorInvalidValue;
   const bool packed = cu_seqlens_q != nullptr;
   AttentionParams params{};
@@ -491,9 +619,10 @@ cudaError_t attention(const TensorView& q, const TensorView& k, const TensorView
                   static_cast<unsigned>(query_tiles));
   const int64_t head_dim = q.sizes[first + 2];
   if (q.dtype == DType::kFloat16)
-    return head_dim == 64 ? launch<__half, 64>(params, grid, stream) : launch<__half, 128>(params, grid, stream);
-  return head_dim == 64 ? launch<__nv_bfloat16, 64>(params, grid, stream)
-                        : launch<__nv_bfloat16, 128>(params, grid, stream);
+    return head_dim == 64 ? launch_variant<__half, 64>(variant, params, grid, stream)
+                          : launch_variant<__half, 128>(variant, params, grid, stream);
+  return head_dim == 64 ? launch_variant<__nv_bfloat16, 64>(variant, params, grid, stream)
+                        : launch_variant<__nv_bfloat16, 128>(variant, params, grid, stream);
 }
 
 }  // namespace fmkernels::cuda

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -118,6 +119,17 @@ ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 #: Its grid is (q_heads, batch, query tiles of ATTENTION_BLOCK_M rows); CUDA bounds y and z.
 ATTENTION_BLOCK_M = 128
 _MAX_GRID_YZ = 65535
+#: The attention kernel's schedules (csrc/cuda/attention.cuh), by the number
+#: FMKERNELS_CUDA_ATTENTION_VARIANT selects; every one computes the same result.
+ATTENTION_VARIANTS = {
+    0: "8 warps x 16 rows, 64-key tiles, K and V copied together",
+    1: "8 warps x 16 rows, 64-key tiles, K and V copied apart",
+    2: "4 warps x 32 rows, 64-key tiles, K and V copied apart",
+    3: "4 warps x 32 rows, 32-key tiles, K and V copied apart",
+    4: "8 warps x 16 rows, 128-key tiles, K and V copied apart",
+}
+ATTENTION_VARIANT_ENV = "FMKERNELS_CUDA_ATTENTION_VARIANT"
+DEFAULT_ATTENTION_VARIANT = 2
 
 
 def attention_supports(q, k, v, *, cu_seqlens_q=None, **_) -> str | None:
@@ -150,7 +162,33 @@ def _aligned_rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if aligned else tensor.clone(memory_format=torch.contiguous_format)
 
 
+def attention_variant() -> int:
+    """The attention kernel schedule to launch: ``FMKERNELS_CUDA_ATTENTION_VARIANT`` when set
+    (a key of ``ATTENTION_VARIANTS``), else ``DEFAULT_ATTENTION_VARIANT``.
+
+    Raises
+    ------
+    ValueError
+        When the variable is set to anything else.
+    """
+    text = os.environ.get(ATTENTION_VARIANT_ENV, "").strip()
+    if not text:
+        return DEFAULT_ATTENTION_VARIANT
+    if not text.isdigit() or int(text) not in ATTENTION_VARIANTS:
+        known = ", ".join(map(str, ATTENTION_VARIANTS))
+        raise ValueError(f"{ATTENTION_VARIANT_ENV} must be one of {known}; got {text!r}")
+    return int(text)
+
+
 def attention(q, k, v, *, causal=False, scale=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False):
+    """Prefill attention on the tensor-core kernel.
+
+    The environment variable ``FMKERNELS_CUDA_ATTENTION_VARIANT`` (read at every call) picks
+    the kernel's schedule, one of ``ATTENTION_VARIANTS``; it exists to benchmark them against
+    each other (bench/cuda_attention_variants.py) and leaves the result unchanged. Unset, the
+    kernel runs ``DEFAULT_ATTENTION_VARIANT``.
+    """
+    variant = attention_variant()
     q, k, v = _aligned_rows(q), _aligned_rows(k), _aligned_rows(v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     packed = cu_seqlens_q is not None
@@ -170,7 +208,7 @@ def attention(q, k, v, *, causal=False, scale=None, cu_seqlens_q=None, cu_seqlen
         _module().attention(
             tensor_view(q), tensor_view(k), tensor_view(v), tensor_view(out), tensor_view(lse),
             tensor_view(cu_seqlens_q), tensor_view(cu_seqlens_k), bool(causal), scale, max_seqlen_q,
-            stream_of(q),
+            variant, stream_of(q),
         )
     return (out, lse) if return_lse else out
 def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
