@@ -132,6 +132,31 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// Element d of query row `row` of KV head h, sequence b: to out with one split, else to
+// this split's fp32 partial.
+template <typename Element>
+__device__ __forceinline__ void store_output(const DecodeParams& p, int64_t b, int h, int split, int row, int d,
+                                             float value) {
+  const int head = h * p.group + row / p.n_new, token = row % p.n_new;
+  if (p.num_splits == 1) {
+    static_cast<Element*>(p.out)[b * p.out_stride[0] + token * p.out_stride[1] + head * p.out_stride[2] + d] =
+        from_float<Element>(value);
+  } else {
+    p.partial_out[(((b * p.num_splits + split) * p.q_heads + head) * p.n_new + token) * p.head_dim + d] = value;
+  }
+}
+
+// The same row's log-sum-exp, lse2 in base 2: to lse (natural log, if wanted) with one
+// split, else to this split's partial.
+__device__ __forceinline__ void store_lse(const DecodeParams& p, int64_t b, int h, int split, int row, float lse2) {
+  const int head = h * p.group + row / p.n_new, token = row % p.n_new;
+  if (p.num_splits > 1) {
+    p.partial_lse[((b * p.num_splits + split) * p.q_heads + head) * p.n_new + token] = lse2;
+  } else if (p.lse != nullptr) {
+    p.lse[b * p.lse_stride[0] + head * p.lse_stride[1] + token * p.lse_stride[2]] = lse2 * kLn2;
+  }
+}
+
 // kLanes threads read one cache row, kChunks 16-byte vectors each: lane t's chunk c is
 // vector c * kLanes + t of the row, so a reader's loads are contiguous. kRows query rows per
 // CTA; kUnroll positions per reader per step.
@@ -332,33 +357,18 @@ __global__ void __launch_bounds__(kThreads) decode_lanes_kernel(const DecodePara
   }
   __syncthreads();
 
-  const bool direct = p.num_splits == 1;
   for (int i = threadIdx.x; i < kRows * p.head_dim; i += kThreads) {
     const int r = i / p.head_dim, d = i % p.head_dim;
     const int row = row_block * kRows + r;
     if (row >= p.rows) continue;
     float value = 0.0f;
     for (int g = 0; g < kReaders; ++g) value = fmaf(reader_weight[g][r], reader_acc[g][r][d], value);
-    const int head = h * p.group + row / p.n_new, token = row % p.n_new;
-    if (direct) {
-      static_cast<Element*>(p.out)[b * p.out_stride[0] + token * p.out_stride[1] + head * p.out_stride[2] + d] =
-          from_float<Element>(value);
-    } else {
-      p.partial_out[(((b * p.num_splits + split) * p.q_heads + head) * p.n_new + token) * p.head_dim + d] = value;
-    }
+    store_output<Element>(p, b, h, split, row, d, value);
   }
   if (threadIdx.x < kRows) {
     const int r = threadIdx.x;
     const int row = row_block * kRows + r;
-    if (row < p.rows) {
-      const int head = h * p.group + row / p.n_new, token = row % p.n_new;
-      const float lse2 = row_l[r] > 0.0f ? row_m[r] + log2f(row_l[r]) : kNegInf;
-      if (!direct) {
-        p.partial_lse[((b * p.num_splits + split) * p.q_heads + head) * p.n_new + token] = lse2;
-      } else if (p.lse != nullptr) {
-        p.lse[b * p.lse_stride[0] + head * p.lse_stride[1] + token * p.lse_stride[2]] = lse2 * kLn2;
-      }
-    }
+    if (row < p.rows) store_lse(p, b, h, split, row, row_l[r] > 0.0f ? row_m[r] + log2f(row_l[r]) : kNegInf);
   }
 }
 
@@ -626,7 +636,6 @@ __global__ void __launch_bounds__(kThreads) decode_tiled_kernel(const DecodePara
   }
   __syncthreads();
 
-  const bool direct = p.num_splits == 1;
   for (int i = threadIdx.x; i < kRows * p.head_dim; i += kThreads) {
     const int r = i / p.head_dim, d = i % p.head_dim;
     const int row = row_block * kRows + r;
@@ -635,26 +644,12 @@ __global__ void __launch_bounds__(kThreads) decode_tiled_kernel(const DecodePara
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) value += merge[(g * kRows + r) * kDim + d];
     value = row_l[r] > 0.0f ? value / row_l[r] : 0.0f;
-    const int head = h * p.group + row / p.n_new, token = row % p.n_new;
-    if (direct) {
-      static_cast<Element*>(p.out)[b * p.out_stride[0] + token * p.out_stride[1] + head * p.out_stride[2] + d] =
-          from_float<Element>(value);
-    } else {
-      p.partial_out[(((b * p.num_splits + split) * p.q_heads + head) * p.n_new + token) * p.head_dim + d] = value;
-    }
+    store_output<Element>(p, b, h, split, row, d, value);
   }
   if (threadIdx.x < kRows) {
     const int r = threadIdx.x;
     const int row = row_block * kRows + r;
-    if (row < p.rows) {
-      const int head = h * p.group + row / p.n_new, token = row % p.n_new;
-      const float lse2 = row_l[r] > 0.0f ? row_m[r] + log2f(row_l[r]) : kNegInf;
-      if (!direct) {
-        p.partial_lse[((b * p.num_splits + split) * p.q_heads + head) * p.n_new + token] = lse2;
-      } else if (p.lse != nullptr) {
-        p.lse[b * p.lse_stride[0] + head * p.lse_stride[1] + token * p.lse_stride[2]] = lse2 * kLn2;
-      }
-    }
+    if (row < p.rows) store_lse(p, b, h, split, row, row_l[r] > 0.0f ? row_m[r] + log2f(row_l[r]) : kNegInf);
   }
 }
 
