@@ -26,6 +26,14 @@ from fmkernels._views import tensor_view
 from fmkernels.ops import _cuda
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+VARIANTS = list(_cuda.DECODE_VARIANTS)
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request, monkeypatch):
+    """Each split kernel in turn, chosen through the adapter's environment switch."""
+    monkeypatch.setenv("FMKERNELS_CUDA_DECODE_VARIANT", request.param)
+    return _cuda.DECODE_VARIANTS[request.param]
 
 requires_cuda = pytest.mark.skipif(
     platform.unavailable_reason("cuda") is not None, reason=str(platform.unavailable_reason("cuda"))
@@ -85,6 +93,18 @@ def test_rows_per_cta():
     assert [_cuda.decode_rows_per_cta(rows) for rows in (1, 4, 5, 8, 24)] == [4, 4, 8, 8, 8]
 
 
+def test_variant_switch(monkeypatch):
+    monkeypatch.delenv("FMKERNELS_CUDA_DECODE_VARIANT", raising=False)
+    assert _cuda.decode_variant() == _cuda.DECODE_VARIANTS[_cuda.DECODE_DEFAULT_VARIANT]
+    for name, number in _cuda.DECODE_VARIANTS.items():
+        monkeypatch.setenv("FMKERNELS_CUDA_DECODE_VARIANT", name)
+        assert _cuda.decode_variant() == number
+        monkeypatch.setenv("FMKERNELS_CUDA_DECODE_VARIANT", str(number))
+        assert _cuda.decode_variant() == number
+    monkeypatch.setenv("FMKERNELS_CUDA_DECODE_VARIANT", "fastest")
+    assert _cuda.decode_variant() not in _cuda.DECODE_VARIANTS.values()
+
+
 def test_supports_names_what_it_cannot_do():
     assert _cuda.decode_attention_supports(**make_case((5,), 1, 2, 1, 128, torch.bfloat16)) is None
     assert _cuda.decode_attention_supports(**make_case((5,), 1, 2, 1, 36, torch.float32)) is None
@@ -141,7 +161,7 @@ def _shape_id(shape):
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("shape", SHAPES + FULL_SIZE_SHAPES, ids=_shape_id)
-def test_matches_reference(shape, dtype, poisoned_allocations):
+def test_matches_reference(shape, dtype, variant, poisoned_allocations):
     lengths, n_new, q_heads, kv_heads, head_dim, block_size = shape
     case = make_case(lengths, n_new, q_heads, kv_heads, head_dim, dtype, block_size, device="cuda")
     assert_matches_reference(case, run_cuda(case))
@@ -151,7 +171,7 @@ def test_matches_reference(shape, dtype, poisoned_allocations):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
 @pytest.mark.parametrize("block_size", [None, 7], ids=["contiguous", "paged7"])
-def test_split_counts(dtype, block_size, poisoned_allocations):
+def test_split_counts(dtype, block_size, variant, poisoned_allocations):
     """One split (written directly), a few, and more splits than steps (most of them empty)."""
     case = make_case((113, 3, 40), 3, 8, 2, 64, dtype, block_size, seed=1, device="cuda")
     results = []
@@ -164,7 +184,7 @@ def test_split_counts(dtype, block_size, poisoned_allocations):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-def test_strided_q_and_cache(dtype, poisoned_allocations):
+def test_strided_q_and_cache(dtype, variant, poisoned_allocations):
     case = make_case((17, 113, 40), 3, 8, 2, 64, dtype, seed=2, device="cuda")
     # q as a transposed (batch, heads, n_new, D) buffer; the caches as views of wider ones.
     case["q"] = case["q"].transpose(1, 2).contiguous().transpose(1, 2)
@@ -181,7 +201,7 @@ def test_strided_q_and_cache(dtype, poisoned_allocations):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_equals_last_rows_of_attention():
+def test_equals_last_rows_of_attention(variant):
     """Decoding n_new tokens over a full cache gives the last n_new rows of causal attention."""
     generator = torch.Generator("cuda").manual_seed(3)
     batch, seqlen, n_new, q_heads, kv_heads, head_dim = 2, 70, 4, 4, 2, 32
@@ -203,13 +223,13 @@ def test_unsupported_case_raises_when_named_and_falls_back_on_auto():
     assert_matches_reference(case, fmkernels.decode_attention(**case, return_lse=True))
 
 
-def _direct_call(case, out, lse, num_splits=1, partial_out=None, partial_lse=None):
-    """The binding itself, past the ops layer's checks."""
+def _direct_call(case, out, lse, num_splits=1, partial_out=None, partial_lse=None, variant=None):
+    """The binding itself, past the ops layer's checks; variant None: the adapter's choice."""
     platform.cuda_module().decode_attention(
         tensor_view(case["q"]), tensor_view(case["k_cache"]), tensor_view(case["v_cache"]),
         tensor_view(case["cache_seqlens"]), tensor_view(case["block_table"]), tensor_view(out), tensor_view(lse),
         1.0 / math.sqrt(case["q"].shape[-1]), num_splits, tensor_view(partial_out), tensor_view(partial_lse),
-        torch.cuda.current_stream().cuda_stream,
+        _cuda.decode_variant() if variant is None else variant, torch.cuda.current_stream().cuda_stream,
     )
     torch.cuda.synchronize()
 
@@ -217,7 +237,7 @@ def _direct_call(case, out, lse, num_splits=1, partial_out=None, partial_lse=Non
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("block_size", [None, 4], ids=["contiguous", "paged4"])
-def test_direct_call_clamps_lengths_and_skips_bad_blocks(block_size):
+def test_direct_call_clamps_lengths_and_skips_bad_blocks(block_size, variant):
     """Lengths past the cache are clamped to its capacity, negative ones to 0 (rows that see
     nothing: zeros and an LSE of -inf), and positions in blocks outside the pool are skipped."""
     case = make_case((6, 9, 3), 2, 4, 2, 64, torch.float16, block_size, seed=5, device="cuda")
@@ -262,6 +282,9 @@ def test_direct_call_rejects_bad_scratch_and_splits():
         _direct_call(case, out, None, 2, small, small)
     with pytest.raises(ValueError, match="scratch"):
         _direct_call(case, out, None, 2, None, None)
+    for unknown in (-1, len(_cuda.DECODE_VARIANTS)):
+        with pytest.raises(ValueError, match="variant"):
+            _direct_call(case, out, None, variant=unknown)
 
 
 
@@ -269,7 +292,7 @@ def test_direct_call_rejects_bad_scratch_and_splits():
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("num_splits", [1, 7, 256])
-def test_split_counts_full_size(num_splits, poisoned_allocations):
+def test_split_counts_full_size(num_splits, variant, poisoned_allocations):
     case = make_case((32768, 5000, 1), 1, 32, 8, 128, torch.bfloat16, 16, seed=4, device="cuda")
     assert_matches_reference(case, run_cuda(case, num_splits))
 

@@ -29,6 +29,10 @@ DECODE_CTAS_PER_SM = 16
 DECODE_MIN_SPLIT_POSITIONS = 256
 #: ... and at most this many splits (the kernels' limit).
 DECODE_MAX_SPLITS = 256
+#: The decode_attention split kernels (csrc/cuda/decode_attention.cuh, DecodeVariant), by name.
+DECODE_VARIANTS = {"lanes": 0, "tiled": 1, "tiled_shallow": 2}
+#: The one decode_attention runs unless FMKERNELS_CUDA_DECODE_VARIANT names another.
+DECODE_DEFAULT_VARIANT = "tiled"
 
 
 def _module():
@@ -65,6 +69,26 @@ def decode_num_splits(ctas_per_split: int, capacity: int, num_sms: int) -> int:
     return max(1, min(wanted, worth_splitting, DECODE_MAX_SPLITS))
 
 
+def decode_variant() -> int:
+    """The split kernel decode_attention launches, as the binding's int.
+
+    A benchmarking switch: the environment variable ``FMKERNELS_CUDA_DECODE_VARIANT`` picks
+    one of DECODE_VARIANTS by name or number (read at every call, so a benchmark can compare
+    them in one process); unset, DECODE_DEFAULT_VARIANT. All variants compute the same
+    results to rounding. A value that names none is passed on as a number (or -1), for the
+    binding to reject with a ValueError.
+    """
+    value = os.environ.get("FMKERNELS_CUDA_DECODE_VARIANT", "").strip()
+    if not value:
+        return DECODE_VARIANTS[DECODE_DEFAULT_VARIANT]
+    if value in DECODE_VARIANTS:
+        return DECODE_VARIANTS[value]
+    try:
+        return int(value)
+    except ValueError:
+        return -1
+
+
 def decode_attention_supports(q, k_cache, v_cache, **_) -> str | None:
     head_dim, vector = q.shape[-1], 16 // q.element_size()
     if head_dim > DECODE_MAX_HEAD_DIM:
@@ -80,7 +104,11 @@ def decode_attention_supports(q, k_cache, v_cache, **_) -> str | None:
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, return_lse=False,
                      num_splits=None):
-    """``num_splits``: splits per sequence; None lets decode_num_splits choose."""
+    """``num_splits``: splits per sequence; None lets decode_num_splits choose.
+
+    The split kernel is decode_variant(): set ``FMKERNELS_CUDA_DECODE_VARIANT`` (a name of
+    DECODE_VARIANTS) to benchmark the others.
+    """
     q = q if q.stride(-1) == 1 else q.contiguous()
     batch, n_new, q_heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -100,7 +128,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, sc
         _module().decode_attention(
             tensor_view(q), tensor_view(k_cache), tensor_view(v_cache), tensor_view(cache_seqlens),
             tensor_view(block_table), tensor_view(out), tensor_view(lse), _scale(q, scale), num_splits,
-            tensor_view(partial_out), tensor_view(partial_lse), stream_of(q),
+            tensor_view(partial_out), tensor_view(partial_lse), decode_variant(), stream_of(q),
         )
     return (out, lse) if return_lse else out
 
