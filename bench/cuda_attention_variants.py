@@ -69,7 +69,6 @@ def main() -> None:
             cells = " ".join(f"{'-' if rates[c] is None else f'{rates[c]:.0f}':>10}" for c in columns)
             print(f"{seqlen:>6} {'yes' if causal else 'no':>6} {cells}   {best}")
             rows.append(dict(shape=case.shape, seqlen=seqlen, causal=causal, tflops=rates))
-            del kwargs
             torch.cuda.empty_cache()
     finally:
         if saved is None:

@@ -9,7 +9,8 @@
 #   sass      per-kernel registers/shared memory/spills and the matrix instructions in the SASS
 #   test      pytest -m gpu over $TESTS (default: tests)
 #   memcheck  the CUDA backend's GPU tests under compute-sanitizer memcheck
-#   racecheck the CUDA attention and sampling GPU tests under compute-sanitizer racecheck
+#   racecheck the CUDA kernels' GPU tests ($RACECHECK_FILTER) under compute-sanitizer racecheck
+#   variants  bench/cuda_attention_variants.py and bench/cuda_decode_variants.py
 #   check     fmkernels check --device cuda
 #   bench     fmkernels bench --device cuda (one default shape per op, every implementation)
 #   sweep     fmkernels bench --device cuda --sweep: attention, decode and append_kv against the
@@ -23,8 +24,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
-LOGS="$OUT/logs"
-mkdir -p "$LOGS"
+# Logs are written outside $OUT and packed into $OUT/logs.tgz after every stage, so a call
+# cut short still returns what the finished stages wrote.
+LOGS=${LOGS:-$(mktemp -d)/logs}
+mkdir -p "$LOGS" "$OUT"
 PYTHON=${PYTHON:-python3}
 TESTS=${TESTS:-tests}
 export PYTHONUNBUFFERED=1
@@ -76,20 +79,38 @@ for stage in "${stages[@]}"; do
       note test $rc "$(tail -1 "$LOGS/pytest-gpu.log")"
       ;;
     memcheck)
-      timeout 900 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-        $PYTHON -m pytest -m gpu -q -x -p no:cacheprovider -k "cuda" $(cuda_tests) > "$LOGS/memcheck.log" 2>&1
-      rc=$?
-      grep -m 20 -E "Invalid|out of bounds|ERROR SUMMARY" "$LOGS/memcheck.log"
-      note memcheck $rc "$(grep -E 'ERROR SUMMARY' "$LOGS/memcheck.log" | tail -1) $(tail -1 "$LOGS/memcheck.log")"
+      # One process per test file, so no file inherits another's GPU memory; $MEMCHECK_FILTER
+      # (a pytest -k expression) narrows the cases.
+      rc=0
+      for file in $(cuda_tests); do
+        filter=${MEMCHECK_FILTER:-}
+        [ "$file" = tests/test_append_kv.py ] && filter="cuda"
+        timeout 900 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+          $PYTHON -m pytest -m gpu -q -p no:cacheprovider ${filter:+-k "$filter"} "$file" >> "$LOGS/memcheck.log" 2>&1 || rc=$?
+        echo "$file: $(grep -E 'ERROR SUMMARY' "$LOGS/memcheck.log" | tail -1) $(tail -1 "$LOGS/memcheck.log")"
+      done
+      grep -m 20 -E "Invalid|out of bounds" "$LOGS/memcheck.log"
+      note memcheck $rc "$(grep -c 'ERROR SUMMARY: 0 errors' "$LOGS/memcheck.log") clean files"
       ;;
     racecheck)
-      targets=$(ls tests/test_cuda_attention.py tests/test_cuda_sampling.py 2>/dev/null)
-      timeout 900 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
+      # Only fmkernels' kernels are checked (the reference's cuBLAS calls are not ours to judge).
+      targets=$(ls tests/test_cuda_attention.py tests/test_cuda_decode_attention.py tests/test_cuda_sampling.py 2>/dev/null)
+      timeout 900 compute-sanitizer --tool racecheck --kernel-name kns=fmkernels --error-exitcode 1 --print-limit 20 \
         $PYTHON -m pytest -m gpu -q -x -p no:cacheprovider -k "${RACECHECK_FILTER:-not large}" $targets \
         > "$LOGS/racecheck.log" 2>&1
       rc=$?
       grep -m 20 -E "hazard|RACECHECK SUMMARY" "$LOGS/racecheck.log"
       note racecheck $rc "$(grep -E 'RACECHECK SUMMARY' "$LOGS/racecheck.log" | tail -1) $(tail -1 "$LOGS/racecheck.log")"
+      ;;
+    variants)
+      # The CUDA kernels' schedules side by side (each script prints one compact table).
+      rc=0
+      for script in cuda_attention_variants cuda_decode_variants; do
+        timeout 300 $PYTHON bench/$script.py --repeats "${VARIANT_REPEATS:-20}" --json "$OUT/$date-$script.json" \
+          > "$LOGS/$script.log" 2>&1 || rc=$?
+        cat "$LOGS/$script.log"
+      done
+      note variants $rc "$OUT/$date-cuda_*_variants.json"
       ;;
     check)
       timeout 600 $PYTHON -m fmkernels check --device cuda > "$LOGS/check.log" 2>&1
@@ -120,9 +141,10 @@ for stage in "${stages[@]}"; do
       ;;
   esac
   echo "== $stage: $((SECONDS - start)) s"
+  tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" logs
 done
 
-tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" logs
 echo "== summary ($device, sm_$arch; copy JSON to bench/results/$device/ to keep it)"
 printf '%s\n' "${summary[@]}"
 exit $status
