@@ -171,7 +171,7 @@ def test_implementations_lists_backends_by_priority_then_peers_then_users():
     assert [impl.name for impl in fmkernels.implementations("attention")] == (
         ["cuda", "cpu", "reference", "triton", "sdpa", "sdpa_cudnn", "sdpa_efficient", "sdpa_flash"]
         if platform.triton_interpreting()
-        else ["cuda", "triton", "cpu", "reference", "sdpa", "sdpa_cudnn", "sdpa_efficient", "sdpa_flash"]
+        else ["triton", "cuda", "cpu", "reference", "sdpa", "sdpa_cudnn", "sdpa_efficient", "sdpa_flash"]
     )
 
 

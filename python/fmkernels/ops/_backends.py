@@ -1,7 +1,8 @@
 """fmkernels' own implementations, registered under the backend names.
 
-reference (PyTorch, any device) < cpu (C++) < triton < cuda: ``backend="auto"`` tries
-them from the highest priority down.
+reference (PyTorch, any device) < cpu (C++) < triton < cuda, except where OP_PRIORITY
+ranks a backend below the one measured faster for that op: ``backend="auto"`` tries them
+from the highest priority down.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from .. import platform, reference, registry
 from . import _cpu, _cuda
 
 PRIORITY = {"reference": 0, "cpu": 10, "triton": 20, "cuda": 30}
+# Where a backend is not the fastest for an op, it ranks below the one that is. Prefill
+# attention on an H100: the Triton kernel (Triton emits wgmma on sm_90) reached 323-415
+# TFLOP/s against 212-283 for the CUDA mma.sync kernel (bench/results/nvidia-h100-80gb-hbm3/
+# 2026-11-22-cuda_attention_variants.json), so "auto" takes Triton first there.
+OP_PRIORITY = {("attention", "cuda"): 15}
 if platform.triton_interpreting():
     # The interpreter is for tests: it runs when named, but "auto" prefers even the reference.
     PRIORITY["triton"] = -10
@@ -68,7 +74,8 @@ def _triton(op: str):
 def _register(op: str, name: str, fn, devices, supports=None) -> None:
     registry.register_impl(
         op, name, fn, supports,
-        available=_availability(name, op), devices=devices, kind="backend", priority=PRIORITY[name],
+        available=_availability(name, op), devices=devices, kind="backend",
+        priority=OP_PRIORITY.get((op, name), PRIORITY[name]),
     )
 
 

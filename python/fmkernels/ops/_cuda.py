@@ -157,7 +157,9 @@ ATTENTION_VARIANTS = {
     4: "8 warps x 16 rows, 128-key tiles, K and V copied apart",
 }
 ATTENTION_VARIANT_ENV = "FMKERNELS_CUDA_ATTENTION_VARIANT"
-DEFAULT_ATTENTION_VARIANT = 2
+#: The fastest on an H100 (bench/results/nvidia-h100-80gb-hbm3/2026-11-22-cuda_attention_variants.json:
+#: first at 8 of the 10 bf16 d=128 shapes, 212-283 TFLOP/s).
+ATTENTION_DEFAULT_VARIANT = 3
 
 
 def attention_supports(q, k, v, *, cu_seqlens_q=None, **_) -> str | None:
@@ -192,7 +194,7 @@ def _aligned_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 def attention_variant() -> int:
     """The attention kernel schedule to launch: ``FMKERNELS_CUDA_ATTENTION_VARIANT`` when set
-    (a key of ``ATTENTION_VARIANTS``), else ``DEFAULT_ATTENTION_VARIANT``.
+    (a key of ``ATTENTION_VARIANTS``), else ``ATTENTION_DEFAULT_VARIANT``.
 
     Raises
     ------
@@ -201,7 +203,7 @@ def attention_variant() -> int:
     """
     text = os.environ.get(ATTENTION_VARIANT_ENV, "").strip()
     if not text:
-        return DEFAULT_ATTENTION_VARIANT
+        return ATTENTION_DEFAULT_VARIANT
     if not text.isdigit() or int(text) not in ATTENTION_VARIANTS:
         known = ", ".join(map(str, ATTENTION_VARIANTS))
         raise ValueError(f"{ATTENTION_VARIANT_ENV} must be one of {known}; got {text!r}")
@@ -214,7 +216,7 @@ def attention(q, k, v, *, causal=False, scale=None, cu_seqlens_q=None, cu_seqlen
     The environment variable ``FMKERNELS_CUDA_ATTENTION_VARIANT`` (read at every call) picks
     the kernel's schedule, one of ``ATTENTION_VARIANTS``; it exists to benchmark them against
     each other (bench/cuda_attention_variants.py) and leaves the result unchanged. Unset, the
-    kernel runs ``DEFAULT_ATTENTION_VARIANT``.
+    kernel runs ``ATTENTION_DEFAULT_VARIANT``.
     """
     variant = attention_variant()
     q, k, v = _aligned_rows(q), _aligned_rows(k), _aligned_rows(v)
