@@ -28,6 +28,20 @@ PATTERNS = {
 }
 
 
+def without_parameters(name: str) -> str:
+    """``void f<T, (E)3>(int, float)`` -> ``f<T, (E)3>``: drops the parameter list at the end,
+    which template arguments before it may also hold parentheses."""
+    name = name.removeprefix("void ")
+    if not name.endswith(")"):
+        return name
+    depth = 0
+    for index in range(len(name) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(name[index], 0)
+        if depth == 0:
+            return name[:index]
+    return name
+
+
 def demangle(names):
     tool = shutil.which("cu++filt") or shutil.which("c++filt")
     if tool is None or not names:
@@ -63,7 +77,7 @@ def main() -> int:
     names = demangle(list(counts))
     print("arch     " + " ".join(f"{name:>8}" for name in PATTERNS) + "  kernel")
     for (mangled, counter), name in zip(counts.items(), names):
-        short = re.sub(r"\(.*", "", name)[:80]
+        short = re.sub(r"\(anonymous namespace\)::|fmkernels::cuda::", "", without_parameters(name))[:110]
         print(f"{architecture[mangled] or '?':8} " + " ".join(f"{counter[n]:8d}" for n in PATTERNS) + f"  {short}")
     return 0
 
