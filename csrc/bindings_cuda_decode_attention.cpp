@@ -47,7 +47,7 @@ void bind_cuda_decode_attention(py::module_& m) {
         py::arg("partial_lse"), py::arg("variant"), py::arg("stream"),
         "Split-KV attention of n_new new queries per sequence against a contiguous or paged KV "
         "cache on the device; partial_out/partial_lse: fp32 scratch when num_splits > 1; variant: the "
-        "split kernel (0: lanes, 1: tiled, 2: tiled_shallow; others raise ValueError).");
+        "split kernel (0: tiled, 1: tiled_shallow; others raise ValueError).");
 }
 
 }  // namespace fmkernels

@@ -1,5 +1,7 @@
-"""Test set-up: Triton through the interpreter when there is no GPU, and the gpu marker."""
+"""Test set-up: Triton through the interpreter when there is no GPU, the gpu marker, and
+GPU memory handed back after each GPU test."""
 
+import gc
 import os
 
 import torch
@@ -19,3 +21,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def release_gpu_memory(request):
+    """After a test marked gpu: collect reference cycles that may hold device tensors, and
+    return the cached blocks, so one process running many GPU tests (under a sanitizer, or
+    beside other test processes) does not keep every test's tensors. Nothing otherwise."""
+    yield
+    if request.node.get_closest_marker("gpu") is None or not torch.cuda.is_available():
+        return
+    gc.collect()
+    torch.cuda.empty_cache()

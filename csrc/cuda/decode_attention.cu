@@ -8,19 +8,14 @@
 // row read serves all of them. One split writes out and lse directly; several write fp32
 // partials (the normalised output and m + log2 l) that decode_merge_kernel, one CTA per
 // (sequence, token, query head), merges by their log-sum-exps. Scores are fp32 on CUDA
-// cores, in base 2 (q is pre-scaled by scale x log2 e). Two split kernels (DecodeVariant):
-//
-// decode_lanes_kernel: the CTA's 128 threads form kReaders = 128 / kLanes readers of kLanes
-//   threads; a reader reads a K and a V row in 16-byte vectors straight into registers, one
-//   vector per lane, kUnroll positions per step; dots are summed over a reader's lanes with
-//   xor shuffles, and each reader keeps its own online softmax, merged through shared
-//   memory at the end.
-// decode_tiled_kernel: tiles of kTile = 32 positions stream through a kStages-deep cp.async
-//   pipeline into shared memory (K rows padded by one vector so that 32 threads reading 32
-//   rows hit distinct banks). Per tile, lane i of warp w computes the whole dot of position
-//   i with query rows w, w + 4, ...; one warp max per row and tile updates the running max;
-//   then thread (group g, vector c) accumulates P x V for vector c of the positions
-//   g, g + 128 / kVectors, ... . The groups' sums are merged through shared memory at the end.
+// cores, in base 2 (q is pre-scaled by scale x log2 e). One split kernel,
+// decode_tiled_kernel, at two pipeline depths (DecodeVariant: 4 or 2 stages): tiles of
+// kTile = 32 positions stream through a kStages-deep cp.async pipeline into shared memory
+// (K rows padded by one vector so that 32 threads reading 32 rows hit distinct banks). Per
+// tile, lane i of warp w computes the whole dot of position i with query rows w, w + 4, ...;
+// one warp max per row and tile updates the running max; then thread (group g, vector c)
+// accumulates P x V for vector c of the positions g, g + 128 / kVectors, ... . The groups'
+// sums are merged through shared memory at the end.
 //
 // A masked position never contributes a value: positions at or past the split's end, or
 // whose block id lies outside the pool, are not read (zeros instead) and score -inf, as do
@@ -154,221 +149,6 @@ __device__ __forceinline__ void store_lse(const DecodeParams& p, int64_t b, int 
     p.partial_lse[((b * p.num_splits + split) * p.q_heads + head) * p.n_new + token] = lse2;
   } else if (p.lse != nullptr) {
     p.lse[b * p.lse_stride[0] + head * p.lse_stride[1] + token * p.lse_stride[2]] = lse2 * kLn2;
-  }
-}
-
-// kLanes threads read one cache row, kChunks 16-byte vectors each: lane t's chunk c is
-// vector c * kLanes + t of the row, so a reader's loads are contiguous. kRows query rows per
-// CTA; kUnroll positions per reader per step.
-template <typename Element, int kLanes, int kChunks, int kRows, int kUnroll>
-__global__ void __launch_bounds__(kThreads) decode_lanes_kernel(const DecodeParams p) {
-  constexpr int kVec = Vector<Element>::kElements;
-  constexpr int kReaders = kThreads / kLanes;  // positions read side by side
-  constexpr int kStep = kReaders * kUnroll;    // positions per step of the CTA
-  constexpr int kDimPadded = kLanes * kChunks * kVec;
-
-  __shared__ float reader_acc[kReaders][kRows][kDimPadded];
-  __shared__ float reader_m[kReaders][kRows];
-  __shared__ float reader_l[kReaders][kRows];
-  __shared__ float reader_weight[kReaders][kRows];
-  __shared__ float row_m[kRows];
-  __shared__ float row_l[kRows];
-
-  // blockIdx.x enumerates (b, h, split, row_block), row_block fastest.
-  int unit = static_cast<int>(blockIdx.x);
-  const int row_block = unit % p.row_blocks;
-  unit /= p.row_blocks;
-  const int split = unit % p.num_splits;
-  unit /= p.num_splits;
-  const int h = unit % p.kv_heads;
-  const int64_t b = unit / p.kv_heads;
-
-  const int lane = threadIdx.x % kLanes;
-  const int reader = threadIdx.x / kLanes;
-  const int vectors = p.head_dim / kVec;  // 16-byte vectors per row
-
-  // This split's positions [begin, end): the sequence cut evenly, in whole steps.
-  const int length = min(max(p.seqlens[b * p.seqlens_stride], 0), p.capacity);
-  const int per_split = ((length + p.num_splits - 1) / p.num_splits + kStep - 1) / kStep * kStep;
-  const int begin = min(split * per_split, length);
-  const int end = min(begin + per_split, length);
-
-  // q rows of this CTA, pre-scaled; a row past p.rows is zero and sees nothing.
-  float q[kRows][kChunks][kVec];
-  int last_visible[kRows];  // causal, bottom-right: token i sees positions <= i + L - n_new
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int row = row_block * kRows + r;
-    const bool row_valid = row < p.rows;
-    const int head = h * p.group + row / p.n_new, token = row % p.n_new;
-    last_visible[r] = row_valid ? token + length - p.n_new : -1;
-    const Element* src = static_cast<const Element*>(p.q) + b * p.q_stride[0] +
-                         token * p.q_stride[1] + head * p.q_stride[2];
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      const int vector = c * kLanes + lane;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e)
-        q[r][c][e] = row_valid && vector < vectors ? to_float(src[vector * kVec + e]) * p.scale_log2 : 0.0f;
-    }
-  }
-
-  float m[kRows], l[kRows], acc[kRows][kChunks][kVec];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    m[r] = kNegInf;
-    l[r] = 0.0f;
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c)
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[r][c][e] = 0.0f;
-  }
-
-  const Element* k_cache = static_cast<const Element*>(p.k_cache);
-  const Element* v_cache = static_cast<const Element*>(p.v_cache);
-  // begin and end are the same for every thread of the CTA, so every warp runs every step
-  // and the shuffles below always have their 32 lanes.
-  for (int step = begin; step < end; step += kStep) {
-    int pos[kUnroll];
-    bool live[kUnroll];
-    int64_t k_row[kUnroll], v_row[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      pos[u] = step + u * kReaders + reader;
-      live[u] = pos[u] < end;
-      int64_t cache_row = b;
-      int slot = pos[u];
-      if (p.block_table != nullptr) {
-        int64_t block = -1;
-        if (live[u]) block = p.block_table[b * p.table_stride[0] + (pos[u] / p.block_size) * p.table_stride[1]];
-        live[u] = live[u] && block >= 0 && block < p.num_blocks;
-        cache_row = block;
-        slot = pos[u] % p.block_size;
-      }
-      k_row[u] = cache_row * p.k_stride[0] + slot * p.k_stride[1] + h * p.k_stride[2];
-      v_row[u] = cache_row * p.v_stride[0] + slot * p.v_stride[1] + h * p.v_stride[2];
-    }
-    uint4 k_bits[kUnroll][kChunks], v_bits[kUnroll][kChunks];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        const int vector = c * kLanes + lane;
-        k_bits[u][c] = make_uint4(0, 0, 0, 0);
-        v_bits[u][c] = make_uint4(0, 0, 0, 0);
-        if (live[u] && vector < vectors) {
-          k_bits[u][c] = __ldg(reinterpret_cast<const uint4*>(k_cache + k_row[u] + vector * kVec));
-          v_bits[u][c] = __ldg(reinterpret_cast<const uint4*>(v_cache + v_row[u] + vector * kVec));
-        }
-      }
-    }
-
-    // scores[u][r]: q_r . k_u over the whole row, in base 2; -inf where masked.
-    float scores[kUnroll][kRows];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float k[kChunks][kVec];
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) Vector<Element>::widen(k_bits[u][c], k[c]);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int c = 0; c < kChunks; ++c)
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) dot = fmaf(q[r][c][e], k[c][e], dot);
-        scores[u][r] = dot;
-      }
-    }
-#pragma unroll
-    for (int offset = kLanes / 2; offset > 0; offset /= 2)
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-        for (int r = 0; r < kRows; ++r)
-          scores[u][r] += __shfl_xor_sync(0xFFFFFFFFu, scores[u][r], offset);
-
-    // Online softmax: scores become probabilities relative to the new running max.
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      float step_max = kNegInf;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (!(live[u] && pos[u] <= last_visible[r])) scores[u][r] = kNegInf;
-        step_max = fmaxf(step_max, scores[u][r]);
-      }
-      const float m_new = fmaxf(m[r], step_max);
-      // A row that has seen nothing keeps m = -inf: subtract 0 instead, so exp2 gives 0, not NaN.
-      const float m_base = m_new == kNegInf ? 0.0f : m_new;
-      const float alpha = exp2f(m[r] - m_base);
-      l[r] *= alpha;
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c)
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) acc[r][c][e] *= alpha;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        scores[u][r] = exp2f(scores[u][r] - m_base);
-        l[r] += scores[u][r];
-      }
-      m[r] = m_new;
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float v[kChunks][kVec];
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) Vector<Element>::widen(v_bits[u][c], v[c]);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r)
-#pragma unroll
-        for (int c = 0; c < kChunks; ++c)
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) acc[r][c][e] = fmaf(scores[u][r], v[c][e], acc[r][c][e]);
-    }
-  }
-
-  // Merge the readers: row r's result is sum_g 2^(m_g - M) acc_g / L, L = sum_g 2^(m_g - M) l_g.
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    if (lane == 0) {
-      reader_m[reader][r] = m[r];
-      reader_l[reader][r] = l[r];
-    }
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c)
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) reader_acc[reader][r][(c * kLanes + lane) * kVec + e] = acc[r][c][e];
-  }
-  __syncthreads();
-  if (threadIdx.x < kRows) {
-    const int r = threadIdx.x;
-    float top = kNegInf;
-    for (int g = 0; g < kReaders; ++g) top = fmaxf(top, reader_m[g][r]);
-    const float base = top == kNegInf ? 0.0f : top;
-    float total = 0.0f;
-    for (int g = 0; g < kReaders; ++g) total += reader_l[g][r] * exp2f(reader_m[g][r] - base);
-    row_m[r] = base;
-    row_l[r] = total;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kReaders * kRows; i += kThreads) {
-    const int g = i / kRows, r = i % kRows;
-    reader_weight[g][r] = row_l[r] > 0.0f ? exp2f(reader_m[g][r] - row_m[r]) / row_l[r] : 0.0f;
-  }
-  __syncthreads();
-
-  for (int i = threadIdx.x; i < kRows * p.head_dim; i += kThreads) {
-    const int r = i / p.head_dim, d = i % p.head_dim;
-    const int row = row_block * kRows + r;
-    if (row >= p.rows) continue;
-    float value = 0.0f;
-    for (int g = 0; g < kReaders; ++g) value = fmaf(reader_weight[g][r], reader_acc[g][r][d], value);
-    store_output<Element>(p, b, h, split, row, d, value);
-  }
-  if (threadIdx.x < kRows) {
-    const int r = threadIdx.x;
-    const int row = row_block * kRows + r;
-    if (row < p.rows) store_lse(p, b, h, split, row, row_l[r] > 0.0f ? row_m[r] + log2f(row_l[r]) : kNegInf);
   }
 }
 
@@ -687,21 +467,6 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Decod
         total > 0.0f ? (base + log2f(total)) * kLn2 : kNegInf;
 }
 
-template <typename Element, int kLanes, int kChunks, int kRows>
-cudaError_t launch_split(const DecodeParams& p, int64_t ctas, cudaStream_t stream) {
-  // Eight rows hold twice the q and acc registers: half the positions in flight keeps them.
-  constexpr int kUnroll = kRows > 4 ? 2 : 4;
-  decode_lanes_kernel<Element, kLanes, kChunks, kRows, kUnroll>
-      <<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <typename Element, int kLanes, int kChunks>
-cudaError_t launch_rows(const DecodeParams& p, int rows_per_cta, int64_t ctas, cudaStream_t stream) {
-  if (rows_per_cta == 4) return launch_split<Element, kLanes, kChunks, 4>(p, ctas, stream);
-  return launch_split<Element, kLanes, kChunks, 8>(p, ctas, stream);
-}
-
 template <typename Element, int kVectors, int kRows, int kWantedStages>
 cudaError_t launch_tiled(const DecodeParams& p, int64_t ctas, cudaStream_t stream) {
   constexpr auto kernel = decode_tiled_kernel<Element, kVectors, kRows, kWantedStages>;
@@ -734,22 +499,6 @@ cudaError_t launch_tiled_dims(const DecodeParams& p, int rows_per_cta, int64_t c
 }
 
 template <typename Element>
-cudaError_t launch_lanes(const DecodeParams& p, int rows_per_cta, int64_t ctas, cudaStream_t stream) {
-  // Lanes per reader: the row's 16-byte vectors, one per lane (at least 4 lanes, at most 32;
-  // two vectors per lane for fp32 rows of more than 32 vectors).
-  const int vectors = p.head_dim / Vector<Element>::kElements;
-  if (vectors <= 4) return launch_rows<Element, 4, 1>(p, rows_per_cta, ctas, stream);
-  if (vectors <= 8) return launch_rows<Element, 8, 1>(p, rows_per_cta, ctas, stream);
-  if (vectors <= 16) return launch_rows<Element, 16, 1>(p, rows_per_cta, ctas, stream);
-  if (vectors <= 32) return launch_rows<Element, 32, 1>(p, rows_per_cta, ctas, stream);
-  if constexpr (Vector<Element>::kElements == 4) {
-    return launch_rows<Element, 32, 2>(p, rows_per_cta, ctas, stream);
-  } else {
-    return cudaErrorInvalidValue;  // 16-bit rows of head_dim <= 256 are at most 32 vectors
-  }
-}
-
-template <typename Element>
 cudaError_t launch(DecodeParams p, int64_t batch, DecodeVariant variant, cudaStream_t stream) {
   // Rows per CTA: 4 (a decode step of GQA up to 4, or MHA), else 8, in as many CTAs as the
   // rows need (each reads the KV head's positions again, mostly from L2).
@@ -761,9 +510,6 @@ cudaError_t launch(DecodeParams p, int64_t batch, DecodeVariant variant, cudaStr
 
   cudaError_t status;
   switch (variant) {
-    case DecodeVariant::kLanes:
-      status = launch_lanes<Element>(p, rows_per_cta, ctas, stream);
-      break;
     case DecodeVariant::kTiled:
       status = launch_tiled_dims<Element, 4>(p, rows_per_cta, ctas, stream);
       break;
@@ -791,7 +537,7 @@ const char* check_decode_attention_launch(const TensorView& q, const TensorView&
                                           const TensorView* partial_out,
                                           const TensorView* partial_lse, int variant) {
   if (variant < 0 || variant >= kDecodeAttentionVariants)
-    return "decode_attention (cuda): unknown kernel variant (0: lanes, 1: tiled, 2: tiled_shallow)";
+    return "decode_attention (cuda): unknown kernel variant (0: tiled, 1: tiled_shallow)";
   const int64_t vec = 16 / element_size(q.dtype);
   const int64_t max_blocks = block_table != nullptr ? block_table->sizes[1] : 1;
   if (k_cache.sizes[1] >= kMaxPositions || max_blocks >= kMaxPositions ||

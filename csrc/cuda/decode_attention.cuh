@@ -11,12 +11,11 @@ namespace fmkernels::cuda {
 // The most splits of one sequence's positions that decode_attention merges.
 constexpr int64_t kDecodeAttentionMaxSplits = 256;
 
-// The split kernels decode_attention can run (see decode_attention.cu): kLanes reads rows
-// straight into registers, a few lanes per row; kTiled stages tiles of 32 positions in
-// shared memory through a 4-deep cp.async pipeline, kTiledShallow through a 2-deep one
-// (less shared memory per CTA, more CTAs per SM). The same results to rounding.
-enum class DecodeVariant : int { kLanes = 0, kTiled = 1, kTiledShallow = 2 };
-constexpr int kDecodeAttentionVariants = 3;
+// The split kernels decode_attention can run (see decode_attention.cu): kTiled stages tiles
+// of 32 positions in shared memory through a 4-deep cp.async pipeline, kTiledShallow through
+// a 2-deep one (less shared memory per CTA, more CTAs per SM). The same results to rounding.
+enum class DecodeVariant : int { kTiled = 0, kTiledShallow = 1 };
+constexpr int kDecodeAttentionVariants = 2;
 
 // What the kernels need beyond check_decode_attention_shapes: fewer than 2^30 positions per
 // sequence and n_new x q_heads within 32 bits, head_dim a whole number of 16-byte vectors, 16-byte aligned cache rows (the cache is read in 16-byte loads), a
