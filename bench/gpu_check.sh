@@ -71,8 +71,9 @@ for stage in "${stages[@]}"; do
       note sass $rc "resource-usage.txt, sass-summary.txt"
       ;;
     test)
-      # Triton compiles each kernel variant on first use: spread the tests over processes.
-      workers=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
+      # Triton compiles each kernel variant on first use: spread the tests over a few processes
+      # (16 at once ran the full-size cases out of the H100's 80 GB).
+      workers=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-4}")
       timeout ${TEST_TIMEOUT:-900} $PYTHON -m pytest -m gpu -q -p no:cacheprovider $workers $TESTS > "$LOGS/pytest-gpu.log" 2>&1
       rc=$?
       grep -E "^(FAILED|ERROR)" "$LOGS/pytest-gpu.log" | head -30
