@@ -125,7 +125,7 @@ def test_stop_tokens_end_each_sequence_on_its_own(model, kv_cache):
     ([[1, 512]], {}, ValueError, r"prompts\[0\]\[1\] = 512 is outside the vocabulary \[0, 512\)"),
     ([[-1]], {}, ValueError, "outside the vocabulary"),
     ([1, 2, 3], {}, TypeError, "list of token-id lists"),
-    ([[1] * 200], dict(max_new_tokens=100), ValueError, "needs 299 cache positions, beyond the model's max_seq_len=256"),
+    ([[1] * 200], dict(max_new_tokens=100), ValueError, "needs 299 cache positions, beyond the model's max_seq_len"),
     ([[1]], dict(max_new_tokens=0), ValueError, "max_new_tokens must be an int >= 1"),
     ([[1]], dict(temperature=-1.0), ValueError, "temperature must be"),
     ([[1]], dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
@@ -138,3 +138,14 @@ def test_bad_generate_input_is_named(model, prompts, options, error, message):
     options = dict(dict(max_new_tokens=4), **options)
     with pytest.raises(error, match=message):
         model.generate(prompts, **options)
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    (torch.tensor([[1, 512]]), ValueError, r"token id 512, outside the vocabulary \[0, 512\)"),
+    (torch.tensor([[-3, 1]]), ValueError, "token id -3"),
+    (torch.tensor([[1.0]]), TypeError, "input_ids must be an integer tensor"),
+    (torch.tensor([1, 2]), ValueError, r"input_ids must be a non-empty \(batch, seqlen\)"),
+])
+def test_bad_forward_input_is_named(model, ids, error, message):
+    with pytest.raises(error, match=message):
+        model(ids)

@@ -186,8 +186,15 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.device
 
     def forward(self, input_ids: torch.Tensor, *, cache=None, slots: Optional[Sequence[int]] = None):
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        integral = isinstance(input_ids, torch.Tensor) and not input_ids.dtype.is_floating_point
+        if not integral or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        low, high = torch.aminmax(input_ids)
+        if low < 0 or high >= self.config.vocab_size:
+            bad = int(low) if low < 0 else int(high)
+            raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
         b, s = input_ids.shape
         cache_args = {}
         if cache is None:
