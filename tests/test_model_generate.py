@@ -149,3 +149,24 @@ def test_bad_generate_input_is_named(model, prompts, options, error, message):
 def test_bad_forward_input_is_named(model, ids, error, message):
     with pytest.raises(error, match=message):
         model(ids)
+
+
+@pytest.mark.parametrize("kv_cache", ["contiguous", "paged"])
+def test_finished_sequences_leave_the_decode_batch(model, kv_cache, monkeypatch):
+    free = model.generate(PROMPTS, max_new_tokens=8)
+    stop = free[1][2]
+    calls = []
+    forward = Transformer.forward
+
+    def spy(self, input_ids, **kwargs):
+        calls.append((input_ids.shape[0], kwargs.get("cache")))
+        return forward(self, input_ids, **kwargs)
+
+    monkeypatch.setattr(Transformer, "forward", spy)
+    stopped = model.generate(PROMPTS, max_new_tokens=8, stop_token_ids=[stop], kv_cache=kv_cache, block_size=4)
+    decode_batches = [batch for batch, _ in calls[len(PROMPTS):]]  # after one prefill per prompt
+    running = [sum(len(tokens) > step for tokens in stopped) for step in range(1, 8)]
+    assert decode_batches == [n for n in running if n] and min(decode_batches) < len(PROMPTS)
+    cache = calls[-1][1]
+    if kv_cache == "paged":  # every sequence's blocks went back to the pool
+        assert cache.allocator.free_blocks == cache.allocator.num_blocks and not cache.blocks
