@@ -13,11 +13,17 @@ from .transformer import rope_frequencies
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
+# Checkpoint dtypes the ops run; any other loads as float32.
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _hf_name(name: str) -> str:
     """Our parameter name -> the checkpoint's (HF keeps everything but the LM head under ``model.``)."""
     return name if name.startswith("lm_head.") else "model." + name
+
+
+def _our_name(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
 
 
 def _shards(path: str) -> Dict[str, str]:
@@ -59,25 +65,28 @@ def load_pretrained(cls, path, *, dtype: Optional[torch.dtype], device, backend:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(f"checkpoint {path} has no tensor {missing[0]!r}{more}, which the {config.architecture} "
                          f"config needs")
-    tensors: Dict[str, torch.Tensor] = {}
-    for shard in sorted({files[name] for name in expected}):
+    # Shapes and dtype from the headers first, so a mismatch is reported before anything loads.
+    by_shard: Dict[str, list] = {}
+    for name in expected:
+        by_shard.setdefault(files[name], []).append(name)
+    for shard, names in sorted(by_shard.items()):
         with safe_open(shard, framework="pt") as f:
-            for name in expected:
-                if files[name] == shard:
-                    tensors[name] = f.get_tensor(name)
-    for name, param in expected.items():
-        if tuple(tensors[name].shape) != tuple(param.shape):
-            raise ValueError(
-                f"checkpoint tensor {name!r} has shape {tuple(tensors[name].shape)}, the config "
-                f"expects {tuple(param.shape)}"
-            )
-    if dtype is None:
-        dtype = tensors[_hf_name("embed_tokens.weight")].dtype
-    model = model.to_empty(device=device or "cpu").to(dtype)
+            for name in names:
+                header = f.get_slice(name)
+                shape = tuple(header.get_shape())
+                if shape != tuple(expected[name].shape):
+                    want = tuple(expected[name].shape)
+                    raise ValueError(f"checkpoint tensor {name!r} has shape {shape}, the config expects {want}")
+                if dtype is None and name == _hf_name("embed_tokens.weight"):
+                    dtype = _DTYPES.get(header.get_dtype(), torch.float32)
+    model = model.to(dtype or torch.float32).to_empty(device=device or "cpu")
     if config.tie_embeddings:  # to_empty gives each module its own tensor
         model.lm_head.weight = model.embed_tokens.weight
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(tensors[_hf_name(name)])
+    params = dict(model.named_parameters())
+    with torch.no_grad():  # one tensor in host memory at a time beside the model
+        for shard, names in sorted(by_shard.items()):
+            with safe_open(shard, framework="pt") as f:
+                for name in names:
+                    params[_our_name(name)].copy_(f.get_tensor(name))
     return model.eval()
 
