@@ -81,3 +81,10 @@ def test_missing_shard(tmp_path):
     os.remove(tmp_path / shards[-1])
     with pytest.raises(FileNotFoundError, match=f"shard .*{shards[-1]} .*is missing"):
         Transformer.from_pretrained(tmp_path)
+
+
+def test_checkpoint_dtype_is_kept_unless_one_is_asked(tmp_path):
+    hf_model("llama").to(torch.bfloat16).save_pretrained(tmp_path)
+    assert Transformer.from_pretrained(tmp_path).dtype == torch.bfloat16
+    model = Transformer.from_pretrained(tmp_path, dtype=torch.float32)
+    assert model.dtype == torch.float32 and model.layers[0].mlp.up_proj.weight.dtype == torch.float32
