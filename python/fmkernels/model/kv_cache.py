@@ -35,10 +35,6 @@ class ContiguousKVCache:
         self.max_seq_len = max_seq_len
         self.lengths: List[int] = [0] * batch
 
-    def capacity(self, slot: int) -> int:
-        """Positions one more token of ``slot`` may still take, counting those it holds."""
-        return self.max_seq_len
-
     def prepare(self, slots: Sequence[int], n_new: int) -> Tuple[torch.Tensor, None]:
         """cache_seqlens (len(slots),) int32 for a pass writing n_new tokens to each slot."""
         start = slots[0]
@@ -121,9 +117,6 @@ class PagedKVCache:
         self.max_seq_len = max_seq_len if max_seq_len is not None else num_blocks * block_size
         self.blocks: Dict[int, List[int]] = {}
         self.lengths: Dict[int, int] = {}
-
-    def capacity(self, slot: int) -> int:
-        return self.max_seq_len
 
     def prepare(self, slots: Sequence[int], n_new: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Allocates the blocks that n_new more tokens per slot need; returns
