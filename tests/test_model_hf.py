@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fmkernels.model import ModelConfig, Transformer
+from fmkernels.testing import attention_tolerance, max_error
 
 from _model_checks import hf_model
 
@@ -71,3 +72,24 @@ def test_config_from_transformers_config():
     llama3 = ModelConfig.from_hf_config(hf_model("llama", rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
                                         .config.to_dict())
     assert llama3.rope_theta == 500000.0 and llama3.rope_scaling["factor"] == 8.0
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_backends_within_the_design_tolerance_of_a_float64_truth(tmp_path, name):
+    """DESIGN.md's attention rule at the scale of the model: the kernels' error to the fp64
+    truth (transformers in float64) is at most twice plain PyTorch's fp32 error (the
+    reference backend) plus 1e-5, for the full forward and for chunked prefill into a cache."""
+    reference, _ = _hf_and_ours(tmp_path, name)
+    ids = torch.randint(0, 96, (2, 21), generator=torch.Generator().manual_seed(2))
+    if name == "mixtral":
+        reference.set_experts_implementation("eager")  # its grouped GEMM has no float64
+    with torch.no_grad():
+        truth = reference.double()(ids).logits
+        logits = {}
+        for backend in ("reference", "cpu"):
+            model = Transformer.from_pretrained(tmp_path, backend=backend)
+            cache = model.new_cache("paged", batch=2, max_seq_len=32, block_size=4)
+            chunked = torch.cat([model(ids[:, :13], cache=cache), model(ids[:, 13:], cache=cache)], dim=1)
+            logits[backend] = (model(ids), chunked)
+    for plain, kernel in zip(logits["reference"], logits["cpu"]):
+        assert max_error(kernel, truth) <= attention_tolerance(plain, truth)
