@@ -1,0 +1,154 @@
+"""KV caches for the model: contiguous rows, or a paged pool with a block allocator.
+
+Both hold one (k, v) pair per layer in the layouts the ops take (DESIGN.md):
+contiguous (batch, max_seq_len, kv_heads, head_dim) with ``cache_seqlens``, or paged
+(num_blocks, block_size, kv_heads, head_dim) with a ``block_table`` (batch, max_blocks).
+The model asks a cache for ``prepare(slots, n_new)`` (the cache_seqlens, and the block table
+for a paged one, of the sequences in the batch) before a forward pass and calls
+``advance(slots, n_new)`` after it.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+
+class ContiguousKVCache:
+    """One row of max_seq_len positions per sequence slot.
+
+    ``k[layer]``, ``v[layer]``: (batch, max_seq_len, kv_heads, head_dim). A forward pass runs
+    on a contiguous range of slots (a view, no copy); ``keep(slots)`` moves the given slots
+    to the front, so finished sequences drop out of the decode batch.
+    """
+
+    paged = False
+
+    def __init__(self, n_layers: int, batch: int, max_seq_len: int, kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        if batch <= 0 or max_seq_len <= 0:
+            raise ValueError(f"batch and max_seq_len must be positive, got {batch} and {max_seq_len}")
+        shape = (batch, max_seq_len, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_seq_len = max_seq_len
+        self.lengths: List[int] = [0] * batch
+
+    def prepare(self, slots: Sequence[int], n_new: int) -> Tuple[torch.Tensor, None]:
+        """cache_seqlens (len(slots),) int32 for a pass writing n_new tokens to each slot."""
+        start = slots[0]
+        if list(slots) != list(range(start, start + len(slots))):
+            raise ValueError(f"a contiguous cache runs a consecutive range of slots, got {list(slots)}")
+        for slot in slots:
+            if self.lengths[slot] + n_new > self.max_seq_len:
+                raise ValueError(
+                    f"sequence in slot {slot} needs {self.lengths[slot] + n_new} positions, "
+                    f"the cache holds max_seq_len={self.max_seq_len}"
+                )
+        device = self.k[0].device
+        return torch.tensor([self.lengths[s] for s in slots], dtype=torch.int32, device=device), None
+
+    def layer(self, index: int, slots: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of one layer for the slots' rows: views (n_slots, max_seq_len, kv_heads, head_dim)."""
+        rows = slice(slots[0], slots[0] + len(slots))
+        return self.k[index][rows], self.v[index][rows]
+
+    def advance(self, slots: Sequence[int], n_new: int) -> None:
+        for slot in slots:
+            self.lengths[slot] += n_new
+
+    def keep(self, slots: Sequence[int]) -> None:
+        """Moves the rows of ``slots`` to slots 0..len(slots)-1 (in that order); the rest are freed."""
+        slots = list(slots)
+        if slots == list(range(len(slots))):
+            return
+        index = torch.tensor(slots, device=self.k[0].device)
+        for cache in (*self.k, *self.v):
+            cache[: len(slots)] = cache.index_select(0, index)
+        self.lengths = [self.lengths[s] for s in slots] + [0] * (len(self.lengths) - len(slots))
+
+
+class BlockAllocator:
+    """Hands out blocks of a pool of ``num_blocks`` and takes them back (lowest ids first)."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> List[int]:
+        if n > len(self._free):
+            raise RuntimeError(
+                f"KV cache pool exhausted: {n} more block(s) needed, {len(self._free)} of {self.num_blocks} free; "
+                f"give the paged cache more blocks (num_blocks) or run fewer or shorter sequences"
+            )
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: Sequence[int]) -> None:
+        self._free.extend(sorted(blocks, reverse=True))
+        self._free.sort(reverse=True)
+
+
+class PagedKVCache:
+    """A pool of blocks shared by sequences, each with its own list of blocks.
+
+    ``k[layer]``, ``v[layer]``: (num_blocks, block_size, kv_heads, head_dim). Blocks are
+    allocated as a sequence grows (``prepare``) and returned when it ends (``free``); a
+    slot is any int the caller uses to name a sequence.
+    """
+
+    paged = True
+
+    def __init__(self, n_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, *,
+                 max_seq_len: Optional[int] = None, dtype: torch.dtype = torch.float32, device="cpu"):
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.allocator = BlockAllocator(num_blocks)
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.block_size = block_size
+        self.max_seq_len = max_seq_len if max_seq_len is not None else num_blocks * block_size
+        self.blocks: Dict[int, List[int]] = {}
+        self.lengths: Dict[int, int] = {}
+
+    def prepare(self, slots: Sequence[int], n_new: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Allocates the blocks that n_new more tokens per slot need; returns
+        cache_seqlens (n,) int32 and block_table (n, max_blocks) int32 for the slots."""
+        for slot in slots:
+            length = self.lengths.setdefault(slot, 0)
+            blocks = self.blocks.setdefault(slot, [])
+            if length + n_new > self.max_seq_len:
+                raise ValueError(
+                    f"sequence in slot {slot} needs {length + n_new} positions, the cache allows "
+                    f"max_seq_len={self.max_seq_len}"
+                )
+            needed = -(-(length + n_new) // self.block_size) - len(blocks)
+            if needed > 0:
+                blocks.extend(self.allocator.allocate(needed))
+        device = self.k[0].device
+        width = max(len(self.blocks[s]) for s in slots)
+        # Unused entries point at block 0; decode_attention never reads past a sequence's length.
+        table = torch.zeros((len(slots), width), dtype=torch.int32)
+        for row, slot in enumerate(slots):
+            table[row, : len(self.blocks[slot])] = torch.tensor(self.blocks[slot], dtype=torch.int32)
+        seqlens = torch.tensor([self.lengths[s] for s in slots], dtype=torch.int32)
+        return seqlens.to(device), table.to(device)
+
+    def layer(self, index: int, slots: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.k[index], self.v[index]
+
+    def advance(self, slots: Sequence[int], n_new: int) -> None:
+        for slot in slots:
+            self.lengths[slot] += n_new
+
+    def free(self, slot: int) -> None:
+        """Returns a finished sequence's blocks to the pool."""
+        self.allocator.free(self.blocks.pop(slot, []))
+        self.lengths.pop(slot, None)

@@ -1,0 +1,92 @@
+"""Loading a Hugging Face checkpoint directory (config.json + safetensors) into a Transformer."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+import torch
+
+from .config import ModelConfig
+from .transformer import rope_frequencies
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+# Checkpoint dtypes the ops run; any other loads as float32.
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _hf_name(name: str) -> str:
+    """Our parameter name -> the checkpoint's (HF keeps everything but the LM head under ``model.``)."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def _our_name(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def _shards(path: str) -> Dict[str, str]:
+    """Tensor name -> the safetensors file holding it."""
+    index = os.path.join(path, _INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map'")
+        files = {name: os.path.join(path, shard) for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not os.path.isfile(shard):
+                raise FileNotFoundError(f"checkpoint shard {shard} (listed in {_INDEX}) is missing")
+        return files
+    single = os.path.join(path, _SINGLE)
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {path}")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_pretrained(cls, path, *, dtype: Optional[torch.dtype], device, backend: str):
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    config = ModelConfig.from_hf_config(path)
+    files = _shards(path)
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        model = cls(config, backend=backend)
+    model._inv_freq = rope_frequencies(config)
+    expected = {_hf_name(name): param for name, param in model.named_parameters()}
+    missing = sorted(name for name in expected if name not in files)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"checkpoint {path} has no tensor {missing[0]!r}{more}, which the {config.architecture} "
+                         f"config needs")
+    # Shapes and dtype from the headers first, so a mismatch is reported before anything loads.
+    by_shard: Dict[str, list] = {}
+    for name in expected:
+        by_shard.setdefault(files[name], []).append(name)
+    for shard, names in sorted(by_shard.items()):
+        with safe_open(shard, framework="pt") as f:
+            for name in names:
+                header = f.get_slice(name)
+                shape = tuple(header.get_shape())
+                if shape != tuple(expected[name].shape):
+                    want = tuple(expected[name].shape)
+                    raise ValueError(f"checkpoint tensor {name!r} has shape {shape}, the config expects {want}")
+                if dtype is None and name == _hf_name("embed_tokens.weight"):
+                    dtype = _DTYPES.get(header.get_dtype(), torch.float32)
+    model = model.to(dtype or torch.float32).to_empty(device=device or "cpu")
+    if config.tie_embeddings:  # to_empty gives each module its own tensor
+        model.lm_head.weight = model.embed_tokens.weight
+    params = dict(model.named_parameters())
+    with torch.no_grad():  # one tensor in host memory at a time beside the model
+        for shard, names in sorted(by_shard.items()):
+            with safe_open(shard, framework="pt") as f:
+                for name in names:
+                    params[_our_name(name)].copy_(f.get_tensor(name))
+    return model.eval()
+

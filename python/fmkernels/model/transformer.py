@@ -1,0 +1,276 @@
+"""Transformer: a Llama/Mistral/Mixtral decoder whose attention, KV-cache and sampling
+steps all go through fmkernels ops, so one model runs on every backend.
+
+References: Llama (Touvron et al. 2023) and Llama 3 (Dubey et al. 2024) for RMSNorm, RoPE,
+SwiGLU and GQA; Mixtral (Jiang et al. 2024) for the sparse mixture of experts; transformers'
+``modeling_llama.py`` / ``modeling_mixtral.py`` for the exact conventions the checkpoints were
+trained with (rotate-half RoPE, RMSNorm in fp32, router softmax before top-k). Module names are
+Hugging Face's, so a checkpoint's tensors load by name.
+
+Shapes: B batch, S new tokens, H query heads, K KV heads, D head_dim, E dim, F ffn_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in x's dtype (as Llama)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (D/2,) fp32: theta^(-2i/D), with Llama-3 scaling where configured
+    (long wavelengths divided by ``factor``, short ones kept, a smooth blend in between)."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
+    return torch.where(medium, blended, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, S, heads, D) rotated by cos, sin (B, S, 1, D), in HF's rotate-half convention."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, backend: str, cache=None, slots=None, seqlens=None, block_table=None):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # [B, S, H, D]
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, K, D]
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, K, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = ops.attention(q, k, v, causal=True, backend=backend)  # [B, S, H, D]
+        else:
+            k_cache, v_cache = cache.layer(self.index, slots)
+            ops.append_kv(k_cache, v_cache, k, v, seqlens, block_table=block_table, backend=backend)
+            if not any(cache.lengths[slot] for slot in slots):
+                # A prefill from an empty cache attends to its own keys only: the fused kernel.
+                out = ops.attention(q, k, v, causal=True, backend=backend)
+            else:
+                out = ops.decode_attention(
+                    q, k_cache, v_cache, seqlens + s, block_table=block_table, backend=backend
+                )
+        return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))  # [B, S, E]
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), under the checkpoint's names: Llama's gate_proj, up_proj,
+    down_proj, or a Mixtral expert's w1, w3, w2."""
+
+    def __init__(self, config: ModelConfig, gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj"):
+        super().__init__()
+        self._names = (gate, up, down)
+        setattr(self, gate, nn.Linear(config.dim, config.ffn_dim, bias=False))
+        setattr(self, up, nn.Linear(config.dim, config.ffn_dim, bias=False))
+        setattr(self, down, nn.Linear(config.ffn_dim, config.dim, bias=False))
+
+    def forward(self, x):
+        gate, up, down = (getattr(self, name) for name in self._names)
+        return down(F.silu(gate(x)) * up(x))  # [.., F] inside, [.., E] out
+
+
+class SparseMoE(nn.Module):
+    """Mixtral's block: router softmax over all experts (fp32), top-k, the k weights
+    renormalised to sum to 1, each token the weighted sum of its experts' outputs."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.experts_per_token
+        self.gate = nn.Linear(config.dim, config.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(config, "w1", "w3", "w2") for _ in range(config.n_experts))
+
+    def forward(self, x):
+        b, s, e = x.shape
+        tokens = x.reshape(b * s, e)  # [T, E]
+        weights = F.softmax(self.gate(tokens), dim=-1, dtype=torch.float32)  # [T, n_experts]
+        weights, chosen = torch.topk(weights, self.top_k, dim=-1)  # [T, k]
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(tokens)
+        for expert_id, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(chosen == expert_id)
+            if token_idx.numel():
+                out.index_add_(0, token_idx, expert(tokens[token_idx]) * weights[token_idx, slot, None])
+        return out.view(b, s, e)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config, index)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        if config.n_experts:
+            self.block_sparse_moe = SparseMoE(config)
+        else:
+            self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin, backend, **cache_args):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, **cache_args)
+        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """A Llama/Mistral/Mixtral decoder.
+
+    ``model(input_ids)`` is the full forward: (batch, seqlen) int64 ids -> logits (batch,
+    seqlen, vocab) in the model's dtype. With ``cache`` and ``slots`` (the cache rows of the
+    batch's sequences), the new tokens continue those sequences: their keys and values are
+    appended to the cache (``fmkernels.append_kv``) and attention reads it
+    (``fmkernels.decode_attention``); this is decode (seqlen 1) and chunked prefill.
+    ``backend`` is passed to every op ("auto", "reference", "cpu", "triton", "cuda", ...).
+    """
+
+    def __init__(self, config: ModelConfig, *, backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # fp32 whatever the weights' dtype (not a buffer, so .to(dtype) leaves it alone).
+        self._inv_freq = rope_frequencies(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def forward(self, input_ids: torch.Tensor, *, cache=None, slots: Optional[Sequence[int]] = None):
+        integral = isinstance(input_ids, torch.Tensor) and not input_ids.dtype.is_floating_point
+        if not integral or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        low, high = torch.aminmax(input_ids)
+        if low < 0 or high >= self.config.vocab_size:
+            bad = int(low) if low < 0 else int(high)
+            raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+        b, s = input_ids.shape
+        cache_args = {}
+        if cache is None:
+            positions = torch.arange(s, device=input_ids.device).expand(b, s)  # [B, S]
+        else:
+            slots = list(range(b)) if slots is None else list(slots)
+            if len(slots) != b:
+                raise ValueError(f"slots must name one cache slot per batch row ({b}), got {len(slots)}")
+            seqlens, block_table = cache.prepare(slots, s)
+            positions = seqlens.long()[:, None] + torch.arange(s, device=input_ids.device)  # [B, S]
+            cache_args = dict(cache=cache, slots=slots, seqlens=seqlens, block_table=block_table)
+        if self._inv_freq.device != input_ids.device:
+            self._inv_freq = self._inv_freq.to(input_ids.device)
+        freqs = positions[..., None].float() * self._inv_freq  # [B, S, D/2], fp32
+        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, S, 1, D]
+        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        x = self.embed_tokens(input_ids)  # [B, S, E]
+        for layer in self.layers:
+            x = layer(x, cos, sin, self.backend, **cache_args)
+        if cache is not None:
+            cache.advance(slots, s)
+        return self.lm_head(self.norm(x))  # [B, S, V]
+
+    def new_cache(self, kind: str = "contiguous", *, batch: int = 1, max_seq_len: Optional[int] = None,
+                  num_blocks: Optional[int] = None, block_size: int = 16):
+        """An empty KV cache for this model: "contiguous" (batch rows of max_seq_len) or
+        "paged" (num_blocks blocks of block_size; default enough for batch x max_seq_len)."""
+        from .kv_cache import ContiguousKVCache, PagedKVCache
+
+        c = self.config
+        max_seq_len = c.max_seq_len if max_seq_len is None else max_seq_len
+        common = dict(dtype=self.dtype, device=self.device)
+        if kind == "contiguous":
+            return ContiguousKVCache(c.n_layers, batch, max_seq_len, c.n_kv_heads, c.head_dim, **common)
+        if kind == "paged":
+            if num_blocks is None:
+                num_blocks = batch * -(-max_seq_len // block_size)
+            return PagedKVCache(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim,
+                                max_seq_len=max_seq_len, **common)
+        raise ValueError(f"kv_cache must be 'contiguous' or 'paged', got {kind!r}")
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device="cpu", backend: str = "auto") -> "Transformer":
+        """Random weights, the same for the same seed: linear weights N(0, 1/fan_in), embeddings
+        N(0, 1), norms N(1, 0.1), so activations stay O(1) and logits are far from uniform."""
+        model = cls(config, backend=backend)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+                elif param.dim() == 2 and name != "embed_tokens.weight":
+                    param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[1]))
+                else:
+                    param.copy_(torch.randn(param.shape, generator=generator))
+        return model.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: Optional[torch.dtype] = None, device=None,
+                        backend: str = "auto") -> "Transformer":
+        """Loads a local Hugging Face checkpoint directory: config.json and safetensors
+        (``model.safetensors``, or shards listed in ``model.safetensors.index.json``).
+        ``dtype`` None keeps the checkpoint's. Raises FileNotFoundError for a missing file and
+        ValueError for an unknown architecture or a missing or mis-shaped tensor, naming it."""
+        from .loading import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend)
+
+    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, seed: Optional[int] = None,
+                 stop_token_ids: Optional[Sequence[int]] = None, kv_cache: str = "contiguous",
+                 block_size: int = 16) -> List[List[int]]:
+        """Generates up to ``max_new_tokens`` tokens after each prompt; see ``fmkernels.model.generate``."""
+        from .generate import generate
+
+        return generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, min_p=min_p, seed=seed, stop_token_ids=stop_token_ids,
+                        kv_cache=kv_cache, block_size=block_size)
