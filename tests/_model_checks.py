@@ -1,8 +1,12 @@
-"""Shared set-up of the model tests: tiny random transformers checkpoints saved to disk."""
+"""Shared set-up of the model tests: tiny random transformers checkpoints saved to disk, and a
+tiny tokenizer.json trained in memory."""
 
 from __future__ import annotations
 
+import json
 import math
+
+import pytest
 
 import torch
 
@@ -48,3 +52,21 @@ def hf_model(kind: str, seed: int = 0, **overrides):
     model = cls(config).float().eval()
     randomize(model, seed)
     return model
+
+
+def save_wordlevel_tokenizer(directory, vocab_size=96, eos="</s>"):
+    """A tiny whitespace WordLevel tokenizer trained in memory, saved as tokenizer.json (and a
+    tokenizer_config.json naming its EOS) with exactly vocab_size ids."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    trainer = tokenizers.trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", eos])
+    corpus = ["the cat sat on the mat", "the dog ate the cat food", "a bird sang on the roof end stop",
+              "one two three four five six seven eight nine ten",
+              " ".join(f"w{i}" for i in range(100))]  # fills the vocabulary up to vocab_size
+    tokenizer.train_from_iterator(corpus, trainer)
+    assert tokenizer.get_vocab_size() == vocab_size
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+    return tokenizer

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 # Architectures whose checkpoints this model reads (config.json's "architectures" or "model_type").
 _ARCHITECTURES = {
@@ -24,7 +25,9 @@ class ModelConfig:
     ``n_experts == 0`` is a dense SwiGLU MLP; ``n_experts > 0`` a Mixtral mixture of experts
     with ``experts_per_token`` experts routed per token. ``rope_scaling`` is None or a
     Llama-3 scaling dict (rope_type "llama3": factor, low_freq_factor, high_freq_factor,
-    original_max_position_embeddings).
+    original_max_position_embeddings). ``eos_token_ids`` are the checkpoint's end-of-sequence
+    tokens (config.json's ``eos_token_id``, an int or a list), which ``generate`` stops at
+    unless told not to.
     """
 
     vocab_size: int
@@ -42,8 +45,10 @@ class ModelConfig:
     experts_per_token: int = 0
     max_seq_len: int = 4096
     architecture: str = "llama"
+    eos_token_ids: Tuple[int, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         if self.head_dim is None:
             if self.n_heads > 0 and self.dim % self.n_heads:
                 raise ValueError(
@@ -86,6 +91,11 @@ class ModelConfig:
             )
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
+        for token in self.eos_token_ids:
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token < self.vocab_size:
+                raise ValueError(
+                    f"ModelConfig.eos_token_ids must be token ids in [0, {self.vocab_size}), got {token!r}"
+                )
 
     @classmethod
     def from_hf_config(cls, config: Union[Dict[str, Any], str, os.PathLike]) -> "ModelConfig":
@@ -120,6 +130,8 @@ class ModelConfig:
             if kind == "default":
                 rope_scaling = None
         n_experts = int(config.get("num_local_experts") or 0) if architecture == "mixtral" else 0
+        eos = config.get("eos_token_id")
+        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
         return cls(
             vocab_size=field("vocab_size"),
             dim=field("hidden_size"),
@@ -136,6 +148,7 @@ class ModelConfig:
             experts_per_token=int(field("num_experts_per_tok")) if n_experts else 0,
             max_seq_len=field("max_position_embeddings"),
             architecture=architecture,
+            eos_token_ids=eos,
         )
 
     @classmethod

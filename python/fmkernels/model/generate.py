@@ -3,14 +3,41 @@ one token per step, sampling through ``fmkernels.sample``."""
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
 from .. import ops
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]]]
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What ``generate(..., return_result=True)`` (or ``return_logprobs=True``) returns; one
+    entry per prompt, in the prompts' order.
+
+    tokens: the new token ids, as ``generate`` returns them otherwise.
+    finish_reasons: "eos" (an EOS token of the config or tokenizer, kept), "stop_token" (a
+        token of ``stop_token_ids``, kept), "stop_string" or "length" (max_new_tokens).
+    texts: with a tokenizer, the text the new tokens add after the prompt's (decoded in the
+        prompt's context, so a leading space is kept), cut before a stop string; else None.
+    logprobs: with ``return_logprobs``, each new token's log-probability as
+        ``fmkernels.sample`` defines it: under the filtered distribution it was drawn from
+        (logits / temperature, then top-k/top-p/min-p), so 0.0 at temperature 0 (greedy keeps
+        one token) and ``log_softmax(logits)`` at temperature 1 with no filter; else None.
+    top_ids, top_logprobs: with ``num_logprobs`` > 0, the ``num_logprobs`` most likely tokens
+        at each step under that same distribution, best first (-inf past the filtered set).
+    """
+
+    tokens: List[List[int]]
+    finish_reasons: List[str]
+    texts: Optional[List[str]] = None
+    logprobs: Optional[List[List[float]]] = None
+    top_ids: Optional[List[List[List[int]]]] = None
+    top_logprobs: Optional[List[List[List[float]]]] = None
 
 
 def _prompt_lists(prompts: Prompts, vocab_size: int) -> List[List[int]]:
@@ -67,14 +94,25 @@ def _check_parameters(max_new_tokens, temperature, top_k, top_p, min_p, seed, st
 @torch.no_grad()
 def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, seed: Optional[int] = None,
-             stop_token_ids: Optional[Sequence[int]] = None, kv_cache: str = "contiguous",
-             block_size: int = 16) -> List[List[int]]:
+             stop_token_ids: Optional[Sequence[int]] = None, stop_strings: Optional[Sequence[str]] = None,
+             tokenizer=None, ignore_eos: bool = False, return_logprobs: bool = False, num_logprobs: int = 0,
+             return_result: bool = False, on_token: Optional[Callable[[int, int], None]] = None,
+             kv_cache: str = "contiguous", block_size: int = 16):
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
     Each prompt is prefilled on its own into a KV cache ("contiguous", or "paged" in blocks
     of ``block_size``); then the sequences still running decode together, one token per
-    step. A sequence ends at a token in ``stop_token_ids`` (kept as its last token) or after
-    max_new_tokens; it then leaves the decode batch (a paged cache frees its blocks).
+    step. A sequence ends on its own, and then leaves the decode batch (a paged cache frees
+    its blocks), at:
+
+    - an EOS token: the config's ``eos_token_ids`` and the tokenizer's ``eos_token_id``
+      (unless ``ignore_eos``), kept as the sequence's last token;
+    - a token in ``stop_token_ids``, kept as its last token;
+    - a string of ``stop_strings`` (needs ``tokenizer``) in the decoded new text: the tokens
+      hold every token up to and including the one that completed the stop string (a stop
+      string may end inside a token), and the result's ``texts`` is the text cut just
+      before the stop string;
+    - max_new_tokens.
 
     Sampling is ``fmkernels.sample`` (temperature 0 is greedy). Prompt b draws with seed
     ``seed + b`` at step t for its t-th new token, so a run is exactly repeatable and a
@@ -86,14 +124,29 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
     prompts : Tensor (batch, seqlen) of token ids, or a list of token-id lists (ragged).
     max_new_tokens : int >= 1; each prompt's length + max_new_tokens - 1 must fit in the
         model's max_seq_len (the last token is returned, never fed back).
+    on_token : called as ``on_token(prompt_index, token_id)`` for each new token as soon as
+        it is sampled (for streaming); prompt 0's first call comes right after its prefill.
+    return_logprobs, num_logprobs : also return each token's log-probability and the top
+        ``num_logprobs`` alternatives (see ``GenerationResult``).
 
     Returns
     -------
-    list of lists of int: the new tokens of each prompt, in the prompts' order.
+    list of lists of int: the new tokens of each prompt, in the prompts' order; or, with
+    ``return_result`` or ``return_logprobs``, a ``GenerationResult``.
     """
     config = model.config
     lists = _prompt_lists(prompts, config.vocab_size)
     _check_parameters(max_new_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, config.vocab_size)
+    stop_strings = _check_stop_strings(stop_strings, tokenizer)
+    if not isinstance(return_logprobs, bool):
+        raise TypeError(f"return_logprobs must be a bool, got {type(return_logprobs).__name__}")
+    if isinstance(num_logprobs, bool) or not isinstance(num_logprobs, numbers.Integral) \
+            or not 0 <= num_logprobs <= config.vocab_size:
+        raise ValueError(f"num_logprobs must be an int in [0, vocab={config.vocab_size}], got {num_logprobs!r}")
+    if num_logprobs and not return_logprobs:
+        raise ValueError("num_logprobs > 0 needs return_logprobs=True")
+    if on_token is not None and not callable(on_token):
+        raise TypeError(f"on_token must be callable as on_token(prompt_index, token_id), got {on_token!r}")
     longest = max(len(p) for p in lists)
     needed = longest + max_new_tokens - 1
     if needed > config.max_seq_len:
@@ -102,12 +155,47 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
             f"beyond the model's max_seq_len={config.max_seq_len}"
         )
     stop = set(int(t) for t in stop_token_ids or ())
+    eos = set()
+    if not ignore_eos:
+        eos = set(config.eos_token_ids)
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
     device = model.device
     batch = len(lists)
     cache = model.new_cache(kv_cache, batch=batch, max_seq_len=needed, block_size=block_size)
     if seed is None:
         seed = int(torch.randint(0, 2**62 - batch, ()))
     seeds = torch.arange(batch, dtype=torch.int64) + seed
+
+    if tokenizer is not None:
+        from .tokenizer import StreamDecoder
+
+        streams = [StreamDecoder(tokenizer, prompt) for prompt in lists]
+    texts = [""] * batch
+    reasons = [""] * batch
+    logprobs = [[] for _ in lists] if return_logprobs else None
+    top_ids = [[] for _ in lists] if return_logprobs else None
+    top_logprobs = [[] for _ in lists] if return_logprobs else None
+    longest_stop = max((len(s) for s in stop_strings), default=0)
+
+    def finish(b: int, token: int) -> str:
+        """Why sequence b ends after token, or "" when it goes on."""
+        if tokenizer is not None:
+            searched_from = max(0, len(texts[b]) - longest_stop + 1)
+            texts[b] += streams[b].push(token)
+            if stop_strings:
+                cuts = [texts[b].find(s, searched_from) for s in stop_strings]
+                cuts = [cut for cut in cuts if cut >= 0]
+                if cuts:
+                    texts[b] = texts[b][:min(cuts)]
+                    return "stop_string"
+        if token in eos:
+            return "eos"
+        if token in stop:
+            return "stop_token"
+        if len(outputs[b]) == max_new_tokens:
+            return "length"
+        return ""
 
     last = []
     for b, prompt in enumerate(lists):
@@ -120,20 +208,31 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
     slots = list(range(batch))  # cache slot of each decode row
     while True:
         steps = torch.tensor([len(outputs[b]) for b in active], dtype=torch.int64)
-        tokens = ops.sample(
+        sampled = ops.sample(
             logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             seed=seeds[active].to(device), step=steps.to(device), backend=model.backend,
+            return_logprobs=return_logprobs, num_logprobs=int(num_logprobs),
         )
+        tokens = sampled.tokens if return_logprobs else sampled
+        if return_logprobs:
+            chosen, ids, values = (t.tolist() for t in (sampled.logprobs, sampled.top_ids, sampled.top_logprobs))
         running = []
         for row, (b, token) in enumerate(zip(active, tokens.tolist())):
             outputs[b].append(token)
-            if token in stop or len(outputs[b]) == max_new_tokens:
+            if return_logprobs:
+                logprobs[b].append(chosen[row])
+                top_ids[b].append(ids[row])
+                top_logprobs[b].append(values[row])
+            if on_token is not None:
+                on_token(b, token)
+            reasons[b] = finish(b, token)
+            if reasons[b]:
                 if cache.paged:
                     cache.free(slots[row])
             else:
                 running.append(row)
         if not running:
-            return outputs
+            break
         active = [active[row] for row in running]
         if cache.paged:
             slots = [slots[row] for row in running]
@@ -142,3 +241,29 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
             slots = list(range(len(running)))
         next_ids = tokens[running][:, None]  # [B', 1]
         logits = model(next_ids, cache=cache, slots=slots)[:, -1]  # [B', V]
+
+    if not (return_result or return_logprobs):
+        return outputs
+    if tokenizer is not None:
+        for b in range(batch):
+            if reasons[b] != "stop_string":
+                texts[b] += streams[b].flush()
+    return GenerationResult(
+        tokens=outputs, finish_reasons=reasons, texts=texts if tokenizer is not None else None,
+        logprobs=logprobs, top_ids=top_ids if num_logprobs else None,
+        top_logprobs=top_logprobs if num_logprobs else None,
+    )
+
+
+def _check_stop_strings(stop_strings, tokenizer) -> List[str]:
+    if stop_strings is None:
+        return []
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    stop_strings = list(stop_strings)
+    for s in stop_strings:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop_strings must be non-empty strings, got {s!r}")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer (tokenizer=...) to decode the generated tokens")
+    return stop_strings

@@ -13,7 +13,7 @@ Shapes: B batch, S new tokens, H query heads, K KV heads, D head_dim, E dim, F f
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -264,13 +264,9 @@ class Transformer(nn.Module):
 
         return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend)
 
-    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, min_p: float = 0.0, seed: Optional[int] = None,
-                 stop_token_ids: Optional[Sequence[int]] = None, kv_cache: str = "contiguous",
-                 block_size: int = 16) -> List[List[int]]:
-        """Generates up to ``max_new_tokens`` tokens after each prompt; see ``fmkernels.model.generate``."""
+    def generate(self, prompts, *, max_new_tokens: int, **options):
+        """Generates up to ``max_new_tokens`` tokens after each prompt; see ``fmkernels.model.generate``
+        for the options (sampling, stop tokens and strings, EOS, logprobs, streaming, KV cache)."""
         from .generate import generate
 
-        return generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, min_p=min_p, seed=seed, stop_token_ids=stop_token_ids,
-                        kv_cache=kv_cache, block_size=block_size)
+        return generate(self, prompts, max_new_tokens=max_new_tokens, **options)
