@@ -126,3 +126,65 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
         cli.main(["check", "--device", "cuda"])
     assert exit_info.value.code == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_generate_on_a_named_model_streams_and_reports_tokens_per_second(capsys):
+    status = cli.main(["generate", "--model", "tiny", "--prompt", "Hello", "--max-new-tokens", "12",
+                       "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "--backend", "cpu"])
+    captured = capsys.readouterr()
+    assert status == 0
+    assert captured.out.startswith("Hello")
+    assert "random weights" in captured.err and "noise" in captured.err
+    lines = captured.out.splitlines()
+    assert any(line.startswith("prefill: 5 tokens in") and line.endswith("tokens/s") for line in lines)
+    assert any(line.startswith("decode: ") and "tokens/s" in line for line in lines)
+
+
+def test_generate_on_a_saved_transformers_checkpoint_with_a_tokenizer(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from _model_checks import hf_model, save_wordlevel_tokenizer
+
+    hf_model("llama").save_pretrained(tmp_path)
+    save_wordlevel_tokenizer(tmp_path)
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "the cat sat", "--max-new-tokens", "8",
+            "--kv-cache", "paged", "--backend", "cpu"]
+    status = cli.main(argv)
+    out = capsys.readouterr().out
+    assert status == 0 and out.startswith("the cat sat")
+    assert "prefill: 3 tokens in" in out and "tokens/s" in out
+
+    # The same greedy text through the API, and a stop string cut from the streamed output.
+    from fmkernels.model import Transformer, load_tokenizer
+
+    tok = load_tokenizer(tmp_path)
+    model = Transformer.from_pretrained(tmp_path, backend="cpu")
+    result = model.generate([tok.encode("the cat sat")], max_new_tokens=8, tokenizer=tok, return_result=True)
+    assert out.splitlines()[0] == "the cat sat" + result.texts[0]
+    words = result.texts[0].split()
+    if len(words) >= 3:
+        stop = words[2][:2] if len(words[2]) >= 2 else words[2]
+        assert cli.main(argv + ["--stop", stop]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first == "the cat sat" + result.texts[0][:result.texts[0].index(stop)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no-such-model", "--prompt", "x"], "not a directory or a known model name"),
+    (["--model", "./missing/dir", "--prompt", "x"], "no such checkpoint directory"),
+    (["--model", "tiny", "--prompt", "x", "--top-p", "0"], "must be in"),
+    (["--model", "tiny", "--prompt", "x", "--temperature", "-1"], "must be in"),
+    (["--model", "tiny", "--prompt", "x", "--max-new-tokens", "0"], "must be >= 1"),
+    (["--model", "tiny", "--prompt", ""], "encodes to no tokens"),
+    (["--model", "tiny", "--prompt", "x", "--max-new-tokens", "400"], "beyond the model's max_seq_len"),
+])
+def test_generate_bad_input_is_a_clear_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_on_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"])
+    assert "no config.json" in capsys.readouterr().err

@@ -5,6 +5,7 @@
     fmkernels check [OP ...] [--device cpu|cuda] [--impl module:function] [--seed N]
     fmkernels bench [OP ...] [--device cpu|cuda] [--impl module:function] [--json PATH] [--repeats N]
     fmkernels backends
+    fmkernels generate --model PATH|NAME --prompt TEXT [--max-new-tokens N] [sampling options]
     fmkernels --version
 
 This module parses and prints; the correctness rules live in ``fmkernels.testing`` and the
@@ -64,6 +65,29 @@ def _integer_at_least(minimum: int):
         return number
 
     return parse
+
+
+def _number_in(low: float, high: float, low_open: bool = False):
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {value!r}") from None
+        if not (low < number if low_open else low <= number) or not number <= high:
+            interval = f"{'(' if low_open else '['}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {value}")
+        return number
+
+    return parse
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _model_names() -> List[str]:
+    from .model import ModelConfig
+
+    return ModelConfig.names()
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +150,33 @@ def _parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("backends", help="which backends can run here, and why not")
     listing.set_defaults(handler=_backends)
+
+    generate = commands.add_parser(
+        "generate", help="generate text with fmkernels.model, streamed, with tokens/s",
+        description="Generate text after a prompt with fmkernels.model, printing it as tokens come, then "
+        "prefill and decode tokens/s. --model is a checkpoint directory (config.json, safetensors, "
+        "tokenizer.json) or a named configuration (random weights, byte-level tokenizer).",
+    )
+    generate.add_argument("--model", required=True, metavar="PATH|NAME",
+                          help="a local Hugging Face checkpoint directory, or one of: " + ", ".join(_model_names()))
+    generate.add_argument("--prompt", required=True, metavar="TEXT")
+    generate.add_argument("--max-new-tokens", type=_integer_at_least(1), default=64, metavar="N",
+                          help="default 64")
+    generate.add_argument("--temperature", type=_number_in(0.0, math.inf), default=0.0, metavar="T",
+                          help="0 is greedy (default)")
+    generate.add_argument("--top-k", type=_integer_at_least(0), default=0, metavar="K", help="0 is off (default)")
+    generate.add_argument("--top-p", type=_number_in(0.0, 1.0, low_open=True), default=1.0, metavar="P",
+                          help="1.0 is off (default)")
+    generate.add_argument("--min-p", type=_number_in(0.0, 1.0), default=0.0, metavar="P", help="0.0 is off (default)")
+    generate.add_argument("--seed", type=_integer_at_least(0), default=0, metavar="S", help="default 0")
+    generate.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings (cut from the output)")
+    generate.add_argument("--backend", default="auto", help="the ops' backend (default auto)")
+    generate.add_argument("--kv-cache", choices=("contiguous", "paged"), default="contiguous")
+    generate.add_argument("--dtype", choices=sorted(_DTYPES),
+                          help="weights' dtype (default: the checkpoint's; float32 for a named model)")
+    generate.add_argument("--device", choices=("cpu", "cuda"),
+                          help="where the model runs (default: cuda when a GPU is visible, else cpu)")
+    generate.set_defaults(handler=_generate)
     return parser
 
 
@@ -293,6 +344,94 @@ def _backends(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         available = Text("yes", "green") if status.available else Text("no", "yellow")
         table.add_row(status.name, available, status.reason)
     _console().print(table)
+    return 0
+
+
+def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, device: torch.device):
+    """(model, tokenizer) for --model: a checkpoint directory, or a named config with random weights."""
+    from .model import ByteTokenizer, ModelConfig, Transformer, load_tokenizer
+
+    dtype = _DTYPES[args.dtype] if args.dtype else None
+    err = _console(stderr=True)
+    if os.path.isdir(args.model):
+        try:
+            model = Transformer.from_pretrained(args.model, dtype=dtype, device=device, backend=args.backend)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--model {args.model}: {exc}")
+        if os.path.isfile(os.path.join(args.model, "tokenizer.json")):
+            try:
+                return model, load_tokenizer(args.model)
+            except ImportError as exc:
+                parser.error(str(exc))
+        if model.config.vocab_size < ByteTokenizer.vocab_size:
+            parser.error(f"--model {args.model}: no tokenizer.json, and its vocabulary "
+                         f"({model.config.vocab_size}) is too small for the byte-level tokenizer")
+        err.print(f"{args.model} has no tokenizer.json: using the byte-level tokenizer", style="yellow")
+        return model, ByteTokenizer()
+    if args.model not in _model_names():
+        looks_like_path = os.sep in args.model or args.model.startswith(".")
+        what = "no such checkpoint directory" if looks_like_path else "not a directory or a known model name"
+        parser.error(f"--model {args.model}: {what} (names: {', '.join(_model_names())})")
+    config = ModelConfig.from_name(args.model)
+    if config.vocab_size < ByteTokenizer.vocab_size:
+        parser.error(f"--model {args.model}: its vocabulary is too small for the byte-level tokenizer")
+    model = Transformer.from_config(config, seed=0, dtype=dtype or torch.float32, device=device, backend=args.backend)
+    err.print(f"{args.model}: random weights (seed 0) and a byte-level tokenizer; the output is noise",
+              style="yellow")
+    return model, ByteTokenizer()
+
+
+def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .model import StreamDecoder
+
+    device = _device(args, parser)
+    model, tokenizer = _load_model(args, parser, device)
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        parser.error("--prompt: the prompt encodes to no tokens")
+    out = sys.stdout
+    stream = StreamDecoder(tokenizer, prompt)
+    # Text that a stop string could still claim (its last len - 1 characters) waits; a stop
+    # string found is never printed (generate cuts it from its text in the same way).
+    hold = max((len(s) for s in args.stop), default=1) - 1
+    state = {"text": "", "printed": 0, "first": None}
+
+    def on_token(_: int, token: int) -> None:
+        if state["first"] is None:
+            state["first"] = time.perf_counter()
+        state["text"] += stream.push(token)
+        cuts = [cut for cut in (state["text"].find(s) for s in args.stop) if cut >= 0]
+        safe = min(cuts) if cuts else len(state["text"]) - hold
+        if safe > state["printed"]:
+            out.write(state["text"][state["printed"]:safe])
+            out.flush()
+            state["printed"] = safe
+
+    out.write(args.prompt)
+    start = time.perf_counter()
+    try:
+        result = model.generate(
+            [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_strings=args.stop or None,
+            tokenizer=tokenizer, kv_cache=args.kv_cache, on_token=on_token, return_result=True,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    end = time.perf_counter()
+    text = result.texts[0]
+    out.write(text[state["printed"]:] + "\n")
+    out.flush()
+    new = len(result.tokens[0])
+    prefill_s = state["first"] - start
+    decode_s = end - state["first"]
+    console = _console()
+    console.print(f"prefill: {len(prompt)} tokens in {prefill_s * 1e3:.1f} ms, "
+                  f"{len(prompt) / prefill_s:.1f} tokens/s")
+    if new > 1:
+        console.print(f"decode: {new - 1} tokens in {decode_s * 1e3:.1f} ms, {(new - 1) / decode_s:.1f} tokens/s "
+                      f"(stopped: {result.finish_reasons[0]})")
+    else:
+        console.print(f"decode: no tokens after the first (stopped: {result.finish_reasons[0]})")
     return 0
 
 
