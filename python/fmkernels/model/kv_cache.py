@@ -148,6 +148,19 @@ class PagedKVCache:
         for slot in slots:
             self.lengths[slot] += n_new
 
+    def fork(self, src: int, dst: int) -> None:
+        """Starts sequence ``dst`` as a copy of ``src`` (new blocks, contents copied), so the two
+        can go on differently; beam search forks a beam chosen more than once."""
+        if dst in self.blocks:
+            raise ValueError(f"slot {dst} already holds a sequence")
+        blocks = self.allocator.allocate(len(self.blocks[src]))
+        source = torch.tensor(self.blocks[src], device=self.k[0].device)
+        target = torch.tensor(blocks, device=self.k[0].device)
+        for cache in (*self.k, *self.v):
+            cache[target] = cache[source]
+        self.blocks[dst] = blocks
+        self.lengths[dst] = self.lengths[src]
+
     def free(self, slot: int) -> None:
         """Returns a finished sequence's blocks to the pool."""
         self.allocator.free(self.blocks.pop(slot, []))
