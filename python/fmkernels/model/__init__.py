@@ -2,18 +2,20 @@
 
 ``ModelConfig`` (from a Hugging Face config.json or a named configuration),
 ``Transformer`` (random weights with ``from_config``, a local checkpoint with
-``from_pretrained``; ``model(input_ids)`` -> logits, ``model.generate(...)``), and the KV
-caches the model decodes against; tokenizers (a checkpoint's ``tokenizer.json`` with
-``load_tokenizer``, or ``ByteTokenizer``) and ``StreamDecoder`` for streaming text.
+``from_pretrained``; ``model(input_ids)`` -> logits, ``model.generate(...)``), the KV
+caches the model decodes against, ``choice_constraint`` for constrained generation;
+tokenizers (a checkpoint's ``tokenizer.json`` with ``load_tokenizer``, or ``ByteTokenizer``)
+and ``StreamDecoder`` for streaming text.
 """
 
 from .config import ModelConfig
 from .generate import GenerationResult, generate
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache
+from .search import choice_constraint
 from .tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer
 from .transformer import Transformer
 
 __all__ = [
     "ModelConfig", "Transformer", "generate", "GenerationResult", "ContiguousKVCache", "PagedKVCache",
-    "BlockAllocator", "ByteTokenizer", "HFTokenizer", "StreamDecoder", "load_tokenizer",
+    "BlockAllocator", "choice_constraint", "ByteTokenizer", "HFTokenizer", "StreamDecoder", "load_tokenizer",
 ]

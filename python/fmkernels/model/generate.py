@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import ops
+from . import search
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]]]
 
@@ -30,6 +31,11 @@ class GenerationResult:
         one token) and ``log_softmax(logits)`` at temperature 1 with no filter; else None.
     top_ids, top_logprobs: with ``num_logprobs`` > 0, the ``num_logprobs`` most likely tokens
         at each step under that same distribution, best first (-inf past the filtered set).
+    scores: with ``num_samples`` > 1 or ``best_of``, each sequence's mean token log-probability
+        under the model's own distribution (fp32 log_softmax of the raw logits: temperature 1,
+        unfiltered, unconstrained); with ``num_beams``, each best beam's length-normalised score.
+    beams: with ``num_beams``, per prompt the finished beams (at most num_beams), best first,
+        as (tokens, score) pairs.
     """
 
     tokens: List[List[int]]
@@ -38,6 +44,8 @@ class GenerationResult:
     logprobs: Optional[List[List[float]]] = None
     top_ids: Optional[List[List[List[int]]]] = None
     top_logprobs: Optional[List[List[List[float]]]] = None
+    scores: Optional[List[float]] = None
+    beams: Optional[List[List[Tuple[List[int], float]]]] = None
 
 
 def _prompt_lists(prompts: Prompts, vocab_size: int) -> List[List[int]]:
@@ -97,7 +105,9 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
              stop_token_ids: Optional[Sequence[int]] = None, stop_strings: Optional[Sequence[str]] = None,
              tokenizer=None, ignore_eos: bool = False, return_logprobs: bool = False, num_logprobs: int = 0,
              return_result: bool = False, on_token: Optional[Callable[[int, int], None]] = None,
-             kv_cache: str = "contiguous", block_size: int = 16):
+             kv_cache: str = "contiguous", block_size: int = 16, num_samples: int = 1, best_of: bool = False,
+             num_beams: Optional[int] = None, length_penalty: float = 1.0,
+             allowed_tokens: Optional[search.AllowedTokens] = None):
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
     Each prompt is prefilled on its own into a KV cache ("contiguous", or "paged" in blocks
@@ -128,6 +138,22 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
         it is sampled (for streaming); prompt 0's first call comes right after its prefill.
     return_logprobs, num_logprobs : also return each token's log-probability and the top
         ``num_logprobs`` alternatives (see ``GenerationResult``).
+    num_samples : n >= 1 samples per prompt. Sample j of prompt b is row ``b * n + j`` of the
+        output (and the ``prompt_index`` ``on_token`` gets) and draws with seed ``seed + b * n + j``,
+        so it equals a one-sample run of that prompt with that seed.
+    best_of : keep, of each prompt's ``num_samples`` samples, only the one with the highest mean
+        token log-probability under the model's own distribution (fp32 log_softmax of the raw
+        logits, not the filtered sampling logprobs); the output then has one row per prompt.
+    num_beams : beam search with B beams (deterministic: temperature must be 0; see
+        ``fmkernels.model.search.beam_search``); returns each prompt's best finished beam, and in
+        a ``GenerationResult`` all its finished beams with their scores.
+    length_penalty : a finished beam's score is ``sum(logprobs) / len(new tokens) ** length_penalty``
+        (default 1.0, the mean log-prob; 0 is the plain sum, favouring short outputs).
+    allowed_tokens : ``allowed_tokens(prompt_index, generated_ids)`` -> the token ids allowed next
+        (a list or int tensor of ids, or a bool mask over the vocabulary), or None for no
+        constraint; the others get -inf logits before sampling, greedy or beam expansion, each
+        step. Allowing nothing raises ValueError. ``search.choice_constraint(tokenizer, choices)``
+        is a ready one (its ``eos_token_id`` also ends a sequence here).
 
     Returns
     -------
@@ -145,6 +171,8 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
         raise ValueError(f"num_logprobs must be an int in [0, vocab={config.vocab_size}], got {num_logprobs!r}")
     if num_logprobs and not return_logprobs:
         raise ValueError("num_logprobs > 0 needs return_logprobs=True")
+    search.check_search_options(num_samples, best_of, num_beams, length_penalty, allowed_tokens, temperature,
+                                stop_strings, num_logprobs)
     if on_token is not None and not callable(on_token):
         raise TypeError(f"on_token must be callable as on_token(prompt_index, token_id), got {on_token!r}")
     longest = max(len(p) for p in lists)
@@ -160,6 +188,17 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
         eos = set(config.eos_token_ids)
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
+    if getattr(allowed_tokens, "eos_token_id", None) is not None:
+        eos.add(int(allowed_tokens.eos_token_id))
+    if num_beams is not None:
+        return _beam_result(model, lists, max_new_tokens, num_beams, length_penalty, eos, stop, allowed_tokens,
+                            kv_cache, block_size, on_token, tokenizer, return_result or return_logprobs)
+    prompt_of = list(range(len(lists)))  # the prompt each row samples for
+    if num_samples > 1:
+        prompt_of = [b for b in range(len(lists)) for _ in range(num_samples)]
+        lists = [lists[b] for b in prompt_of]
+    scoring = num_samples > 1 or best_of
+    model_logprob_sums = [0.0] * len(lists)
     device = model.device
     batch = len(lists)
     cache = model.new_cache(kv_cache, batch=batch, max_seq_len=needed, block_size=block_size)
@@ -208,6 +247,10 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
     slots = list(range(batch))  # cache slot of each decode row
     while True:
         steps = torch.tensor([len(outputs[b]) for b in active], dtype=torch.int64)
+        if scoring:
+            own = search.model_logprobs(logits)  # [B', V]
+        logits = search.apply_allowed_tokens(logits, allowed_tokens, [prompt_of[b] for b in active],
+                                             [outputs[b] for b in active])
         sampled = ops.sample(
             logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             seed=seeds[active].to(device), step=steps.to(device), backend=model.backend,
@@ -219,6 +262,8 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
         running = []
         for row, (b, token) in enumerate(zip(active, tokens.tolist())):
             outputs[b].append(token)
+            if scoring:
+                model_logprob_sums[b] += float(own[row, token])
             if return_logprobs:
                 logprobs[b].append(chosen[row])
                 top_ids[b].append(ids[row])
@@ -242,16 +287,40 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
         next_ids = tokens[running][:, None]  # [B', 1]
         logits = model(next_ids, cache=cache, slots=slots)[:, -1]  # [B', V]
 
+    scores = [total / len(tokens) for total, tokens in zip(model_logprob_sums, outputs)] if scoring else None
+    keep = search.pick_best_of(num_samples, outputs, scores) if best_of else list(range(batch))
     if not (return_result or return_logprobs):
-        return outputs
+        return [outputs[r] for r in keep]
     if tokenizer is not None:
         for b in range(batch):
             if reasons[b] != "stop_string":
                 texts[b] += streams[b].flush()
+
+    def pick(rows):
+        return None if rows is None else [rows[r] for r in keep]
+
     return GenerationResult(
-        tokens=outputs, finish_reasons=reasons, texts=texts if tokenizer is not None else None,
-        logprobs=logprobs, top_ids=top_ids if num_logprobs else None,
-        top_logprobs=top_logprobs if num_logprobs else None,
+        tokens=pick(outputs), finish_reasons=pick(reasons), texts=pick(texts) if tokenizer is not None else None,
+        logprobs=pick(logprobs), top_ids=pick(top_ids) if num_logprobs else None,
+        top_logprobs=pick(top_logprobs) if num_logprobs else None, scores=pick(scores),
+    )
+
+
+def _beam_result(model, lists, max_new_tokens, num_beams, length_penalty, eos, stop, allowed_tokens, kv_cache,
+                 block_size, on_token, tokenizer, as_result):
+    found = search.beam_search(model, lists, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                               length_penalty=length_penalty, eos=eos, stop=stop, allowed_tokens=allowed_tokens,
+                               kv_cache=kv_cache, block_size=block_size, on_token=on_token)
+    tokens = [beams[0][0] for beams in found]
+    if not as_result:
+        return tokens
+    texts = None
+    if tokenizer is not None:
+        texts = [tokenizer.decode(t) for t in tokens]
+    return GenerationResult(
+        tokens=tokens, finish_reasons=[beams[0][2] for beams in found], texts=texts,
+        logprobs=[beams[0][3] for beams in found], scores=[beams[0][1] for beams in found],
+        beams=[[(t, score) for t, score, _, _ in beams] for beams in found],
     )
 
 

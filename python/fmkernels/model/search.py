@@ -1,0 +1,244 @@
+"""Test-time search for ``generate``: n samples per prompt with best-of-n, beam search, and
+constrained decoding (an allowed-token mask per step, and ``choice_constraint``).
+
+Scores here are the model's own log-probabilities: ``log_softmax`` of the raw logits in
+fp32 (temperature 1, no top-k/top-p/min-p filter, no constraint mask), not the logprobs
+``fmkernels.sample`` returns for the filtered distribution it drew from.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+
+AllowedTokens = Callable[[int, List[int]], object]
+
+
+def check_search_options(num_samples, best_of, num_beams, length_penalty, allowed_tokens, temperature,
+                         stop_strings, num_logprobs) -> None:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if not isinstance(best_of, bool):
+        raise TypeError(f"best_of must be a bool, got {type(best_of).__name__}")
+    if allowed_tokens is not None and not callable(allowed_tokens):
+        raise TypeError("allowed_tokens must be callable as allowed_tokens(prompt_index, generated_ids), "
+                        f"got {allowed_tokens!r}")
+    if not isinstance(length_penalty, numbers.Real) or not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    if num_beams is None:
+        return
+    if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    if temperature != 0:
+        raise ValueError(f"num_beams is deterministic beam search: it takes no sampling (temperature must be 0, "
+                         f"got {temperature!r})")
+    if num_samples != 1 or best_of:
+        raise ValueError("num_beams cannot be combined with num_samples > 1 or best_of")
+    if stop_strings:
+        raise ValueError("num_beams does not support stop_strings; use stop_token_ids")
+    if num_logprobs:
+        raise ValueError("num_beams does not support num_logprobs")
+
+
+def allowed_mask(allowed, vocab_size: int, prompt_index: int, step: int) -> Optional[torch.Tensor]:
+    """A callback's answer as a bool mask (vocab,), or None for no constraint at this step."""
+    if allowed is None:
+        return None
+    where = f"allowed_tokens(prompt {prompt_index}, step {step})"
+    if isinstance(allowed, torch.Tensor) and allowed.dtype == torch.bool:
+        if allowed.shape != (vocab_size,):
+            raise ValueError(f"{where} returned a bool mask of shape {tuple(allowed.shape)}, expected ({vocab_size},)")
+        mask = allowed.cpu()
+    else:
+        ids = torch.as_tensor(allowed.tolist() if isinstance(allowed, torch.Tensor) else list(allowed),
+                              dtype=torch.int64).reshape(-1)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"{where} returned token ids outside the vocabulary [0, {vocab_size})")
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[ids] = True
+    if not mask.any():
+        raise ValueError(f"{where} allows no token: a constraint must leave at least one token allowed")
+    return mask
+
+
+def apply_allowed_tokens(logits: torch.Tensor, allowed_tokens: Optional[AllowedTokens],
+                         prompt_indices: Sequence[int], generated: Sequence[List[int]]) -> torch.Tensor:
+    """logits (rows, vocab) with every token the callback disallows set to -inf (a copy)."""
+    if allowed_tokens is None:
+        return logits
+    vocab = logits.shape[-1]
+    masks = [allowed_mask(allowed_tokens(p, list(g)), vocab, p, len(g)) for p, g in zip(prompt_indices, generated)]
+    if all(m is None for m in masks):
+        return logits
+    keep = torch.stack([torch.ones(vocab, dtype=torch.bool) if m is None else m for m in masks])
+    return logits.masked_fill(~keep.to(logits.device), float("-inf"))
+
+
+def model_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """The model's own log-probabilities: fp32 log_softmax of the raw logits."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def beam_score(logprob_sum: float, length: int, length_penalty: float) -> float:
+    return logprob_sum / length ** length_penalty
+
+
+class ChoiceConstraint:
+    """An ``allowed_tokens`` callback that restricts the output to one of ``choices``: a prefix
+    trie over the choices' token ids, with EOS allowed only where a choice is complete.
+    ``generate`` also ends a sequence at this constraint's ``eos_token_id``."""
+
+    def __init__(self, tokenizer, choices: Sequence[str]):
+        if isinstance(choices, str) or not isinstance(choices, (list, tuple)):
+            raise TypeError(f"choices must be a list of strings, got {type(choices).__name__}")
+        if not choices:
+            raise ValueError("choices must hold at least one string, got none")
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise ValueError("choice_constraint needs a tokenizer with an eos_token_id to end a complete choice")
+        self.eos_token_id = int(eos)
+        self.choices = list(choices)
+        self._children: List[Dict[int, int]] = [{}]
+        self._complete: Set[int] = set()
+        for choice in self.choices:
+            if not isinstance(choice, str) or not choice:
+                raise ValueError(f"choices must be non-empty strings, got {choice!r}")
+            try:
+                ids = tokenizer.encode(choice, add_special_tokens=False)
+            except TypeError:
+                ids = tokenizer.encode(choice)
+            if self.eos_token_id in ids:
+                raise ValueError(f"choice {choice!r} encodes to the EOS token {self.eos_token_id}")
+            node = 0
+            for token in ids:
+                node = self._children[node].setdefault(int(token), len(self._children))
+                if node == len(self._children):
+                    self._children.append({})
+            self._complete.add(node)
+
+    def __call__(self, prompt_index: int, generated: Sequence[int]) -> List[int]:
+        node = 0
+        for token in generated:
+            if int(token) not in self._children[node]:
+                raise ValueError(f"generated tokens {list(generated)} left the choices' trie at token {token}")
+            node = self._children[node][int(token)]
+        allowed = sorted(self._children[node])
+        if node in self._complete:
+            allowed.append(self.eos_token_id)
+        return allowed
+
+
+def choice_constraint(tokenizer, choices: Sequence[str]) -> ChoiceConstraint:
+    """An ``allowed_tokens`` constraint for ``generate``: the new text is exactly one of ``choices``
+    followed by the tokenizer's EOS (kept as the last token). ``max_new_tokens`` must leave room
+    for the longest choice's tokens plus EOS, or a sequence stops at the budget mid-choice."""
+    return ChoiceConstraint(tokenizer, choices)
+
+
+def pick_best_of(n: int, rows: List[List[int]], scores: List[float]) -> List[int]:
+    """The row index of the best sample (highest mean model log-prob; the first on a tie) of each
+    group of n consecutive rows."""
+    best = []
+    for start in range(0, len(rows), n):
+        group = range(start, start + n)
+        best.append(max(group, key=lambda r: (scores[r], -r)))
+    return best
+
+
+def _fork_rows(cache, parents: List[int], slots: List[int], next_slot: List[int]) -> List[int]:
+    """Makes the cache follow reselected beams: beam j continues the sequence in parents[j]'s
+    slot. Contiguous: the rows are gathered (index_select) to 0..len-1. Paged: the first child of a
+    parent takes over its slot, each further child gets a copy of its blocks, and the slots of
+    dropped parents are freed. Returns the new beams' slots."""
+    if not cache.paged:
+        cache.keep(parents)
+        return list(range(len(parents)))
+    new_slots, claimed = [], set()
+    for p in parents:
+        if p not in claimed:
+            claimed.add(p)
+            new_slots.append(slots[p])
+        else:
+            new_slots.append(next_slot[0])
+            cache.fork(slots[p], next_slot[0])
+            next_slot[0] += 1
+    for p, slot in enumerate(slots):
+        if p not in claimed:
+            cache.free(slot)
+    return new_slots
+
+
+@torch.no_grad()
+def beam_search(model, lists: List[List[int]], *, max_new_tokens: int, num_beams: int, length_penalty: float,
+                eos: Set[int], stop: Set[int], allowed_tokens: Optional[AllowedTokens], kv_cache: str,
+                block_size: int, on_token=None):
+    """Beam search for each prompt (one prompt after another, its beams decoding as one batch).
+
+    Each step, every live beam is expanded by its tokens under the model's log_softmax (minus
+    the tokens ``allowed_tokens`` forbids); of the best 2 * num_beams candidates by summed
+    log-prob, those ending in an EOS or stop token finish, and the best num_beams others go on.
+    A beam also finishes at max_new_tokens. A finished beam's score is
+    ``sum(logprobs) / len(new tokens) ** length_penalty``. The search ends when no live beam
+    can still beat the worst of the best num_beams finished beams (or none is left).
+
+    Returns per prompt a list of (tokens, score, reason, token_logprobs), best first, at most
+    num_beams long.
+    """
+    device = model.device
+    results = []
+    for b, prompt in enumerate(lists):
+        cache = model.new_cache(kv_cache, batch=2 * num_beams, max_seq_len=len(prompt) + max_new_tokens - 1,
+                                block_size=block_size)
+        logits = model(torch.tensor([prompt], device=device), cache=cache, slots=[0])[:, -1]  # [1, V]
+        beams: List[Tuple[List[int], float, List[float]]] = [([], 0.0, [])]  # tokens, logprob sum, logprobs
+        slots, next_slot = [0], [1]
+        finished: List[Tuple[List[int], float, str, List[float]]] = []
+        while beams:
+            logp = model_logprobs(logits)  # [nb, V]
+            logp = apply_allowed_tokens(logp, allowed_tokens, [b] * len(beams), [t for t, _, _ in beams])
+            totals = torch.tensor([s for _, s, _ in beams], dtype=torch.float32, device=logp.device)[:, None] + logp
+            k = min(2 * num_beams, totals.numel())
+            values, flat = torch.topk(totals.reshape(-1), k)  # ties: torch's order, deterministic
+            vocab = logp.shape[-1]
+            survivors, parents = [], []
+            for value, index in zip(values.tolist(), flat.tolist()):
+                if value == float("-inf"):
+                    break
+                parent, token = divmod(index, vocab)
+                tokens, _, lps = beams[parent]
+                new = (tokens + [token], float(totals[parent, token]), lps + [float(logp[parent, token])])
+                reason = "eos" if token in eos else "stop_token" if token in stop else \
+                    "length" if len(new[0]) == max_new_tokens else ""
+                if reason:
+                    finished.append((new[0], beam_score(new[1], len(new[0]), length_penalty), reason, new[2]))
+                elif len(survivors) < num_beams:
+                    survivors.append(new)
+                    parents.append(parent)
+            finished.sort(key=lambda f: -f[1])
+            del finished[num_beams:]
+            if survivors and len(finished) == num_beams:
+                # The best score a live beam can still reach: logprobs only lower its sum, so
+                # with length_penalty > 0 the most it gains is dividing by the longest length.
+                best_sum, length = max(s for _, s, _ in survivors), len(survivors[0][0])
+                reach = max_new_tokens if length_penalty > 0 else length + 1
+                if beam_score(best_sum, reach, length_penalty) <= finished[-1][1]:
+                    survivors = []
+            if not survivors:
+                if cache.paged:
+                    for slot in slots:
+                        cache.free(slot)
+                break
+            slots = _fork_rows(cache, parents, slots, next_slot)
+            beams = survivors
+            next_ids = torch.tensor([[t[-1]] for t, _, _ in beams], device=device)  # [nb, 1]
+            logits = model(next_ids, cache=cache, slots=slots)[:, -1]  # [nb, V]
+        if not finished:
+            raise ValueError(f"beam search for prompt {b} found no sequence with a finite log-probability")
+        if on_token is not None:
+            for token in finished[0][0]:
+                on_token(b, token)
+        results.append(finished)
+    return results
