@@ -202,10 +202,10 @@ def test_choice_constraint_output_is_one_of_the_choices(model, options, kv_cache
     prompts = [tok.encode(text) for text in ("Is it? ", "Answer: ", "x")]
     constraint = choice_constraint(tok, CHOICES)
     result = model.generate(prompts, max_new_tokens=12, allowed_tokens=constraint, kv_cache=kv_cache,
-                            block_size=4, return_result=True, **options)
-    for tokens, reason in zip(result.tokens, result.finish_reasons):
+                            block_size=4, return_result=True, tokenizer=tok, **options)
+    for tokens, reason, text in zip(result.tokens, result.finish_reasons, result.texts):
         assert tokens[-1] == tok.eos_token_id and reason == "eos"
-        assert tok.decode(tokens[:-1]) in CHOICES
+        assert tok.decode(tokens[:-1]) in CHOICES and text == tok.decode(tokens)
 
 
 def test_choice_constraint_trie_allows_eos_only_at_a_complete_choice():

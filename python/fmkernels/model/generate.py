@@ -146,7 +146,9 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
         logits, not the filtered sampling logprobs); the output then has one row per prompt.
     num_beams : beam search with B beams (deterministic: temperature must be 0; see
         ``fmkernels.model.search.beam_search``); returns each prompt's best finished beam, and in
-        a ``GenerationResult`` all its finished beams with their scores.
+        a ``GenerationResult`` all its finished beams with their scores, and as ``logprobs`` the
+        model's own log-probabilities of its tokens. Prompts are searched one after another;
+        ``on_token`` gets the best beam's tokens when its prompt's search ends; no stop_strings.
     length_penalty : a finished beam's score is ``sum(logprobs) / len(new tokens) ** length_penalty``
         (default 1.0, the mean log-prob; 0 is the plain sum, favouring short outputs).
     allowed_tokens : ``allowed_tokens(prompt_index, generated_ids)`` -> the token ids allowed next
@@ -316,7 +318,12 @@ def _beam_result(model, lists, max_new_tokens, num_beams, length_penalty, eos, s
         return tokens
     texts = None
     if tokenizer is not None:
-        texts = [tokenizer.decode(t) for t in tokens]
+        from .tokenizer import StreamDecoder
+
+        texts = []
+        for prompt, new in zip(lists, tokens):
+            stream = StreamDecoder(tokenizer, prompt)
+            texts.append("".join(stream.push(t) for t in new) + stream.flush())
     return GenerationResult(
         tokens=tokens, finish_reasons=[beams[0][2] for beams in found], texts=texts,
         logprobs=[beams[0][3] for beams in found], scores=[beams[0][1] for beams in found],

@@ -184,13 +184,16 @@ def beam_search(model, lists: List[List[int]], *, max_new_tokens: int, num_beams
     ``sum(logprobs) / len(new tokens) ** length_penalty``. The search ends when no live beam
     can still beat the worst of the best num_beams finished beams (or none is left).
 
+    ``on_token(prompt_index, token)`` gets the best beam's tokens once the prompt's search ends.
     Returns per prompt a list of (tokens, score, reason, token_logprobs), best first, at most
-    num_beams long.
+    num_beams long; token_logprobs are the model's own (log_softmax of the raw logits).
     """
     device = model.device
     results = []
     for b, prompt in enumerate(lists):
-        cache = model.new_cache(kv_cache, batch=2 * num_beams, max_seq_len=len(prompt) + max_new_tokens - 1,
+        # Paged: reselection holds the old beams and the forks of the new ones at once, 2 * B sequences.
+        rows = 2 * num_beams if kv_cache == "paged" else num_beams
+        cache = model.new_cache(kv_cache, batch=rows, max_seq_len=len(prompt) + max_new_tokens - 1,
                                 block_size=block_size)
         logits = model(torch.tensor([prompt], device=device), cache=cache, slots=[0])[:, -1]  # [1, V]
         beams: List[Tuple[List[int], float, List[float]]] = [([], 0.0, [])]  # tokens, logprob sum, logprobs
