@@ -259,3 +259,12 @@ def test_choice_constraint_needs_an_eos():
 
     with pytest.raises(ValueError, match="needs a tokenizer with an eos_token_id"):
         choice_constraint(NoEos(), ["a"])
+
+
+@pytest.mark.parametrize("options", [dict(num_samples=2, seed=1, **SAMPLING), dict(num_beams=2)],
+                         ids=["samples", "beams"])
+def test_on_token_streams_each_returned_row(model, options):
+    streamed = {}
+    rows = model.generate(PROMPTS[:2], max_new_tokens=5, on_token=lambda r, t: streamed.setdefault(r, []).append(t),
+                          **options)
+    assert [streamed[r] for r in range(len(rows))] == rows
