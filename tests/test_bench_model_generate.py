@@ -1,0 +1,42 @@
+"""bench/model_generate.py runs end to end on a small workload: both implementations agree on
+the greedy tokens, the parameter count matches the model, and the JSON holds rows and metadata."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "bench" / "model_generate.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_model_generate", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parameter_count_of_the_100m_config():
+    bench = _load()
+    assert 90e6 < bench.parameter_count(bench.LLAMA_100M) < 130e6
+
+
+def test_tiny_run_agrees_with_transformers_and_writes_json(tmp_path):
+    bench = _load()
+    out = tmp_path / "result.json"
+    argv = ["--configs", "tiny", "--batches", "1,2", "--prompt-len", "8", "--new-tokens", "5", "--repeats", "1",
+            "--backend", "cpu", "--json", str(out)]
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["metadata"]["command"].endswith(" ".join(argv))
+    assert "transformers_version" in data["metadata"]
+    rows = data["rows"]
+    assert [(r["batch"], r["implementation"]) for r in rows] == [
+        (1, "transformers"), (1, "fmkernels (cpu)"), (2, "transformers"), (2, "fmkernels (cpu)")]
+    assert all(r["agree"] == "yes" for r in rows)
+    assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
