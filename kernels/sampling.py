@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from fmkernels import reference
-from fmkernels.ops._top_tokens import top_tokens
+from fmkernels.ops._top_tokens import top_alternatives
 
 PerRow = Union[int, float, torch.Tensor]
 
@@ -316,17 +316,6 @@ def _warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-def _row_params(logits: torch.Tensor, temperature, top_k, top_p, min_p):
-    batch = logits.shape[0]
-    device = logits.device
-    return (
-        reference.per_row(temperature, batch, torch.float32, device).contiguous(),
-        reference.per_row(top_k, batch, torch.int64, device).contiguous(),
-        reference.per_row(top_p, batch, torch.float32, device).contiguous(),
-        reference.per_row(min_p, batch, torch.float32, device).contiguous(),
-    )
-
-
 def _supports(logits: torch.Tensor) -> Optional[str]:
     if logits.shape[1] >= 2**31:
         return f"vocab must be < 2**31 (int32 token ids), got {logits.shape[1]}"
@@ -355,7 +344,7 @@ def filter_logits(
     out = torch.empty((batch, vocab), dtype=logits.dtype, device=logits.device)
     if batch == 0:
         return out
-    temperature, top_k, top_p, min_p = _row_params(logits, temperature, top_k, top_p, min_p)
+    temperature, top_k, top_p, min_p = reference.filter_parameters(batch, logits.device, temperature, top_k, top_p, min_p)
     block = _block(vocab)
     _filter_logits_kernel[(batch,)](
         logits, out, temperature, top_k, top_p, min_p,
@@ -384,7 +373,7 @@ def sample(
     device = logits.device
     seeds = reference.row_seeds(seed, batch, device).contiguous()
     steps = reference.per_row(step, batch, torch.int64, device).contiguous()
-    temperature, top_k, top_p, min_p = _row_params(logits, temperature, top_k, top_p, min_p)
+    temperature, top_k, top_p, min_p = reference.filter_parameters(batch, device, temperature, top_k, top_p, min_p)
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     logprobs = torch.empty(batch if return_logprobs else 0, dtype=torch.float32, device=device)
     lse = torch.empty_like(logprobs)
@@ -401,10 +390,5 @@ def sample(
         )
     if not return_logprobs:
         return tokens
-    if write_filtered and batch > 0:
-        top_ids = top_tokens(filtered, num_logprobs)
-        top_logprobs = filtered.gather(1, top_ids) - lse[:, None]
-    else:
-        top_ids = torch.empty((batch, num_logprobs), dtype=torch.int64, device=device)
-        top_logprobs = torch.empty((batch, num_logprobs), dtype=torch.float32, device=device)
+    top_ids, top_logprobs = top_alternatives(filtered if write_filtered else None, lse, batch, num_logprobs, device)
     return reference.SampleOutput(tokens, logprobs, top_ids, top_logprobs)

@@ -196,14 +196,22 @@ def per_row(value: PerRow, batch: int, dtype: torch.dtype, device) -> torch.Tens
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
+def filter_parameters(batch: int, device, temperature: PerRow, top_k: PerRow, top_p: PerRow, min_p: PerRow):
+    """(temperature, top_k, top_p, min_p) as contiguous (batch,) tensors on ``device``:
+    float32, int64, float32, float32."""
+    return (
+        per_row(temperature, batch, torch.float32, device).contiguous(),
+        per_row(top_k, batch, torch.int64, device).contiguous(),
+        per_row(top_p, batch, torch.float32, device).contiguous(),
+        per_row(min_p, batch, torch.float32, device).contiguous(),
+    )
+
+
 def _filtered_logits_fp32(logits, temperature, top_k, top_p, min_p) -> torch.Tensor:
     """The DESIGN.md pipeline in fp32: (batch, vocab) scaled logits, -inf where removed."""
     batch, vocab = logits.shape
     device = logits.device
-    temperature = per_row(temperature, batch, torch.float32, device)
-    top_k = per_row(top_k, batch, torch.int64, device)
-    top_p = per_row(top_p, batch, torch.float32, device)
-    min_p = per_row(min_p, batch, torch.float32, device)
+    temperature, top_k, top_p, min_p = filter_parameters(batch, device, temperature, top_k, top_p, min_p)
 
     greedy = temperature == 0
     scaled = logits.float() / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]

@@ -71,20 +71,10 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None) -> Non
     )
 
 
-def _filter_parameters(batch: int, temperature, top_k, top_p, min_p):
-    """Per-row (batch,) tensors: temperature, top_p, min_p float32; top_k int64."""
-    return (
-        reference.per_row(temperature, batch, torch.float32, "cpu").contiguous(),
-        reference.per_row(top_k, batch, torch.int64, "cpu").contiguous(),
-        reference.per_row(top_p, batch, torch.float32, "cpu").contiguous(),
-        reference.per_row(min_p, batch, torch.float32, "cpu").contiguous(),
-    )
-
-
 def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     logits = _unit_stride(logits)
     out = torch.empty(logits.shape, dtype=logits.dtype)
-    parameters = _filter_parameters(logits.shape[0], temperature, top_k, top_p, min_p)
+    parameters = reference.filter_parameters(logits.shape[0], "cpu", temperature, top_k, top_p, min_p)
     _module().filter_logits(
         tensor_view(logits), tensor_view(out), *(tensor_view(p) for p in parameters), torch.get_num_threads(),
     )
@@ -95,7 +85,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
            return_logprobs=False, num_logprobs=0):
     logits = _unit_stride(logits)
     batch = logits.shape[0]
-    parameters = _filter_parameters(batch, temperature, top_k, top_p, min_p)
+    parameters = reference.filter_parameters(batch, "cpu", temperature, top_k, top_p, min_p)
     seeds = reference.row_seeds(seed, batch, "cpu").contiguous()
     steps = reference.per_row(step, batch, torch.int64, "cpu").contiguous()
     tokens = torch.empty(batch, dtype=torch.int64)

@@ -17,7 +17,7 @@ import torch
 
 from .. import platform, reference
 from .._views import tensor_view
-from ._top_tokens import top_tokens
+from ._top_tokens import top_alternatives
 
 #: The largest head_dim the CUDA decode_attention kernels accept.
 DECODE_MAX_HEAD_DIM = 256
@@ -247,22 +247,11 @@ def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _filter_parameters(logits: torch.Tensor, temperature, top_k, top_p, min_p):
-    """Per-row (batch,) tensors on logits' device: temperature, top_p, min_p float32; top_k int64."""
-    batch, device = logits.shape[0], logits.device
-    return (
-        reference.per_row(temperature, batch, torch.float32, device).contiguous(),
-        reference.per_row(top_k, batch, torch.int64, device).contiguous(),
-        reference.per_row(top_p, batch, torch.float32, device).contiguous(),
-        reference.per_row(min_p, batch, torch.float32, device).contiguous(),
-    )
-
-
 def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     logits = _unit_stride(logits)
     with torch.cuda.device(logits.device):
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        parameters = _filter_parameters(logits, temperature, top_k, top_p, min_p)
+        parameters = reference.filter_parameters(logits.shape[0], logits.device, temperature, top_k, top_p, min_p)
         _module().filter_logits(
             tensor_view(logits), tensor_view(out), *(tensor_view(p) for p in parameters), stream_of(logits),
         )
@@ -275,7 +264,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
     batch, vocab = logits.shape
     device = logits.device
     with torch.cuda.device(device):
-        parameters = _filter_parameters(logits, temperature, top_k, top_p, min_p)
+        parameters = reference.filter_parameters(logits.shape[0], logits.device, temperature, top_k, top_p, min_p)
         seeds = reference.row_seeds(seed, batch, device).contiguous()
         steps = reference.per_row(step, batch, torch.int64, device).contiguous()
         tokens = torch.empty(batch, dtype=torch.int64, device=device)
@@ -293,10 +282,5 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
         )
         if not return_logprobs:
             return tokens
-        if filtered is not None and batch > 0:
-            top_ids = top_tokens(filtered, num_logprobs)
-            top_logprobs = filtered.gather(1, top_ids) - lse[:, None]
-        else:
-            top_ids = torch.empty((batch, num_logprobs), dtype=torch.int64, device=device)
-            top_logprobs = torch.empty((batch, num_logprobs), dtype=torch.float32, device=device)
+        top_ids, top_logprobs = top_alternatives(filtered, lse, batch, num_logprobs, device)
     return reference.SampleOutput(tokens, logprobs, top_ids, top_logprobs)
