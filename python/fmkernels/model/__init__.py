@@ -5,17 +5,19 @@
 ``from_pretrained``; ``model(input_ids)`` -> logits, ``model.generate(...)``), the KV
 caches the model decodes against, ``choice_constraint`` for constrained generation;
 tokenizers (a checkpoint's ``tokenizer.json`` with ``load_tokenizer``, or ``ByteTokenizer``)
-and ``StreamDecoder`` for streaming text.
+and ``StreamDecoder`` for streaming text; ``ModelConfig.stats`` for what a model costs
+(parameters, memory, FLOPs, roofline bounds: ``fmkernels info``).
 """
 
 from .config import ModelConfig
 from .generate import GenerationResult, generate
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache
 from .search import choice_constraint
+from .stats import DeviceSpec, ModelStats
 from .tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer
 from .transformer import Transformer
 
 __all__ = [
     "ModelConfig", "Transformer", "generate", "GenerationResult", "ContiguousKVCache", "PagedKVCache",
-    "BlockAllocator", "choice_constraint", "ByteTokenizer", "HFTokenizer", "StreamDecoder", "load_tokenizer",
+    "BlockAllocator", "choice_constraint", "ModelStats", "DeviceSpec", "ByteTokenizer", "HFTokenizer", "StreamDecoder", "load_tokenizer",
 ]

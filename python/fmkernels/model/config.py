@@ -7,7 +7,10 @@ import dataclasses
 import json
 import numbers
 import os
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Tuple, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .stats import DeviceSpec, ModelStats
 
 # Architectures whose checkpoints this model reads (config.json's "architectures" or "model_type").
 _ARCHITECTURES = {
@@ -129,7 +132,7 @@ class ModelConfig:
             kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
             if kind == "default":
                 rope_scaling = None
-        n_experts = int(config.get("num_local_experts") or 0) if architecture == "mixtral" else 0
+        n_experts = int(field("num_local_experts")) if architecture == "mixtral" else 0
         eos = config.get("eos_token_id")
         eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
         return cls(
@@ -161,6 +164,52 @@ class ModelConfig:
     @staticmethod
     def names():
         return sorted(_NAMED)
+
+    def stats(
+        self,
+        *,
+        dtype: str = "bf16",
+        kv_dtype: Optional[str] = None,
+        context: Optional[int] = None,
+        batch: int = 1,
+        device: Union[str, "DeviceSpec"] = "h100",
+        train_tokens: Optional[int] = None,
+        table_batches: Optional[Iterable[int]] = None,
+        table_contexts: Optional[Iterable[int]] = None,
+    ) -> "ModelStats":
+        """What this model costs: parameters, memory, FLOPs and roofline bounds (``fmkernels info``).
+
+        Parameters
+        ----------
+        dtype : str
+            The weights' dtype: fp32, fp16, bf16, fp8, int8 or int4.
+        kv_dtype : str, optional
+            The KV cache's dtype; default ``dtype``.
+        context : int, optional
+            Tokens in each sequence's KV cache (and the prompt length for prefill); default
+            ``max_seq_len``, at most 8192.
+        batch : int
+            Sequences decoded together.
+        device : str or DeviceSpec
+            "a100", "h100", "h200" (datasheet figures) or "BANDWIDTH_GBPS,TFLOPS[,MEMORY_GB]".
+        train_tokens : int, optional
+            The training budget in tokens; default the Chinchilla budget (20 per parameter).
+        table_batches, table_contexts : iterables of int, optional
+            The decode-bound table's grid; default batches 1, 4, 16, 64, 256 and contexts
+            1k, 4k, 16k, ... up to ``max_seq_len`` plus ``context``.
+
+        Returns
+        -------
+        ModelStats
+            Figures as properties and methods; ``as_dict()`` is ``fmkernels info --json``.
+            How each is derived: ``fmkernels.model.stats``.
+        """
+        from .stats import model_stats
+
+        return model_stats(
+            self, dtype=dtype, kv_dtype=kv_dtype, context=context, batch=batch, device=device,
+            train_tokens=train_tokens, table_batches=table_batches, table_contexts=table_contexts,
+        )
 
 
 def _architecture(config: Dict[str, Any]) -> str:
