@@ -131,7 +131,7 @@ def host_readable(tensor: torch.Tensor | None) -> bool:
 
     The ops check the values of device tensors (cache lengths, block tables, per-row sampling
     parameters, logits) only where that costs no synchronisation, so that decode and sampling
-    can be captured in a CUDA graph; the kernels clamp what they read and write instead.
+    can be captured in a CUDA graph; the kernels bound what they read and write instead.
     """
     return tensor is not None and tensor.device.type == "cpu"
 

@@ -67,7 +67,7 @@ def attention(
         "auto" (the fastest that supports the case), or an implementation's name
         ("reference", "cpu", "triton", "cuda", a peer's or your own).
     out : Tensor, optional
-        Buffer for the output, shaped and typed like q.
+        Buffer for the output, shaped and typed like q; it is the tensor returned.
 
     Returns
     -------

@@ -43,7 +43,8 @@ def decode_attention(
         (num_blocks, block_size, kv_heads, head_dim) with ``block_table``; q's dtype.
     cache_seqlens : Tensor (batch,) int32
         Tokens in each sequence's cache, the n_new new ones included:
-        n_new <= cache_seqlens[b] <= capacity.
+        n_new <= cache_seqlens[b] <= capacity (checked for CPU tensors; a GPU's are not read
+        on the host, and the kernels clamp them into the cache).
     block_table : Tensor (batch, max_blocks) int32, optional
         Sequence b's position p lives in block block_table[b, p // block_size], slot
         p % block_size. Entries past a sequence's length are not read.
@@ -54,7 +55,7 @@ def decode_attention(
     backend : str
         "auto" or an implementation's name.
     out : Tensor, optional
-        Buffer for the output, shaped and typed like q.
+        Buffer for the output, shaped and typed like q; it is the tensor returned.
 
     Returns
     -------

@@ -19,7 +19,9 @@ _PARAMETERS_DOC = """temperature : float or Tensor (batch,)
         Keep the smallest prefix of tokens, by descending probability, whose mass
         reaches p (at least one token); in (0, 1], and 1 means off.
     min_p : float or Tensor (batch,)
-        Keep tokens at least min_p times as likely as the most likely; in [0, 1], 0 means off."""
+        Keep tokens at least min_p times as likely as the most likely; in [0, 1], 0 means off.
+    A tensor parameter's values are checked when it is on the CPU; on a GPU they are not read
+    on the host (no synchronisation), so an out-of-range value is not reported there."""
 
 
 #: The range of each per-row parameter, as require_per_row and require_row_values take it.
@@ -58,7 +60,8 @@ def _require_values(logits: torch.Tensor, rows) -> None:
     logits finite or -inf with something to keep in every row.
 
     Device tensors are not read (that would synchronise with the host, and sampling must not):
-    there the kernels clamp the parameters, and a NaN or +inf logit is not reported.
+    there an out-of-range parameter or a NaN or +inf logit is not reported, and the kernels,
+    which index by the shapes alone, still stay inside their tensors.
     """
     for name, value in rows.items():
         if check.host_readable(value):
@@ -141,12 +144,14 @@ def sample(
     Parameters
     ----------
     logits : Tensor (batch, vocab)
-        float32, float16 or bfloat16; finite or -inf. NaN or +inf raises ValueError.
+        float32, float16 or bfloat16; finite or -inf. NaN or +inf raises ValueError for CPU
+        logits (a GPU's are not read on the host: sampling does not synchronise).
     {params}
     seed : int, Tensor (batch,) of ints, or None
         Row seeds in [0, 2**63). A tensor gives each row its own seed, so a row's token
         does not depend on its batch; an int s gives row b the seed s + b; None draws s
-        from torch's default generator.
+        from torch's default generator (on the host, at each call; a CUDA graph captures
+        the value drawn at capture, so give it tensor seeds).
     step : int or Tensor (batch,) of ints
         The decode step, >= 0; the same seed at another step gives a fresh draw.
     return_logprobs : bool
@@ -157,7 +162,7 @@ def sample(
     backend : str
         "auto" or an implementation's name.
     out : Tensor (batch,) int64, optional
-        Buffer for the tokens.
+        Buffer for the tokens; it is the tensor returned (as ``tokens`` with logprobs).
 
     Returns
     -------
