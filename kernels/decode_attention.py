@@ -256,8 +256,10 @@ def decode_attention(
     block_m, block_n, block_d = _blocks(group * n_new, head_dim, q.dtype)
     row_blocks = triton.cdiv(group * n_new, block_m)
     if num_splits is None:
-        max_len = int(cache_seqlens.max())
-        num_splits = _num_splits(q.device, batch * kv_heads * row_blocks, triton.cdiv(max_len, block_n))
+        # Sized by the capacity, not the longest sequence, so the launch reads no length on the
+        # host (no synchronisation: a decode step can be captured in a CUDA graph). Each program
+        # shares out its own sequence's tiles, and a split left with none writes lse -inf.
+        num_splits = _num_splits(q.device, batch * kv_heads * row_blocks, triton.cdiv(capacity, block_n))
 
     if num_splits == 1:
         part_out, part_lse = out, lse

@@ -100,14 +100,20 @@ def require_out(out, shape: Sequence[int], dtype: torch.dtype, device: torch.dev
         raise ValueError(f"out must be on {device}, got {out.device}")
 
 
-def require_cu_seqlens(name: str, cu_seqlens, total: int, device: torch.device) -> torch.Tensor:
-    """Cumulative sequence lengths: int32 (batch + 1,), starting at 0, non-decreasing, ending at total."""
+def require_cu_seqlens(name: str, cu_seqlens, device: torch.device) -> torch.Tensor:
+    """Cumulative sequence lengths: int32 (batch + 1,) on ``device``; ``require_cu_seqlens_values``
+    checks what they hold."""
     require_tensor(name, cu_seqlens)
     require_dtype(name, cu_seqlens, (torch.int32,))
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{name} must be 1-D of length batch + 1 >= 2, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"{name} must be on {device}, got {cu_seqlens.device}")
+    return cu_seqlens
+
+
+def require_cu_seqlens_values(name: str, cu_seqlens: torch.Tensor, total: int) -> None:
+    """cu_seqlens start at 0, never decrease and end at ``total`` (reads them on the host)."""
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {values[0]}")
@@ -118,7 +124,16 @@ def require_cu_seqlens(name: str, cu_seqlens, total: int, device: torch.device) 
             )
     if values[-1] != total:
         raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}), got {values[-1]}")
-    return cu_seqlens
+
+
+def host_readable(tensor: torch.Tensor | None) -> bool:
+    """Whether ``tensor``'s values can be checked without a host synchronisation: it is in host memory.
+
+    The ops check the values of device tensors (cache lengths, block tables, per-row sampling
+    parameters, logits) only where that costs no synchronisation, so that decode and sampling
+    can be captured in a CUDA graph; the kernels bound what they read and write instead.
+    """
+    return tensor is not None and tensor.device.type == "cpu"
 
 
 def _is_int(value) -> bool:
@@ -141,7 +156,8 @@ def require_per_row(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> None:
-    """A sampling parameter: a scalar, or a tensor of shape (batch,), inside [low, high]."""
+    """A sampling parameter: a scalar inside [low, high], or a tensor of shape (batch,) on
+    ``device`` or the CPU, whose values ``require_row_values`` checks."""
     if isinstance(value, torch.Tensor):
         if integral and (value.dtype.is_floating_point or value.dtype == torch.bool or value.is_complex()):
             raise TypeError(f"{name} must be an int or an integer tensor, got dtype {value.dtype}")
@@ -151,16 +167,6 @@ def require_per_row(
             raise ValueError(f"{name} must be a scalar or have shape ({batch},) (batch,), got {tuple(value.shape)}")
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name} must be on {device} or the CPU, got {value.device}")
-        values = value.double()
-        if torch.isnan(values).any():
-            raise ValueError(f"{name} must not contain NaN")
-        lo_bad = values < low if low_inclusive else values <= low
-        hi_bad = values > high if high_inclusive else values >= high
-        bad = lo_bad | hi_bad
-        if bad.any():
-            row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{name} must be in {_interval(low, high, low_inclusive, high_inclusive)}, "
-                             f"got {name}[{row}] = {value[row].item()}")
         return
     if integral and not _is_int(value):
         raise TypeError(f"{name} must be an int or an integer tensor, got {type(value).__name__}")
@@ -172,6 +178,28 @@ def require_per_row(
     hi_bad = value > high if high_inclusive else value >= high
     if lo_bad or hi_bad:
         raise ValueError(f"{name} must be in {_interval(low, high, low_inclusive, high_inclusive)}, got {value}")
+
+
+def require_row_values(
+    name: str,
+    value: torch.Tensor,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Every value of a per-row parameter tensor lies inside [low, high] (reads it on the host)."""
+    values = value.double()
+    if torch.isnan(values).any():
+        raise ValueError(f"{name} must not contain NaN")
+    lo_bad = values < low if low_inclusive else values <= low
+    hi_bad = values > high if high_inclusive else values >= high
+    bad = lo_bad | hi_bad
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} must be in {_interval(low, high, low_inclusive, high_inclusive)}, "
+                         f"got {name}[{row}] = {value[row].item()}")
 
 
 def _is_int_dtype(dtype: torch.dtype) -> bool:

@@ -9,6 +9,13 @@ import torch
 from .. import registry
 
 
+def require_backend(backend) -> str:
+    """The backend argument is a name: "auto" or an implementation's (checked in the registry at run time)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    return backend
+
+
 def run(op: str, backend: str, case: Dict[str, Any]):
     """Select the implementation of ``op`` for ``case`` and call it with ``case`` as keywords."""
     impl = registry.select(op, backend, case)

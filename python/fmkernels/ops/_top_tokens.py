@@ -14,7 +14,11 @@ def top_tokens(filtered: torch.Tensor, n: int) -> torch.Tensor:
     tie = filtered == nth
     needed = n - above.sum(dim=1, keepdim=True)
     chosen = above | (tie & (torch.cumsum(tie, dim=1) <= needed))
-    ids = chosen.nonzero()[:, 1].view(filtered.shape[0], n)  # ascending ids in each row
+    # Exactly n chosen per row: their ids in ascending order are the n smallest of the ids with
+    # the others pushed past the vocabulary (topk of distinct values; no nonzero(), no host sync).
+    vocab = filtered.shape[1]
+    token_ids = torch.arange(vocab, device=filtered.device).expand_as(filtered)
+    ids = torch.topk(torch.where(chosen, token_ids, vocab), n, dim=1, largest=False).values
     order = torch.sort(filtered.gather(1, ids), dim=1, descending=True, stable=True).indices
     return ids.gather(1, order)
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import _validation as check
-from ._dispatch import run
+from ._dispatch import require_backend, run
 from ._kv_cache import require_block_table, require_cache, require_positions, require_seqlens
 
 
@@ -35,7 +35,9 @@ def append_kv(
     k, v : Tensor (batch, n_new, kv_heads, head_dim)
         The new keys and values, in the cache's dtype and on its device.
     cache_seqlens : Tensor (batch,) int32
-        Current lengths; cache_seqlens[b] + n_new must fit in the cache.
+        Current lengths; cache_seqlens[b] + n_new must fit in the cache (checked for CPU
+        tensors; on a GPU a sequence whose tokens do not fit, or whose block is outside the
+        pool, is not written).
     block_table : Tensor (batch, max_blocks) int32, optional
         For a paged cache: position p of sequence b lives in block block_table[b, p // block_size],
         slot p % block_size. Each block written must be inside the pool.
@@ -65,9 +67,31 @@ def append_kv(
     require_seqlens(cache_seqlens, batch, k.device)
     if paged:
         require_block_table(block_table, batch, k.device)
-    seqlens = cache_seqlens.cpu().long()
-    require_positions(k_cache, seqlens, seqlens + k.shape[1], block_table, "cache_seqlens + n_new")
+    require_backend(backend)
+    torch.ops.fmkernels.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table, backend)
 
+
+@torch.library.custom_op("fmkernels::append_kv", mutates_args=("k_cache", "v_cache"))
+def _append_kv_op(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: Optional[torch.Tensor],
+    backend: str,
+) -> None:
+    """Writes the caches in place. The positions are checked against the cache only on the
+    CPU: on a GPU that would synchronise, and the kernels skip positions past the capacity
+    and blocks outside the pool instead."""
+    if check.host_readable(cache_seqlens):
+        seqlens = cache_seqlens.long()
+        require_positions(k_cache, seqlens, seqlens + k.shape[1], block_table, "cache_seqlens + n_new")
     run("append_kv", backend, dict(
         k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
     ))
+
+
+@_append_kv_op.register_fake
+def _(k_cache, v_cache, k, v, cache_seqlens, block_table, backend):
+    return None

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .. import _validation as check
-from ._dispatch import into_out, run
+from ._dispatch import into_out, require_backend, run
 
 _DENSE = "(batch, seqlen, heads, head_dim)"
 _PACKED = "(total_tokens, heads, head_dim)"
@@ -67,7 +67,7 @@ def attention(
         "auto" (the fastest that supports the case), or an implementation's name
         ("reference", "cpu", "triton", "cuda", a peer's or your own).
     out : Tensor, optional
-        Buffer for the output, shaped and typed like q.
+        Buffer for the output, shaped and typed like q; it is the tensor returned.
 
     Returns
     -------
@@ -93,8 +93,8 @@ def attention(
         check.require_rank("q", q, 3, layout)
         check.require_rank("k", k, 3, layout)
         check.require_rank("v", v, 3, layout)
-        check.require_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-        check.require_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        check.require_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+        check.require_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
         if cu_seqlens_q.numel() != cu_seqlens_k.numel():
             raise ValueError(
                 f"cu_seqlens_k must have the same length as cu_seqlens_q ({cu_seqlens_q.numel()}), "
@@ -121,6 +121,32 @@ def attention(
         )
     check.require_out(out, q.shape, q.dtype, q.device)
 
+    require_backend(backend)
+
+    output, lse = torch.ops.fmkernels.attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, None if scale is None else float(scale), return_lse, backend,
+    )
+    output = into_out(output, out)
+    return (output, lse) if return_lse else output
+
+
+@torch.library.custom_op("fmkernels::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    causal: bool,
+    scale: Optional[float],
+    return_lse: bool,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse); lse is empty (0,) without ``return_lse``."""
+    if cu_seqlens_q is not None:
+        # Varlen prefill reads the offsets on the host (the kernels size their grids from them).
+        check.require_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+        check.require_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0])
     case = dict(
         q=q, k=k, v=v, causal=causal, scale=scale,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse,
@@ -128,5 +154,16 @@ def attention(
     result = run("attention", backend, case)
     if return_lse:
         output, lse = result
-        return into_out(output, out), lse
-    return into_out(result, out)
+        return output.contiguous(), lse.contiguous()
+    return result.contiguous(), q.new_empty((0,), dtype=torch.float32)
+
+
+@_attention_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, return_lse, backend):
+    if not return_lse:
+        lse_shape = (0,)
+    elif cu_seqlens_q is not None:
+        lse_shape = (q.shape[1], q.shape[0])
+    else:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .. import _validation as check
-from ._dispatch import into_out, run
+from ._dispatch import into_out, require_backend, run
 from ._kv_cache import require_block_table, require_cache, require_positions, require_seqlens
 
 
@@ -43,7 +43,8 @@ def decode_attention(
         (num_blocks, block_size, kv_heads, head_dim) with ``block_table``; q's dtype.
     cache_seqlens : Tensor (batch,) int32
         Tokens in each sequence's cache, the n_new new ones included:
-        n_new <= cache_seqlens[b] <= capacity.
+        n_new <= cache_seqlens[b] <= capacity (checked for CPU tensors; a GPU's are not read
+        on the host, and the kernels clamp them into the cache).
     block_table : Tensor (batch, max_blocks) int32, optional
         Sequence b's position p lives in block block_table[b, p // block_size], slot
         p % block_size. Entries past a sequence's length are not read.
@@ -54,7 +55,7 @@ def decode_attention(
     backend : str
         "auto" or an implementation's name.
     out : Tensor, optional
-        Buffer for the output, shaped and typed like q.
+        Buffer for the output, shaped and typed like q; it is the tensor returned.
 
     Returns
     -------
@@ -84,17 +85,44 @@ def decode_attention(
         require_block_table(block_table, batch, q.device)
     check.require_scale(scale)
     check.require_bool("return_lse", return_lse)
-    seqlens = cache_seqlens.cpu()
-    short = seqlens < n_new
+    check.require_out(out, q.shape, q.dtype, q.device)
+    require_backend(backend)
+
+    output, lse = torch.ops.fmkernels.decode_attention(
+        q, k_cache, v_cache, cache_seqlens, block_table, None if scale is None else float(scale), return_lse, backend,
+    )
+    output = into_out(output, out)
+    return (output, lse) if return_lse else output
+
+
+def require_cache_seqlens_values(cache_seqlens: torch.Tensor, n_new: int, k_cache, block_table) -> None:
+    """n_new <= cache_seqlens[b] <= capacity, and the blocks holding them inside the pool (host tensors)."""
+    short = cache_seqlens < n_new
     if short.any():
         b = int(short.nonzero()[0, 0])
         raise ValueError(
             f"cache_seqlens[{b}] must count the {n_new} new tokens already in the cache (>= n_new), "
-            f"got {int(seqlens[b])}"
+            f"got {int(cache_seqlens[b])}"
         )
-    require_positions(k_cache, torch.zeros_like(seqlens), seqlens, block_table, "cache_seqlens")
-    check.require_out(out, q.shape, q.dtype, q.device)
+    require_positions(k_cache, torch.zeros_like(cache_seqlens), cache_seqlens, block_table, "cache_seqlens")
 
+
+@torch.library.custom_op("fmkernels::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: Optional[torch.Tensor],
+    scale: Optional[float],
+    return_lse: bool,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse); lse is empty (0,) without ``return_lse``. The cache lengths are checked
+    against the cache only on the CPU: on a GPU that would synchronise, and the kernels clamp
+    each length into [0, capacity] and skip blocks outside the pool instead."""
+    if check.host_readable(cache_seqlens):
+        require_cache_seqlens_values(cache_seqlens, q.shape[1], k_cache, block_table)
     case = dict(
         q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
         block_table=block_table, scale=scale, return_lse=return_lse,
@@ -102,5 +130,12 @@ def decode_attention(
     result = run("decode_attention", backend, case)
     if return_lse:
         output, lse = result
-        return into_out(output, out), lse
-    return into_out(result, out)
+        return output.contiguous(), lse.contiguous()
+    return result.contiguous(), q.new_empty((0,), dtype=torch.float32)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, block_table, scale, return_lse, backend):
+    batch, n_new, q_heads, _ = q.shape
+    lse_shape = (batch, q_heads, n_new) if return_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)

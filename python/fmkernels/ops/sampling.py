@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple
 
 import torch
 
 from .. import _validation as check
 from ..reference import SampleOutput
-from ._dispatch import into_out, run
-
-PerRow = Union[int, float, torch.Tensor]
+from ._dispatch import into_out, require_backend, run
+from ._library import PerRow, join_per_row, split_per_row
 
 _PARAMETERS_DOC = """temperature : float or Tensor (batch,)
         Divides the logits; >= 0, and 0 means greedy (the argmax, lowest id on ties).
@@ -20,24 +19,54 @@ _PARAMETERS_DOC = """temperature : float or Tensor (batch,)
         Keep the smallest prefix of tokens, by descending probability, whose mass
         reaches p (at least one token); in (0, 1], and 1 means off.
     min_p : float or Tensor (batch,)
-        Keep tokens at least min_p times as likely as the most likely; in [0, 1], 0 means off."""
+        Keep tokens at least min_p times as likely as the most likely; in [0, 1], 0 means off.
+    A tensor parameter's values are checked when it is on the CPU; on a GPU they are not read
+    on the host (no synchronisation), so an out-of-range value is not reported there."""
 
 
-def _validate(logits, temperature, top_k, top_p, min_p) -> None:
+#: The range of each per-row parameter, as require_per_row and require_row_values take it.
+_BOUNDS = {
+    # The logits are divided in fp32, so a temperature past fp32's range would overflow.
+    "temperature": dict(low=0.0, high=torch.finfo(torch.float32).max),
+    "top_k": dict(low=0, high=2**63 - 1),
+    "top_p": dict(low=0.0, high=1.0, low_inclusive=False),
+    "min_p": dict(low=0.0, high=1.0),
+    "seed": dict(low=0, high=2**63 - 1),
+    "step": dict(low=0, high=2**63 - 1),
+}
+_INTEGRAL = ("top_k", "seed", "step")
+
+
+def _require_parameter(name: str, value, batch: int, device) -> None:
+    check.require_per_row(name, value, batch, device, integral=name in _INTEGRAL, **_BOUNDS[name])
+
+
+def _validate(logits, temperature, top_k, top_p, min_p, backend) -> None:
+    """What can be checked without reading a device tensor; ``_require_values`` does the rest."""
     check.require_tensor("logits", logits)
     check.require_dtype("logits", logits, check.FLOAT_DTYPES)
     check.require_rank("logits", logits, 2, "(batch, vocab)")
     batch, vocab = logits.shape
     if vocab == 0:
         raise ValueError(f"logits must have a non-empty vocabulary, got shape {tuple(logits.shape)}")
-    device = logits.device
-    # The logits are divided in fp32, so a temperature past fp32's range would overflow.
-    check.require_per_row("temperature", temperature, batch, device, integral=False, low=0.0,
-                          high=torch.finfo(torch.float32).max)
-    check.require_per_row("top_k", top_k, batch, device, integral=True, low=0, high=2**63 - 1)
-    check.require_per_row("top_p", top_p, batch, device, integral=False, low=0.0, high=1.0, low_inclusive=False)
-    check.require_per_row("min_p", min_p, batch, device, integral=False, low=0.0, high=1.0)
-    if batch == 0:
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
+        _require_parameter(name, value, batch, logits.device)
+    require_backend(backend)
+
+
+def _require_values(logits: torch.Tensor, rows) -> None:
+    """The values of the host-resident inputs: per-row parameter tensors (``rows``, by name,
+    None where the parameter is a scalar) in their ranges, and
+    logits finite or -inf with something to keep in every row.
+
+    Device tensors are not read (that would synchronise with the host, and sampling must not):
+    there an out-of-range parameter or a NaN or +inf logit is not reported, and the kernels,
+    which index by the shapes alone, still stay inside their tensors.
+    """
+    for name, value in rows.items():
+        if check.host_readable(value):
+            check.require_row_values(name, value, **_BOUNDS[name])
+    if logits.shape[0] == 0 or not check.host_readable(logits):
         return
     # A NaN or +inf logit would be sampled from silently; a row of -inf has nothing to sample.
     bad = torch.isnan(logits) | torch.isposinf(logits)
@@ -48,6 +77,12 @@ def _validate(logits, temperature, top_k, top_p, min_p) -> None:
     if empty.any():
         row = int(empty.nonzero()[0, 0])
         raise ValueError(f"logits[{row}] is -inf everywhere: there is no token to keep")
+
+
+def _filter_arguments(temperature, top_k, top_p, min_p):
+    """The filter parameters as the custom ops' (scalar, rows) pairs, flattened."""
+    return (*split_per_row(temperature, float), *split_per_row(top_k, int),
+            *split_per_row(top_p, float), *split_per_row(min_p, float))
 
 
 def filter_logits(
@@ -80,11 +115,9 @@ def filter_logits(
     -------
     Tensor (batch, vocab), logits' dtype.
     """
-    _validate(logits, temperature, top_k, top_p, min_p)
+    _validate(logits, temperature, top_k, top_p, min_p, backend)
     check.require_out(out, logits.shape, logits.dtype, logits.device)
-    result = run("filter_logits", backend, dict(
-        logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-    ))
+    result = torch.ops.fmkernels.filter_logits(logits, *_filter_arguments(temperature, top_k, top_p, min_p), backend)
     return into_out(result, out)
 
 
@@ -111,12 +144,14 @@ def sample(
     Parameters
     ----------
     logits : Tensor (batch, vocab)
-        float32, float16 or bfloat16; finite or -inf. NaN or +inf raises ValueError.
+        float32, float16 or bfloat16; finite or -inf. NaN or +inf raises ValueError for CPU
+        logits (a GPU's are not read on the host: sampling does not synchronise).
     {params}
     seed : int, Tensor (batch,) of ints, or None
         Row seeds in [0, 2**63). A tensor gives each row its own seed, so a row's token
         does not depend on its batch; an int s gives row b the seed s + b; None draws s
-        from torch's default generator.
+        from torch's default generator (on the host, at each call; a CUDA graph captures
+        the value drawn at capture, so give it tensor seeds).
     step : int or Tensor (batch,) of ints
         The decode step, >= 0; the same seed at another step gives a fresh draw.
     return_logprobs : bool
@@ -127,7 +162,7 @@ def sample(
     backend : str
         "auto" or an implementation's name.
     out : Tensor (batch,) int64, optional
-        Buffer for the tokens.
+        Buffer for the tokens; it is the tensor returned (as ``tokens`` with logprobs).
 
     Returns
     -------
@@ -135,13 +170,13 @@ def sample(
         (tokens, logprobs (batch,) float32, top_ids (batch, num_logprobs) int64,
         top_logprobs (batch, num_logprobs) float32).
     """
-    _validate(logits, temperature, top_k, top_p, min_p)
+    _validate(logits, temperature, top_k, top_p, min_p, backend)
     batch, vocab = logits.shape
     if seed is not None:
-        check.require_per_row("seed", seed, batch, logits.device, integral=True, low=0, high=2**63 - 1)
+        _require_parameter("seed", seed, batch, logits.device)
         if not isinstance(seed, torch.Tensor) and seed + batch - 1 > 2**63 - 1:
             raise ValueError(f"seed + batch - 1 must be < 2**63 (row b gets seed + b), got seed = {seed}")
-    check.require_per_row("step", step, batch, logits.device, integral=True, low=0, high=2**63 - 1)
+    _require_parameter("step", step, batch, logits.device)
     check.require_bool("return_logprobs", return_logprobs)
     if isinstance(num_logprobs, bool) or not isinstance(num_logprobs, int):
         raise TypeError(f"num_logprobs must be an int, got {type(num_logprobs).__name__}")
@@ -151,13 +186,80 @@ def sample(
         raise ValueError("num_logprobs > 0 needs return_logprobs=True")
     check.require_out(out, (batch,), torch.int64, logits.device)
 
+    tokens, logprobs, top_ids, top_logprobs = torch.ops.fmkernels.sample(
+        logits, *_filter_arguments(temperature, top_k, top_p, min_p), *split_per_row(seed, int),
+        *split_per_row(step, int), return_logprobs, num_logprobs, backend,
+    )
+    tokens = into_out(tokens, out)
+    if return_logprobs:
+        return SampleOutput(tokens, logprobs, top_ids, top_logprobs)
+    return tokens
+
+
+def _joined(**pairs):
+    """({name: parameter}, {name: rows or None}) from the custom ops' (scalar, rows) pairs."""
+    return ({name: join_per_row(*pair) for name, pair in pairs.items()},
+            {name: rows for name, (_, rows) in pairs.items()})
+
+
+@torch.library.custom_op("fmkernels::filter_logits", mutates_args=())
+def _filter_logits_op(
+    logits: torch.Tensor,
+    temperature: float, temperature_rows: Optional[torch.Tensor],
+    top_k: int, top_k_rows: Optional[torch.Tensor],
+    top_p: float, top_p_rows: Optional[torch.Tensor],
+    min_p: float, min_p_rows: Optional[torch.Tensor],
+    backend: str,
+) -> torch.Tensor:
+    """Each ``<name>_rows`` tensor, when given, replaces the scalar ``<name>``."""
+    parameters, rows = _joined(temperature=(temperature, temperature_rows), top_k=(top_k, top_k_rows),
+                               top_p=(top_p, top_p_rows), min_p=(min_p, min_p_rows))
+    _require_values(logits, rows)
+    return run("filter_logits", backend, dict(logits=logits, **parameters)).contiguous()
+
+
+@_filter_logits_op.register_fake
+def _(logits, temperature, temperature_rows, top_k, top_k_rows, top_p, top_p_rows, min_p, min_p_rows, backend):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("fmkernels::sample", mutates_args=())
+def _sample_op(
+    logits: torch.Tensor,
+    temperature: float, temperature_rows: Optional[torch.Tensor],
+    top_k: int, top_k_rows: Optional[torch.Tensor],
+    top_p: float, top_p_rows: Optional[torch.Tensor],
+    min_p: float, min_p_rows: Optional[torch.Tensor],
+    seed: Optional[int], seed_rows: Optional[torch.Tensor],
+    step: int, step_rows: Optional[torch.Tensor],
+    return_logprobs: bool,
+    num_logprobs: int,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, logprobs, top_ids, top_logprobs); without ``return_logprobs`` logprobs is
+    empty (0,) and the top alternatives (batch, 0)."""
+    parameters, rows = _joined(temperature=(temperature, temperature_rows), top_k=(top_k, top_k_rows),
+                               top_p=(top_p, top_p_rows), min_p=(min_p, min_p_rows), seed=(seed, seed_rows),
+                               step=(step, step_rows))
+    _require_values(logits, rows)
     result = run("sample", backend, dict(
-        logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        seed=seed, step=step, return_logprobs=return_logprobs, num_logprobs=num_logprobs,
+        logits=logits, **parameters, return_logprobs=return_logprobs, num_logprobs=num_logprobs,
     ))
     if return_logprobs:
-        return SampleOutput(into_out(result.tokens, out), *result[1:])
-    return into_out(result, out)
+        return tuple(tensor.contiguous() for tensor in result)
+    batch = logits.shape[0]
+    return (result.contiguous(), logits.new_empty((0,), dtype=torch.float32),
+            logits.new_empty((batch, 0), dtype=torch.int64), logits.new_empty((batch, 0), dtype=torch.float32))
+
+
+@_sample_op.register_fake
+def _(logits, temperature, temperature_rows, top_k, top_k_rows, top_p, top_p_rows, min_p, min_p_rows,
+      seed, seed_rows, step, step_rows, return_logprobs, num_logprobs, backend):
+    batch = logits.shape[0]
+    return (logits.new_empty((batch,), dtype=torch.int64),
+            logits.new_empty((batch if return_logprobs else 0,), dtype=torch.float32),
+            logits.new_empty((batch, num_logprobs), dtype=torch.int64),
+            logits.new_empty((batch, num_logprobs), dtype=torch.float32))
 
 
 filter_logits.__doc__ = filter_logits.__doc__.format(params=_PARAMETERS_DOC)
