@@ -309,9 +309,23 @@ def test_decode_step_does_not_synchronise(backend, paged):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        decode_step(backend, **inputs)
+        with fmkernels.device_checks(False):
+            decode_step(backend, **inputs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
+def test_device_checks_report_gpu_values_unless_turned_off():
+    logits = torch.randn(3, 50, device="cuda")
+    logits[1, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"logits\[1, 7\] = nan"):
+        fmkernels.sample(logits, seed=0)
+    with pytest.raises(ValueError, match="top_p"):
+        fmkernels.sample(logits.nan_to_num(), top_p=torch.tensor([0.5, 1.5, 0.9], device="cuda"), seed=0)
+    with fmkernels.device_checks(False):
+        tokens = fmkernels.sample(logits.nan_to_num(), top_p=torch.tensor([0.5, 1.0, 0.9], device="cuda"), seed=0)
+    assert tokens.shape == (3,) and bool(((tokens >= 0) & (tokens < 50)).all())
 
 
 @decode_step_cases
@@ -338,3 +352,20 @@ def test_decode_step_replays_in_a_cuda_graph(backend, paged):
         assert torch.equal(static["tokens"], expected)
         for key in ("attn_out", "k_cache", "v_cache"):
             assert torch.equal(static[key], fresh[key]), key
+
+
+def test_device_checks_switch():
+    from fmkernels._validation import checks_values
+
+    host, device = torch.zeros(2), torch.empty(2, device="meta")
+    assert checks_values(host) and checks_values(device)
+    nan_logits = torch.tensor([[0.0, float("nan")]])
+    with fmkernels.device_checks(False):
+        assert checks_values(host) and not checks_values(device)
+        with pytest.raises(ValueError, match=r"logits\[0, 1\] = nan"):  # host values are still checked
+            fmkernels.sample(nan_logits, seed=0, backend="reference")
+    assert checks_values(device)
+    assert fmkernels.set_device_checks(False) is True
+    assert fmkernels.set_device_checks(True) is False
+    with pytest.raises(TypeError, match="enabled must be a bool, got int"):
+        fmkernels.set_device_checks(1)

@@ -6,6 +6,7 @@ Every op has a PyTorch reference (``fmkernels.reference``) and compiled backends
 
 from . import peers as _peers
 from .ops import append_kv, attention, decode_attention, filter_logits, sample
+from ._validation import device_checks, set_device_checks
 from .platform import BackendStatus, backends
 from .reference import SampleOutput
 from .registry import implementations, register_impl, unregister_impl
@@ -22,6 +23,8 @@ __all__ = [
     "sample",
     "SampleOutput",
     "backends",
+    "device_checks",
+    "set_device_checks",
     "BackendStatus",
     "register_impl",
     "unregister_impl",

@@ -6,7 +6,9 @@ check runs before any kernel is launched.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import numbers
 from typing import Iterable, Sequence
 
@@ -126,14 +128,50 @@ def require_cu_seqlens_values(name: str, cu_seqlens: torch.Tensor, total: int) -
         raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}), got {values[-1]}")
 
 
-def host_readable(tensor: torch.Tensor | None) -> bool:
-    """Whether ``tensor``'s values can be checked without a host synchronisation: it is in host memory.
+# Whether the ops read device tensors' values to check them (fmkernels.device_checks).
+_device_checks = os.environ.get("FMKERNELS_DEVICE_CHECKS", "1") != "0"
 
-    The ops check the values of device tensors (cache lengths, block tables, per-row sampling
-    parameters, logits) only where that costs no synchronisation, so that decode and sampling
-    can be captured in a CUDA graph; the kernels bound what they read and write instead.
+
+def set_device_checks(enabled: bool) -> bool:
+    """Turns the checks of GPU tensors' values on or off for every op; returns the previous setting.
+
+    The ops check values (cache lengths inside the cache, block ids inside the pool, per-row
+    sampling parameters in range, no NaN or +inf logit) before they launch. For a tensor in
+    host memory that is free; for a GPU tensor it reads the values on the host, one
+    synchronisation per call. Turned off, decode, append_kv and sampling never synchronise
+    (the kernels still clamp lengths and skip blocks outside the pool, so nothing is read or
+    written out of bounds, but a NaN logit or an out-of-range parameter on the GPU is not
+    reported). On by default; ``FMKERNELS_DEVICE_CHECKS=0`` starts with them off. They are
+    always skipped while the current CUDA stream is capturing a graph, where a read would fail.
     """
-    return tensor is not None and tensor.device.type == "cpu"
+    global _device_checks
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    previous, _device_checks = _device_checks, enabled
+    return previous
+
+
+@contextlib.contextmanager
+def device_checks(enabled: bool):
+    """``with fmkernels.device_checks(False):`` runs a block without the checks of GPU tensors'
+    values (``set_device_checks``), and restores the previous setting after it."""
+    previous = set_device_checks(enabled)
+    try:
+        yield
+    finally:
+        set_device_checks(previous)
+
+
+def checks_values(tensor: torch.Tensor | None) -> bool:
+    """Whether the ops check ``tensor``'s values: always in host memory; on a GPU while device
+    checks are on (``set_device_checks``) and no CUDA graph is being captured."""
+    if tensor is None:
+        return False
+    if tensor.device.type == "cpu":
+        return True
+    if not _device_checks:
+        return False
+    return not (tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _is_int(value) -> bool:

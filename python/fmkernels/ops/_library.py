@@ -2,8 +2,8 @@
 
 Each public function checks what it can from its inputs' metadata (shapes, dtypes,
 devices, Python scalars), which torch.compile traces without a graph break, then calls
-its custom op. The op's implementation checks the values of host-resident tensors
-(``_validation.host_readable``), selects the backend in the registry and runs it; its
+its custom op. The op's implementation checks tensors' values (host tensors always, GPU
+tensors unless turned off: ``_validation.checks_values``), selects the backend in the registry and runs it; its
 fake implementation only says the outputs' shapes and dtypes. A schema has one fixed
 form, so:
 

@@ -81,10 +81,10 @@ def _append_kv_op(
     block_table: Optional[torch.Tensor],
     backend: str,
 ) -> None:
-    """Writes the caches in place. The positions are checked against the cache only on the
-    CPU: on a GPU that would synchronise, and the kernels skip positions past the capacity
-    and blocks outside the pool instead."""
-    if check.host_readable(cache_seqlens):
+    """Writes the caches in place. The positions are checked against the cache where
+    ``checks_values`` allows (on a GPU that synchronises); the kernels skip positions past
+    the capacity and blocks outside the pool whatever the values."""
+    if check.checks_values(cache_seqlens):
         seqlens = cache_seqlens.long()
         require_positions(k_cache, seqlens, seqlens + k.shape[1], block_table, "cache_seqlens + n_new")
     run("append_kv", backend, dict(

@@ -119,9 +119,9 @@ def _decode_attention_op(
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse); lse is empty (0,) without ``return_lse``. The cache lengths are checked
-    against the cache only on the CPU: on a GPU that would synchronise, and the kernels clamp
-    each length into [0, capacity] and skip blocks outside the pool instead."""
-    if check.host_readable(cache_seqlens):
+    against the cache where ``checks_values`` allows (on a GPU that synchronises); the kernels
+    clamp each length into [0, capacity] and skip blocks outside the pool whatever the values."""
+    if check.checks_values(cache_seqlens):
         require_cache_seqlens_values(cache_seqlens, q.shape[1], k_cache, block_table)
     case = dict(
         q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,

@@ -20,8 +20,8 @@ _PARAMETERS_DOC = """temperature : float or Tensor (batch,)
         reaches p (at least one token); in (0, 1], and 1 means off.
     min_p : float or Tensor (batch,)
         Keep tokens at least min_p times as likely as the most likely; in [0, 1], 0 means off.
-    A tensor parameter's values are checked when it is on the CPU; on a GPU they are not read
-    on the host (no synchronisation), so an out-of-range value is not reported there."""
+    A tensor parameter's values are checked (on a GPU, at the cost of a host synchronisation,
+    unless ``fmkernels.device_checks(False)`` is in effect or a CUDA graph is being captured)."""
 
 
 #: The range of each per-row parameter, as require_per_row and require_row_values take it.
@@ -55,18 +55,16 @@ def _validate(logits, temperature, top_k, top_p, min_p, backend) -> None:
 
 
 def _require_values(logits: torch.Tensor, rows) -> None:
-    """The values of the host-resident inputs: per-row parameter tensors (``rows``, by name,
-    None where the parameter is a scalar) in their ranges, and
-    logits finite or -inf with something to keep in every row.
-
-    Device tensors are not read (that would synchronise with the host, and sampling must not):
-    there an out-of-range parameter or a NaN or +inf logit is not reported, and the kernels,
-    which index by the shapes alone, still stay inside their tensors.
+    """Per-row parameter tensors (``rows``, by name, None where the parameter is a scalar) in
+    their ranges, and logits finite or -inf with something to keep in every row, for each
+    tensor ``checks_values`` allows. Where it does not (GPU tensors with device checks off,
+    or a CUDA graph capture), an out-of-range parameter or a NaN or +inf logit is not
+    reported, and the kernels, which index by the shapes alone, still stay inside their tensors.
     """
     for name, value in rows.items():
-        if check.host_readable(value):
+        if check.checks_values(value):
             check.require_row_values(name, value, **_BOUNDS[name])
-    if logits.shape[0] == 0 or not check.host_readable(logits):
+    if logits.shape[0] == 0 or not check.checks_values(logits):
         return
     # A NaN or +inf logit would be sampled from silently; a row of -inf has nothing to sample.
     bad = torch.isnan(logits) | torch.isposinf(logits)
@@ -144,8 +142,8 @@ def sample(
     Parameters
     ----------
     logits : Tensor (batch, vocab)
-        float32, float16 or bfloat16; finite or -inf. NaN or +inf raises ValueError for CPU
-        logits (a GPU's are not read on the host: sampling does not synchronise).
+        float32, float16 or bfloat16; finite or -inf. NaN or +inf raises ValueError (on a
+        GPU unless device checks are off: ``fmkernels.device_checks``).
     {params}
     seed : int, Tensor (batch,) of ints, or None
         Row seeds in [0, 2**63). A tensor gives each row its own seed, so a row's token
