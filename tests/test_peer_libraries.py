@@ -102,10 +102,10 @@ def _fake_flash_attn(padded_varlen_lse=False):
         for b, length in enumerate(cache_seqlens.tolist()):
             if block_table is None:
                 keys, values = k_cache[b, :length], v_cache[b, :length]
-            else:
-                blocks = block_table[b, : -(-length // k_cache.shape[1])].long()
-                keys = k_cache[blocks].flatten(0, 1)[:length]
-                values = v_cache[blocks].flatten(0, 1)[:length]
+            else:  # position p lives in block block_table[b, p // block_size], slot p % block_size
+                positions = torch.arange(length)
+                blocks, slots = block_table[b, positions // k_cache.shape[1]].long(), positions % k_cache.shape[1]
+                keys, values = k_cache[blocks, slots], v_cache[blocks, slots]
             o, l = _masked_attention(q[b], keys, values, softmax_scale, _visible(q.shape[1], length, causal))
             outs.append(o)
             lses.append(l)
