@@ -73,11 +73,13 @@ def test_check_passes_a_correct_user_implementation_and_unregisters_it(capsys):
     assert spec not in [impl.name for impl in registry.implementations("attention")]
 
 
-def test_bench_prints_rows_and_writes_json(capsys, tmp_path):
-    path = tmp_path / "results" / "bench.json"
+def test_bench_prints_rows_writes_json_and_plots(capsys, tmp_path):
+    path, plot_path = tmp_path / "results" / "bench.json", tmp_path / "plots" / "bench.png"
     status, out = run(capsys, "bench", "append_kv", "filter_logits", "--device", "cpu", "--repeats", "2",
-                      "--json", str(path))
+                      "--json", str(path), "--plot", str(plot_path))
     assert status == 0, out
+    image = plot_path.read_bytes()
+    assert image[:8] == b"\x89PNG\r\n\x1a\n" and len(image) > 10_000
     assert "append_kv" in out and "filter_logits" in out and "GB/s" in out
 
     report = json.loads(path.read_text())

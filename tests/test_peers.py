@@ -64,7 +64,7 @@ def test_sdpa_is_a_peer_and_never_picked_by_auto():
                                    backend="sdpa")
 
 
-@pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient"])
+@pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math"])
 def test_pinned_sdpa_peers_run_on_cuda_only_and_say_why_not(name):
     for op in ("attention", "decode_attention"):
         impl = registry.get_impl(op, name)

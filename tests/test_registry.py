@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fmkernels
-from fmkernels import platform, reference, registry
+from fmkernels import peer_libraries, platform, reference, registry
 
 
 @pytest.fixture(autouse=True)
@@ -168,11 +168,12 @@ def test_implementations_lists_backends_by_priority_then_peers_then_users():
     assert [impl.name for impl in impls if impl.kind == "backend"] == expected
     names = [impl.name for impl in impls]
     assert names.index("z_peer") < names.index("a_user") == len(names) - 1
+    # Peers by name: SDPA's, and flash-attn's and FlashInfer's where installed.
+    installed = [name for name, (module, _) in peer_libraries.PEER_LIBRARIES.items() if peer_libraries._installed(module)]
+    peers = sorted(["sdpa", "sdpa_cudnn", "sdpa_efficient", "sdpa_flash", "sdpa_math", *installed])
     assert [impl.name for impl in fmkernels.implementations("attention")] == (
-        ["cuda", "cpu", "reference", "triton", "sdpa", "sdpa_cudnn", "sdpa_efficient", "sdpa_flash"]
-        if platform.triton_interpreting()
-        else ["triton", "cuda", "cpu", "reference", "sdpa", "sdpa_cudnn", "sdpa_efficient", "sdpa_flash"]
-    )
+        ["cuda", "cpu", "reference", "triton"] if platform.triton_interpreting() else ["triton", "cuda", "cpu", "reference"]
+    ) + peers
 
 
 @pytest.mark.parametrize("call", [

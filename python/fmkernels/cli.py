@@ -3,7 +3,8 @@
 ::
 
     fmkernels check [OP ...] [--device cpu|cuda] [--impl module:function] [--seed N]
-    fmkernels bench [OP ...] [--device cpu|cuda] [--impl module:function] [--json PATH] [--repeats N]
+    fmkernels bench [OP ...] [--device cpu|cuda] [--impl module:function] [--json PATH] [--plot PATH] [--repeats N]
+    fmkernels bench --compare A.json B.json
     fmkernels backends
     fmkernels generate --model PATH|NAME --prompt TEXT [--max-new-tokens N] [sampling options]
     fmkernels info NAME|PATH [--dtype bf16] [--context N] [--batch N] [--device h100|h200|BW,TFLOPS] [--json]
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import shlex
@@ -30,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, backends, benchmark, registry, testing
+from . import __version__, backends, bench_results, benchmark, registry, testing
 
 # Where output is not a terminal (a log, a pipe), rich would wrap tables at 80 columns.
 _LOG_WIDTH = 200
@@ -96,6 +98,38 @@ def _integer_list(value: str) -> List[int]:
     return [parse(item) for item in value.split(",") if item.strip()]
 
 
+#: What an --impl function of each op takes and returns (README.md, "Your own kernels", says the same).
+IMPL_SIGNATURES = """\
+your implementation (--impl MODULE:FUNCTION) is called with the reference op's arguments, by
+keyword (fmkernels.reference.<op>), and returns what it returns; raise NotImplementedError
+for a case it cannot run (listed as skipped). Examples: examples/ in the repository.
+
+  attention(q, k, v, *, causal, scale, cu_seqlens_q, cu_seqlens_k, return_lse)
+      q (batch, seqlen_q, q_heads, head_dim), k/v (batch, seqlen_k, kv_heads, head_dim), or
+      packed (total_tokens, heads, head_dim) with cu_seqlens_q/_k (int32, batch + 1); causal is
+      bottom-right aligned; scale None means 1/sqrt(head_dim). Returns out (q's shape and
+      dtype), or (out, lse) with return_lse: lse float32, natural log, (batch, q_heads,
+      seqlen_q) or (q_heads, total_q) packed; -inf (and out 0) for a query that sees no key.
+  decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table, scale, return_lse)
+      q (batch, n_new, q_heads, head_dim); cache contiguous (batch, max_seqlen, kv_heads,
+      head_dim) or paged (num_blocks, block_size, kv_heads, head_dim) with block_table (int32,
+      batch x max_blocks); cache_seqlens (int32, batch) counts the new tokens, already in the
+      cache; query i sees positions <= i + cache_seqlens[b] - n_new. Returns out, or (out, lse)
+      with lse float32 (batch, q_heads, n_new).
+  append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table)
+      writes k, v (batch, n_new, kv_heads, head_dim) into the caches at positions
+      cache_seqlens[b] + [0, n_new), in place; returns None.
+  filter_logits(logits, *, temperature, top_k, top_p, min_p)
+      logits (batch, vocab); parameters scalars or (batch,) tensors. Returns logits /
+      temperature in logits' dtype with the removed tokens at -inf (top-k, then top-p, then
+      min-p; temperature 0 keeps the argmax only).
+  sample(logits, *, temperature, top_k, top_p, min_p, seed, step, return_logprobs, num_logprobs)
+      returns int64 tokens (batch,), the reference's Gumbel-max draws for the same seed and
+      step, or with return_logprobs a fmkernels.reference.SampleOutput (tokens, logprobs,
+      top_ids, top_logprobs).
+"""
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "ops", nargs="*", type=_op_name, metavar="OP",
@@ -126,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="hold every implementation to the reference over a sweep of cases",
         description="Run every available implementation of each OP on odd shapes, dtypes and seeds "
         "and compare it with the reference (rules: fmkernels.testing). Exits 1 if any case fails.",
+        epilog=IMPL_SIGNATURES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(check)
     check.add_argument("--seed", type=_integer_at_least(0), default=0, help="seed of each op's first case (default 0)")
@@ -135,10 +170,23 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="time every implementation on default shapes",
         description="Time every available implementation of each OP on default shapes sized for the "
         "device (median of --repeats after warm-up) and report TFLOP/s or GB/s and the speedup "
-        "over the reference measured in the same run.",
+        "over the reference measured in the same run. With --compare, time nothing: put two "
+        "--json files side by side.",
+        epilog=IMPL_SIGNATURES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(bench)
     bench.add_argument("--json", metavar="PATH", help="also write the rows and run metadata as JSON")
+    bench.add_argument(
+        "--plot", metavar="PATH",
+        help="also draw a PNG: a subplot per op, throughput against the size the shapes vary (use "
+        "--sweep), a line per implementation, the measured roofline dashed; needs matplotlib "
+        "(pip install 'fmkernels[plot]')",
+    )
+    bench.add_argument(
+        "--compare", nargs=2, metavar=("A.json", "B.json"),
+        help="time nothing: match the rows of two --json files (op, implementation, shape, dtype) "
+        "and print their times and throughputs side by side with the ratios b/a",
+    )
     bench.add_argument(
         "--repeats", type=_integer_at_least(1),
         help="timed calls per implementation, after warm-up (default: "
@@ -243,6 +291,9 @@ def _user_impls(args: argparse.Namespace, parser: argparse.ArgumentParser) -> It
         for spec in dict.fromkeys(args.impl):
             fn = _load_user_function(spec, parser)
             for op in dict.fromkeys(args.ops):
+                mismatch = registry.signature_error(op, fn)
+                if mismatch:
+                    parser.error(f"--impl {spec} cannot implement {op}: {mismatch}")
                 registry.register_impl(op, spec, fn, kind="user")
                 registered.append((op, spec))
         yield
@@ -314,7 +365,26 @@ def _rate_text(value: Optional[float]) -> str:
     return f"{value:.3g}"
 
 
+def _bench_table(title: str, caption: str, numbers: Sequence[str]) -> Table:
+    """op, implementation and shape, then the right-aligned ``numbers`` columns, then a note."""
+    table = Table(title=title, caption=caption)
+    table.add_column("op", no_wrap=True)
+    table.add_column("implementation", no_wrap=True)
+    table.add_column("shape")
+    for column in numbers:
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("note", min_width=_RESULT_WIDTH)
+    return table
+
+
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.compare:
+        return _compare(args, parser)
+    if args.plot:
+        try:
+            bench_results.require_matplotlib()
+        except ImportError as exc:
+            parser.error(str(exc))
     device = _device(args, parser)
     ops = list(dict.fromkeys(args.ops)) or list(registry.OPS)
     repeats = args.repeats or benchmark.DEFAULT_REPEATS[device.type]
@@ -336,17 +406,12 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     rows = benchmark.with_comparisons(rows, peaks)
 
     limits = ", ".join(f"{dtype} matmul {rate * 1e3:.0f} GFLOP/s" for dtype, rate in peaks.tflops.items())
-    table = Table(
-        title=f"fmkernels bench on {benchmark.device_name(device)} (median of {repeats})",
-        caption=f"speedup: the reference's time / this time; vs peer: the fastest peer's time / this time; "
+    table = _bench_table(
+        f"fmkernels bench on {benchmark.device_name(device)} (median of {repeats})",
+        f"speedup: the reference's time / this time; vs peer: the fastest peer's time / this time; "
         f"roofline: the time the measured limits allow / this time (copy {peaks.bandwidth_gbps:.1f} GB/s, {limits})",
+        ("median", "TFLOP/s", "GB/s", "roofline", "speedup", "vs peer"),
     )
-    table.add_column("op", no_wrap=True)
-    table.add_column("implementation", no_wrap=True)
-    table.add_column("shape")
-    for column in ("median", "TFLOP/s", "GB/s", "roofline", "speedup", "vs peer"):
-        table.add_column(column, justify="right", no_wrap=True)
-    table.add_column("note", min_width=_RESULT_WIDTH)
     for row in rows:
         speedup = f"{row.speedup:.2f}x" if row.speedup is not None else "-"
         vs_peer = f"{row.vs_peer:.2f}x {row.peer}" if row.vs_peer is not None and row.kind != "peer" else "-"
@@ -367,7 +432,66 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.json:
         benchmark.write_json(args.json, rows, benchmark.metadata(device, args.command_line, peaks))
         console.print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            bench_results.plot(args.plot, benchmark.metadata(device, args.command_line, peaks),
+                               [dataclasses.asdict(row) for row in rows])
+        except ValueError as exc:
+            _console(stderr=True).print(f"--plot {args.plot}: {exc}", style="bold red")
+            return 1
+        console.print(f"wrote {args.plot}")
     return 1 if any(row.error for row in rows) else 0
+
+
+def _ratio_text(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _throughput_text(row: Optional[dict]) -> str:
+    rate = bench_results.throughput(row) if row is not None else None
+    return "-" if rate is None else f"{rate[0]:.3g} {rate[1]}"
+
+
+def _missing_text(row: Optional[dict], name: str) -> str:
+    if row is None:
+        return f"only in {'b' if name == 'a' else 'a'}"
+    if row.get("median_ms") is None:
+        return f"{name}: " + (f"error: {row['error']}" if row.get("error") else f"skipped: {row.get('skipped')}")
+    return ""
+
+
+def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    timing_options = dict(OP=args.ops, **{"--impl": args.impl, "--json": args.json, "--plot": args.plot,
+                                          "--sweep": args.sweep, "--only": args.only, "--repeats": args.repeats,
+                                          "--device": args.device})
+    given = [name for name, value in timing_options.items() if value]
+    if given:
+        parser.error(f"--compare reads two files and times nothing: drop {', '.join(given)}")
+    path_a, path_b = args.compare
+    try:
+        meta_a, rows_a = bench_results.read_json(path_a)
+        meta_b, rows_b = bench_results.read_json(path_b)
+    except ValueError as exc:
+        parser.error(f"--compare: {exc}")
+    difference = bench_results.device_difference(meta_a, meta_b)
+    if difference:
+        _console(stderr=True).print(f"warning: {difference}; the ratios compare devices, not only code",
+                                    style="yellow")
+    table = _bench_table(
+        f"a: {path_a} ({meta_a.get('device_name', '?')}) vs b: {path_b} ({meta_b.get('device_name', '?')})",
+        "time b/a below 1 and throughput b/a above 1: b is faster",
+        ("a median", "b median", "time b/a", "a throughput", "b throughput", "throughput b/a"),
+    )
+    for item in bench_results.compare(rows_a, rows_b):
+        notes = [text for text in (_missing_text(item.a, "a"), _missing_text(item.b, "b")) if text]
+        table.add_row(
+            item.op, item.implementation, f"{item.shape} {item.dtype}",
+            _time_text(item.a["median_ms"] if item.a else None), _time_text(item.b["median_ms"] if item.b else None),
+            _ratio_text(item.time_ratio()), _throughput_text(item.a), _throughput_text(item.b),
+            _ratio_text(item.throughput_ratio()), Text("; ".join(notes), "yellow"),
+        )
+    _console().print(table)
+    return 0
 
 
 def _backends(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

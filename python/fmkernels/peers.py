@@ -8,8 +8,12 @@ an explicit bottom-right mask instead.
 
 On CUDA, each of SDPA's own backends is also a peer of its own, pinned with
 ``torch.nn.attention.sdpa_kernel``: ``sdpa_flash`` (FlashAttention-2), ``sdpa_cudnn``
-(cuDNN's fused attention) and ``sdpa_efficient`` (memory-efficient attention). A case a
-pinned backend cannot run (its dtype, head_dim, GQA or mask) is a skip, not an error.
+(cuDNN's fused attention), ``sdpa_efficient`` (memory-efficient attention) and
+``sdpa_math`` (the unfused composite of matmuls and softmax). A case a pinned backend
+cannot run (its dtype, head_dim, GQA or mask) is a skip, not an error.
+
+``flash_attn`` (flash-attn 2) and ``flashinfer`` join them when those packages are
+installed; their adapters are in ``fmkernels.peer_libraries``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import reference, registry
+from . import peer_libraries, reference, registry
 
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -35,6 +39,7 @@ PINNED_SDPA_BACKENDS = {
     "sdpa_flash": "FLASH_ATTENTION",
     "sdpa_cudnn": "CUDNN_ATTENTION",
     "sdpa_efficient": "EFFICIENT_ATTENTION",
+    "sdpa_math": "MATH",
 }
 
 # enable_gqa (torch >= 2.5) reads the shared KV heads without copying them.
@@ -147,6 +152,7 @@ def sdpa_decode_attention_supports(block_table=None, return_lse=False, **_):
 
 
 def register_all() -> None:
+    peer_libraries.register_all()
     registry.register_impl("attention", "sdpa", sdpa_attention, sdpa_attention_supports, kind="peer")
     registry.register_impl(
         "decode_attention", "sdpa", sdpa_decode_attention, sdpa_decode_attention_supports, kind="peer"

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from typing import Any, Callable, Dict, List, Optional, Union
+
+from . import reference
 
 OPS = ("attention", "decode_attention", "append_kv", "filter_logits", "sample")
 
@@ -167,3 +170,31 @@ def load_impl(spec: str) -> Callable[..., Any]:
     if not callable(fn):
         raise TypeError(f"--impl {spec}: {attr!r} is not callable")
     return fn
+
+
+def _call_text(op: str) -> str:
+    """How an implementation of ``op`` is called: ``op(q, k, v, *, causal, ...)``."""
+    parameters = inspect.signature(getattr(reference, op)).parameters.values()
+    positional = [p.name for p in parameters if p.kind != p.KEYWORD_ONLY]
+    keywords = [p.name for p in parameters if p.kind == p.KEYWORD_ONLY]
+    return f"{op}({', '.join(positional + ['*'] + keywords)})"
+
+
+def signature_error(op: str, fn: Callable[..., Any]) -> Optional[str]:
+    """Why ``fn`` cannot be called as an implementation of ``op``, or None.
+
+    Implementations are called with the reference op's arguments, every one by keyword
+    (``fmkernels.reference.<op>``); ``fn`` must accept each of them and require no other.
+    A callable whose signature cannot be read is not judged.
+    """
+    _check_op(op)
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    names = inspect.signature(getattr(reference, op)).parameters
+    try:
+        signature.bind(**{name: None for name in names})
+    except TypeError as exc:
+        return f"it cannot take {op}'s arguments ({exc}); implementations are called as {_call_text(op)}, by keyword"
+    return None
