@@ -357,6 +357,13 @@ def test_flash_attn_with_kvcache_validates_before_writing():
     with pytest.raises(ValueError, match="sequence 0's cache must hold at least seqlen_q = 4 tokens"):
         flash_attn_with_kvcache(randn(2, 4, 2, 8), k_cache, v_cache, new, new, cache_seqlens=lengths, causal=True)
     assert torch.equal(k_cache, before)
+    pool = randn(6, 2, 1, 8)
+    pool_before = pool.clone()
+    table = torch.tensor([[0, 1], [9, 2]], dtype=torch.int32)  # block 9, read but not written, is outside
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = 9 is outside the pool of 6 blocks"):
+        flash_attn_with_kvcache(randn(2, 1, 2, 8), pool, pool.clone(), new, new, cache_seqlens=lengths,
+                                block_table=table)
+    assert torch.equal(pool, pool_before)
 
 
 # ----------------------------------------------------------------------------
@@ -414,6 +421,9 @@ def test_unsupported_arguments_raise_naming_them(call, message):
     (lambda: scaled_dot_product_attention(_Q, _K[0], _K[0]), ValueError, "key must be 4-D"),
     (lambda: scaled_dot_product_attention(_Q, _K, _K[:, :1]), ValueError, "value must have key's 4 heads"),
     (lambda: scaled_dot_product_attention(_Q, _K, _K, is_causal=None), TypeError, "is_causal must be a bool"),
+    (lambda: scaled_dot_product_attention(_Q.double(), _K, _K), TypeError,
+     "query must have dtype float32, float16 or bfloat16, got float64"),
+    (lambda: flash_attn_func(_Q, _K, _K, dropout_p="0"), TypeError, "dropout_p must be a float, got str"),
 ])
 def test_bad_input_raises_naming_the_argument(call, error, message):
     with pytest.raises(error, match=message):

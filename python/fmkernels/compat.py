@@ -19,22 +19,17 @@ keys j <= i). ``scaled_dot_product_attention`` converts.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
 from . import _validation as check
 from .ops import append_kv, attention, decode_attention
-from .ops._kv_cache import CONTIGUOUS, PAGED, require_block_table, require_seqlens
+from .ops._kv_cache import CONTIGUOUS, PAGED, require_block_table, require_positions, require_seqlens
 
 _FLASH_DENSE = "(batch, seqlen, nheads, headdim)"
 _FLASH_PACKED = "(total_tokens, nheads, headdim)"
 _TORCH_LAYOUT = "(batch, heads, seqlen, head_dim) or unbatched (heads, seqlen, head_dim)"
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _shown(value) -> str:
@@ -48,7 +43,7 @@ def _unsupported(function: str, name: str, value, instead: str) -> ValueError:
 
 
 def _require_no_dropout(function: str, dropout_p) -> None:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+    if not check._is_real(dropout_p):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if dropout_p != 0:
         raise _unsupported(function, "dropout_p", dropout_p, "pass dropout_p=0.0 (inference has no dropout)")
@@ -61,7 +56,7 @@ def _require_flash_features(function: str, window_size, softcap, alibi_slopes) -
     if tuple(window_size) != (-1, -1):
         raise _unsupported(function, "window_size", tuple(window_size),
                            "only (-1, -1), the unlimited window, is supported (no sliding-window attention)")
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+    if not check._is_real(softcap):
         raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
     if softcap != 0:
         raise _unsupported(function, "softcap", softcap, "only softcap=0.0 (no softcapping) is supported")
@@ -160,7 +155,7 @@ def flash_attn_func(
 
 def _require_max_seqlen(name: str, value, cu_seqlens: torch.Tensor, cu_name: str) -> None:
     """flash-attn sizes its grid by max_seqlen: one below the longest sequence is a caller's bug."""
-    if not _is_int(value):
+    if not check._is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     if value < longest:
@@ -245,7 +240,7 @@ def _cache_lengths(cache_seqlens, batch: int, capacity: int, has_new: bool, devi
         if has_new:
             raise ValueError("cache_seqlens must be given with k and v: it says where the new tokens go, got None")
         return torch.full((batch,), capacity, dtype=torch.int32, device=device)
-    if _is_int(cache_seqlens):
+    if check._is_int(cache_seqlens):
         return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be an int, a torch.Tensor or None, got {type(cache_seqlens).__name__}")
@@ -295,11 +290,14 @@ def _require_query(q: torch.Tensor, k_cache: torch.Tensor) -> None:
         raise ValueError(f"q's nheads must be a multiple of the cache's nheads_k, got {nheads} and {nheads_k}")
 
 
-def _require_visible_keys(lengths: torch.Tensor, seqlen_q: int, causal: bool) -> None:
-    """decode_attention needs every query to see a key: under the causal mask, each
-    sequence's cache must hold at least its seqlen_q queries' positions."""
+def _require_readable(k_cache, table, lengths: torch.Tensor, seqlen_q: int, causal: bool) -> None:
+    """Before append_kv writes: every position attended to lies in the cache (and its blocks
+    in the pool), and every query sees a key, as decode_attention needs: under the causal
+    mask, each sequence's cache must hold at least its seqlen_q queries' positions."""
+    lengths = lengths.cpu()
+    require_positions(k_cache, torch.zeros_like(lengths), lengths, table, "cache_seqlens + seqlen_new")
     least = seqlen_q if causal else 1
-    short = lengths.cpu() < least
+    short = lengths < least
     if short.any():
         b = int(short.nonzero()[0, 0])
         what = f"at least seqlen_q = {seqlen_q} tokens with causal=True" if causal else "at least one token"
@@ -405,7 +403,7 @@ def flash_attn_with_kvcache(
     check.require_bool("causal", causal)
     check.require_bool("rotary_interleaved", rotary_interleaved)
     check.require_bool("return_softmax_lse", return_softmax_lse)
-    if not _is_int(num_splits):
+    if not check._is_int(num_splits):
         raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}")
     if num_splits < 0:
         raise ValueError(f"num_splits must be >= 0 (0: automatic), got {num_splits}")
@@ -435,12 +433,11 @@ def flash_attn_with_kvcache(
     if negative.any():
         b = int(negative.nonzero()[0, 0])
         raise ValueError(f"cache_seqlens[{b}] must be >= 0, got {int(lengths[b])}")
+    seqlen_new = 0 if k is None else k.shape[1]
+    _require_readable(k_cache, table, lengths + seqlen_new, seqlen_q, causal)
     if k is not None:
-        _require_visible_keys(lengths + k.shape[1], seqlen_q, causal)
         append_kv(k_cache, v_cache, k, v, lengths, block_table=table, backend=backend)
-        lengths = lengths + k.shape[1]
-    else:
-        _require_visible_keys(lengths, seqlen_q, causal)
+        lengths = lengths + seqlen_new
 
     if causal or seqlen_q == 1:
         result = decode_attention(q, k_cache, v_cache, lengths, block_table=table, scale=softmax_scale,
@@ -534,6 +531,7 @@ def scaled_dot_product_attention(
     check.require_bool("enable_gqa", enable_gqa)
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         check.require_tensor(name, tensor)
+    check.require_dtype("query", query, check.FLOAT_DTYPES)
     if query.dim() not in (3, 4):
         raise ValueError(f"query must be {_TORCH_LAYOUT}, got shape {tuple(query.shape)}")
     for name, tensor in (("key", key), ("value", value)):
