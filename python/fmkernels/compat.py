@@ -223,8 +223,9 @@ def flash_attn_varlen_func(
     for name, tensor in (("q", q), ("k", k)):
         check.require_tensor(name, tensor)
         check.require_rank(name, tensor, 3, _FLASH_PACKED)
-    check.require_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    check.require_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    for name, offsets, tensor in (("cu_seqlens_q", cu_seqlens_q, q), ("cu_seqlens_k", cu_seqlens_k, k)):
+        check.require_cu_seqlens(name, offsets, q.device)
+        check.require_cu_seqlens_values(name, offsets, tensor.shape[0])
     _require_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q, "cu_seqlens_q")
     _require_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k, "cu_seqlens_k")
     result = attention(
