@@ -35,9 +35,9 @@ def append_kv(
     k, v : Tensor (batch, n_new, kv_heads, head_dim)
         The new keys and values, in the cache's dtype and on its device.
     cache_seqlens : Tensor (batch,) int32
-        Current lengths; cache_seqlens[b] + n_new must fit in the cache (checked for CPU
-        tensors; on a GPU a sequence whose tokens do not fit, or whose block is outside the
-        pool, is not written).
+        Current lengths; cache_seqlens[b] + n_new must fit in the cache (checked; on a GPU
+        unless ``fmkernels.device_checks(False)``, and then a sequence whose tokens do not
+        fit, or whose block is outside the pool, is not written).
     block_table : Tensor (batch, max_blocks) int32, optional
         For a paged cache: position p of sequence b lives in block block_table[b, p // block_size],
         slot p % block_size. Each block written must be inside the pool.

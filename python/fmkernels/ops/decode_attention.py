@@ -43,8 +43,8 @@ def decode_attention(
         (num_blocks, block_size, kv_heads, head_dim) with ``block_table``; q's dtype.
     cache_seqlens : Tensor (batch,) int32
         Tokens in each sequence's cache, the n_new new ones included:
-        n_new <= cache_seqlens[b] <= capacity (checked for CPU tensors; a GPU's are not read
-        on the host, and the kernels clamp them into the cache).
+        n_new <= cache_seqlens[b] <= capacity (checked; on a GPU unless
+        ``fmkernels.device_checks(False)``, and the kernels clamp them into the cache anyway).
     block_table : Tensor (batch, max_blocks) int32, optional
         Sequence b's position p lives in block block_table[b, p // block_size], slot
         p % block_size. Entries past a sequence's length are not read.
