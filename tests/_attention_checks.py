@@ -1,5 +1,7 @@
 """Attention checks shared by the backends' tests."""
 
+import math
+
 import torch
 
 import fmkernels
@@ -20,3 +22,22 @@ def check_attention(backend, q, k, v, **kwargs):
     result = testing.compare_attention("attention", dict(q=q, k=k, v=v, return_lse=True, **kwargs), (out, lse))
     assert result.passed, result.detail
     return out, lse
+
+
+def bottom_right_mask(seqlen_q, seqlen_k):
+    """fmkernels' (and flash-attn's) causal mask: query i sees keys j <= i + seqlen_k - seqlen_q."""
+    return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool).tril(seqlen_k - seqlen_q)
+
+
+def masked_attention(q, k, v, visible, scale=None):
+    """Attention with an explicit mask, in q's dtype: q (Sq, Hq, D), k/v (Sk, Hkv, D), visible
+    (Sq, Sk) bool -> out (Sq, Hq, D), natural-log lse (Hq, Sq); a query that sees no key gets
+    zeros and an lse of -inf."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    keys, values = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
+    scores = scores.masked_fill(~visible, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("hqk,khd->qhd", probs, values), lse

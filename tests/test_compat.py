@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 import fmkernels
 from fmkernels import platform, testing
+from _attention_checks import bottom_right_mask
+from _attention_checks import masked_attention as shared_masked_attention
 from fmkernels.compat import (
     flash_attn_func,
     flash_attn_varlen_func,
@@ -29,9 +31,7 @@ TRITON = pytest.param("triton", marks=pytest.mark.skipif(
 HEAD_DIM = 24
 
 
-def bottom_right(seqlen_q, seqlen_k):
-    """flash-attn's causal mask: query i sees keys j <= i + seqlen_k - seqlen_q."""
-    return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool).tril(seqlen_k - seqlen_q)
+bottom_right = bottom_right_mask  # flash-attn's causal mask is fmkernels' own
 
 
 def top_left(seqlen_q, seqlen_k):
@@ -42,14 +42,7 @@ def top_left(seqlen_q, seqlen_k):
 def masked_attention(q, k, v, visible, scale=None):
     """q (Sq, H, D), k/v (Sk, Hk, D), visible (Sq, Sk) -> out (Sq, H, D), lse (H, Sq) in q's dtype,
     with flash-attn's conventions where a query sees no key: zeros and a log-sum-exp of +inf."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    group = q.shape[1] // k.shape[1]
-    keys, values = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
-    scores = scores.masked_fill(~visible, -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    out = torch.einsum("hqk,khd->qhd", probs, values)
+    out, lse = shared_masked_attention(q, k, v, visible, scale)
     return out, lse.masked_fill(torch.isneginf(lse), math.inf)
 
 

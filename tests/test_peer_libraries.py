@@ -18,6 +18,7 @@ import torch
 
 from fmkernels import peer_libraries, reference, registry, testing
 
+from _attention_checks import bottom_right_mask, masked_attention
 from _decode_attention_checks import assert_matches_reference, make_case
 
 
@@ -27,22 +28,12 @@ from _decode_attention_checks import assert_matches_reference, make_case
 
 
 def _visible(seqlen_q, seqlen_k, causal):
-    rows = torch.arange(seqlen_q)[:, None]
-    cols = torch.arange(seqlen_k)[None, :]
-    return cols <= rows + seqlen_k - seqlen_q if causal else torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
+    return bottom_right_mask(seqlen_q, seqlen_k) if causal else torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
 
 
 def _masked_attention(q, k, v, scale, visible):
     """q (Sq, Hq, D), k/v (Sk, Hkv, D) -> out (Sq, Hq, D) in q's dtype, natural-log lse (Hq, Sq) fp32."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    group = q.shape[1] // k.shape[1]
-    keys = k.double().repeat_interleave(group, dim=1)
-    values = v.double().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.double(), keys) * scale
-    scores = scores.masked_fill(~visible, -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)
-    weights = torch.nan_to_num(torch.exp(scores - lse[..., None]), nan=0.0)
-    out = torch.einsum("hqk,khd->qhd", weights, values)
+    out, lse = masked_attention(q.double(), k.double(), v.double(), visible, scale)
     return out.to(q.dtype), lse.float()
 
 
