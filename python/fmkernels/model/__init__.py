@@ -14,6 +14,7 @@ from .generate import GenerationResult, generate
 from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache
 from .search import choice_constraint
 from .stats import DeviceSpec, ModelStats
+from . import chat
 from .tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer
 from .transformer import Transformer
 
