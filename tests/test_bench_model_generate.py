@@ -30,7 +30,7 @@ def test_tiny_run_agrees_with_transformers_and_writes_json(tmp_path):
     bench = _load()
     out = tmp_path / "result.json"
     argv = ["--configs", "tiny", "--batches", "1,2", "--prompt-len", "8", "--new-tokens", "5", "--repeats", "1",
-            "--backend", "cpu", "--json", str(out)]
+            "--dtypes", "float32", "--threads", "1", "--backend", "cpu", "--breakdown", "--json", str(out)]
     assert bench.main(argv) == 0
     data = json.loads(out.read_text())
     assert data["metadata"]["command"].endswith(" ".join(argv))
@@ -38,5 +38,14 @@ def test_tiny_run_agrees_with_transformers_and_writes_json(tmp_path):
     rows = data["rows"]
     assert [(r["batch"], r["implementation"]) for r in rows] == [
         (1, "transformers"), (1, "fmkernels (cpu)"), (2, "transformers"), (2, "fmkernels (cpu)")]
-    assert all(r["agree"] == "yes" for r in rows)
+    assert [r["agree"] for r in rows] == [None, "yes", None, "yes"]
     assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
+    assert all(0 < r["of_bound"] and r["decode_bound_tok_s"] > 0 for r in rows)
+    assert data["metadata"]["cpu_isa"] in ("avx512", "avx2", "generic")
+    # The decode step's parts: each non-negative, the named parts within the step's time.
+    parts = data["metadata"]["decode_breakdown"]
+    assert [(p["batch"], p["threads"], p["dtype"]) for p in parts] == [(1, 1, "float32"), (2, 1, "float32")]
+    for p in parts:
+        named = p["matmul_ms"] + p["attention_ms"] + p["sampling_ms"] + p["other_ops_ms"] + p["rest_ms"]
+        assert p["matmul_ms"] > 0 and p["attention_ms"] > 0 and p["sampling_ms"] > 0
+        assert named >= p["step_ms"] * 0.999

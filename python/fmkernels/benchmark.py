@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from . import __version__, registry
+from . import __version__, platform, registry
 from .testing import skip_reason
 
 #: Timed calls per implementation when --repeats is not given.
@@ -656,6 +656,20 @@ def device_name(device) -> str:
     return host.processor() or host.machine()
 
 
+def cpu_isa() -> Optional[str]:
+    """The instruction set fmkernels' C++ CPU kernels chose on this machine ("avx512", "avx2"
+    or "generic", after any FMKERNELS_CPU_ISA cap), or None without the extension."""
+    module = platform.cpu_module()
+    return module.isa() if module is not None and hasattr(module, "isa") else None
+
+
+def device_label(device) -> str:
+    """How a table names the device: ``device_name``, and on the CPU the kernels' instruction set
+    ("Intel(R) Xeon(R) Processor, avx512")."""
+    isa = cpu_isa() if torch.device(device).type == "cpu" else None
+    return device_name(device) + (f", {isa}" if isa else "")
+
+
 def metadata(device, command: str, peaks: Optional[Peaks] = None) -> Dict[str, Any]:
     """What a benchmark JSON records beside its rows, so a figure is never quoted without its device.
 
@@ -671,9 +685,13 @@ def metadata(device, command: str, peaks: Optional[Peaks] = None) -> Dict[str, A
     -------
     dict
         device, device_name, cpu_threads, torch_version, fmkernels_version, date (UTC,
-        ISO 8601), command, and peak_bandwidth_gbps and peak_tflops when measured.
+        ISO 8601), command, and peak_bandwidth_gbps and peak_tflops when measured; on the
+        CPU also cpu_isa, the instruction set fmkernels' C++ kernels run ("avx512", "avx2" or
+        "generic"; None where the extension is not built).
     """
     extra = {} if peaks is None else {"peak_bandwidth_gbps": peaks.bandwidth_gbps, "peak_tflops": peaks.tflops}
+    if torch.device(device).type == "cpu":
+        extra["cpu_isa"] = cpu_isa()
     return {
         "device": torch.device(device).type,
         "device_name": device_name(device),
