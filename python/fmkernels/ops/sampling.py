@@ -66,6 +66,10 @@ def _require_values(logits: torch.Tensor, rows) -> None:
             check.require_row_values(name, value, **_BOUNDS[name])
     if logits.shape[0] == 0 or not check.checks_values(logits):
         return
+    # One pass in the common case: a finite sum means no NaN or inf anywhere (a -inf, or a sum
+    # that overflows, takes the element-wise checks below).
+    if bool(torch.isfinite(logits.sum(dtype=torch.float32))):
+        return
     # A NaN or +inf logit would be sampled from silently; a row of -inf has nothing to sample.
     bad = torch.isnan(logits) | torch.isposinf(logits)
     if bad.any():
