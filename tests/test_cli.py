@@ -178,6 +178,8 @@ def test_generate_on_a_saved_transformers_checkpoint_with_a_tokenizer(tmp_path, 
     (["--model", "tiny", "--prompt", "x", "--max-new-tokens", "0"], "must be >= 1"),
     (["--model", "tiny", "--prompt", ""], "encodes to no tokens"),
     (["--model", "tiny", "--prompt", "x", "--max-new-tokens", "400"], "beyond the model's max_seq_len"),
+    (["--model", "tiny", "--chat", "hi"], "no chat template"),
+    (["--model", "tiny", "--prompt", "x", "--system", "be brief"], "--system goes with --chat"),
 ])
 def test_generate_bad_input_is_a_clear_error(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -154,3 +154,54 @@ def test_end_of_turn_falls_back_to_the_tokenizer():
     plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     assert chat.end_of_turn_token_id(SpecialTokenizer(plain, [], eos_token_id=7)) == 7
     assert chat.end_of_turn_token_id(SpecialTokenizer(plain, [], eot_token_id=9, eos_token_id=7)) == 9
+
+
+# -- generate(messages=...) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from fmkernels.model import ModelConfig, Transformer
+
+    return Transformer.from_config(ModelConfig.from_name("tiny"), seed=3, backend="cpu")
+
+
+def _forced(tokens):
+    """An allowed_tokens callback that allows only tokens[step] at each step."""
+    return lambda prompt_index, generated: [tokens[len(generated)]]
+
+
+def test_generate_messages_is_the_templated_prompt_and_stops_at_end_of_turn(tiny_model):
+    tokenizer = SpecialTokenizer(CHATML, ["<|im_start|>", "<|im_end|>"])
+    end = tokenizer.specials["<|im_end|>"]
+    prompt = chat.apply_chat_template(tokenizer, CONVERSATION)
+    ours = tiny_model.generate(messages=CONVERSATION, tokenizer=tokenizer, max_new_tokens=6, return_result=True,
+                               allowed_tokens=_forced([ord("4"), ord("."), end, 1, 2, 3]))
+    assert ours.tokens == [[ord("4"), ord("."), end]] and ours.finish_reasons == ["eos"]
+    assert ours.texts == ["4."]
+    # Without a forced end, the same tokens as the prompt given as ids (greedy).
+    free = tiny_model.generate(messages=CONVERSATION, tokenizer=tokenizer, max_new_tokens=5, ignore_eos=True)
+    assert free == tiny_model.generate([prompt], tokenizer=tokenizer, max_new_tokens=5, ignore_eos=True)
+    # ignore_eos also ignores the end of turn.
+    forced = _forced([end, end, end])
+    assert tiny_model.generate(messages=CONVERSATION, tokenizer=tokenizer, max_new_tokens=3, ignore_eos=True,
+                               allowed_tokens=forced) == [[end, end, end]]
+
+
+def test_generate_a_batch_of_conversations(tiny_model):
+    tokenizer = SpecialTokenizer(CHATML, ["<|im_start|>", "<|im_end|>"])
+    second = [{"role": "user", "content": "Hi"}]
+    batch = tiny_model.generate(messages=[CONVERSATION, second], tokenizer=tokenizer, max_new_tokens=4)
+    alone = [tiny_model.generate(messages=m, tokenizer=tokenizer, max_new_tokens=4)[0] for m in (CONVERSATION, second)]
+    assert batch == alone
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(messages=CONVERSATION), ValueError, "need a tokenizer"),
+    (dict(messages=CONVERSATION, prompts=[[1, 2]], tokenizer=TemplateTokenizer(CHATML)), ValueError, "not both"),
+    (dict(messages=[CONVERSATION, "x"], tokenizer=TemplateTokenizer(CHATML)), TypeError, r"messages\[1\]"),
+    (dict(messages=CONVERSATION, tokenizer=ByteTokenizer()), ValueError, "no chat template"),
+    (dict(), TypeError, "prompts .* or messages"),
+])
+def test_generate_messages_errors(tiny_model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tiny_model.generate(max_new_tokens=2, **kwargs)

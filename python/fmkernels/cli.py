@@ -6,7 +6,7 @@
     fmkernels bench [OP ...] [--device cpu|cuda] [--impl module:function] [--json PATH] [--plot PATH] [--repeats N]
     fmkernels bench --compare A.json B.json
     fmkernels backends
-    fmkernels generate --model PATH|NAME --prompt TEXT [--max-new-tokens N] [sampling options]
+    fmkernels generate --model PATH|NAME (--prompt TEXT | --chat TEXT) [--max-new-tokens N] [sampling options]
     fmkernels info NAME|PATH [--dtype bf16] [--context N] [--batch N] [--device h100|h200|BW,TFLOPS] [--json]
     fmkernels --version
 
@@ -209,11 +209,16 @@ def _parser() -> argparse.ArgumentParser:
         "generate", help="generate text with fmkernels.model, streamed, with tokens/s",
         description="Generate text after a prompt with fmkernels.model, printing it as tokens come, then "
         "prefill and decode tokens/s. --model is a checkpoint directory (config.json, safetensors, "
-        "tokenizer.json) or a named configuration (random weights, byte-level tokenizer).",
+        "tokenizer.json), a .gguf file, or a named configuration (random weights, byte-level tokenizer). "
+        "--chat sends TEXT as a user message through the checkpoint's chat template and streams the answer.",
     )
     generate.add_argument("--model", required=True, metavar="PATH|NAME",
-                          help="a local Hugging Face checkpoint directory, or one of: " + ", ".join(_model_names()))
-    generate.add_argument("--prompt", required=True, metavar="TEXT")
+                          help="a local Hugging Face checkpoint directory, a .gguf file, or one of: "
+                          + ", ".join(_model_names()))
+    text = generate.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", metavar="TEXT", help="text to continue")
+    text.add_argument("--chat", metavar="TEXT", help="a user message, answered through the chat template")
+    generate.add_argument("--system", metavar="TEXT", help="with --chat: a system message before it")
     generate.add_argument("--max-new-tokens", type=_integer_at_least(1), default=64, metavar="N",
                           help="default 64")
     generate.add_argument("--temperature", type=_number_in(0.0, math.inf), default=0.0, metavar="T",
@@ -407,7 +412,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     limits = ", ".join(f"{dtype} matmul {rate * 1e3:.0f} GFLOP/s" for dtype, rate in peaks.tflops.items())
     table = _bench_table(
-        f"fmkernels bench on {benchmark.device_name(device)} (median of {repeats})",
+        f"fmkernels bench on {benchmark.device_label(device)} (median of {repeats})",
         f"speedup: the reference's time / this time; vs peer: the fastest peer's time / this time; "
         f"roofline: the time the measured limits allow / this time (copy {peaks.bandwidth_gbps:.1f} GB/s, {limits})",
         ("median", "TFLOP/s", "GB/s", "roofline", "speedup", "vs peer"),
@@ -512,12 +517,15 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, devic
 
     dtype = _DTYPES[args.dtype] if args.dtype else None
     err = _console(stderr=True)
-    if os.path.isdir(args.model):
+    gguf = os.path.isfile(args.model) and args.model.endswith(".gguf")
+    if os.path.isdir(args.model) or gguf:
         try:
             model = Transformer.from_pretrained(args.model, dtype=dtype, device=device, backend=args.backend)
         except (OSError, ValueError) as exc:
             parser.error(f"--model {args.model}: {exc}")
-        if os.path.isfile(os.path.join(args.model, "tokenizer.json")):
+        except ImportError as exc:
+            parser.error(str(exc))
+        if gguf or os.path.isfile(os.path.join(args.model, "tokenizer.json")):
             try:
                 return model, load_tokenizer(args.model)
             except ImportError as exc:
@@ -545,9 +553,24 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     device = _device(args, parser)
     model, tokenizer = _load_model(args, parser, device)
-    prompt = tokenizer.encode(args.prompt)
-    if not prompt:
-        parser.error("--prompt: the prompt encodes to no tokens")
+    if args.system is not None and args.chat is None:
+        parser.error("--system goes with --chat")
+    request = {}
+    if args.chat is not None:
+        from .model import chat
+
+        messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+        messages.append({"role": "user", "content": args.chat})
+        try:
+            prompt = chat.apply_chat_template(tokenizer, messages)
+        except (ImportError, ValueError) as exc:
+            parser.error(f"--chat: {exc}")
+        request["messages"] = messages
+    else:
+        prompt = tokenizer.encode(args.prompt)
+        if not prompt:
+            parser.error("--prompt: the prompt encodes to no tokens")
+        request["prompts"] = [prompt]
     out = sys.stdout
     stream = StreamDecoder(tokenizer, prompt)
     # Text that a stop string could still claim (its last len - 1 characters) waits; a stop
@@ -566,11 +589,12 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             out.flush()
             state["printed"] = safe
 
-    out.write(args.prompt)
+    if args.chat is None:
+        out.write(args.prompt)
     start = time.perf_counter()
     try:
         result = model.generate(
-            [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            **request, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_strings=args.stop or None,
             tokenizer=tokenizer, kv_cache=args.kv_cache, on_token=on_token, return_result=True,
         )

@@ -100,7 +100,8 @@ def _check_parameters(max_new_tokens, temperature, top_k, top_p, min_p, seed, st
 
 
 @torch.no_grad()
-def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, messages=None,
+             temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, seed: Optional[int] = None,
              stop_token_ids: Optional[Sequence[int]] = None, stop_strings: Optional[Sequence[str]] = None,
              tokenizer=None, ignore_eos: bool = False, return_logprobs: bool = False, num_logprobs: int = 0,
@@ -132,6 +133,11 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
     Parameters
     ----------
     prompts : Tensor (batch, seqlen) of token ids, or a list of token-id lists (ragged).
+    messages : instead of prompts, a conversation (a list of ``{"role": ..., "content": ...}``
+        dicts) or a list of conversations, one per prompt: each rendered with the tokenizer's
+        chat template (``fmkernels.model.chat``; needs ``tokenizer``) with the assistant's turn
+        opened, and ended at the template's end-of-turn token (finish reason "eos", unless
+        ``ignore_eos``) as well as the EOS tokens.
     max_new_tokens : int >= 1; each prompt's length + max_new_tokens - 1 must fit in the
         model's max_seq_len (the last token is returned, never fed back).
     on_token : called as ``on_token(prompt_index, token_id)`` for each new token as soon as
@@ -163,6 +169,11 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
     ``return_result`` or ``return_logprobs``, a ``GenerationResult``.
     """
     config = model.config
+    end_of_turn = None
+    if messages is not None:
+        prompts, end_of_turn = _chat_prompts(prompts, messages, tokenizer)
+    elif prompts is None:
+        raise TypeError("generate needs prompts (token ids) or messages (a conversation)")
     lists = _prompt_lists(prompts, config.vocab_size)
     _check_parameters(max_new_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, config.vocab_size)
     stop_strings = _check_stop_strings(stop_strings, tokenizer)
@@ -190,6 +201,8 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
         eos = set(config.eos_token_ids)
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
+        if end_of_turn is not None:
+            eos.add(end_of_turn)
     if getattr(allowed_tokens, "eos_token_id", None) is not None:
         eos.add(int(allowed_tokens.eos_token_id))
     if num_beams is not None:
@@ -329,6 +342,26 @@ def _beam_result(model, lists, max_new_tokens, num_beams, length_penalty, eos, s
         logprobs=[beams[0][3] for beams in found], scores=[beams[0][1] for beams in found],
         beams=[[(t, score) for t, score, _, _ in beams] for beams in found],
     )
+
+
+def _chat_prompts(prompts, messages, tokenizer) -> Tuple[List[List[int]], Optional[int]]:
+    """The prompts of ``messages`` (one conversation, or a list of them) under the tokenizer's
+    chat template, and the template's end-of-turn token."""
+    from . import chat
+
+    if prompts is not None:
+        raise ValueError("pass prompts or messages, not both")
+    if tokenizer is None:
+        raise ValueError("messages need a tokenizer (tokenizer=...) with a chat template")
+    if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple)):
+        conversations = list(messages)
+    else:
+        conversations = [messages]
+    lists = []
+    for b, conversation in enumerate(conversations):
+        name = "messages" if len(conversations) == 1 and conversation is messages else f"messages[{b}]"
+        lists.append(chat.apply_chat_template(tokenizer, chat.check_messages(conversation, name)))
+    return lists, chat.end_of_turn_token_id(tokenizer)
 
 
 def _check_stop_strings(stop_strings, tokenizer) -> List[str]:

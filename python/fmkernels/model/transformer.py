@@ -267,9 +267,10 @@ class Transformer(nn.Module):
 
         return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend)
 
-    def generate(self, prompts, *, max_new_tokens: int, **options):
-        """Generates up to ``max_new_tokens`` tokens after each prompt; see ``fmkernels.model.generate``
-        for the options (sampling, stop tokens and strings, EOS, logprobs, streaming, KV cache)."""
+    def generate(self, prompts=None, *, max_new_tokens: int, **options):
+        """Generates up to ``max_new_tokens`` tokens after each prompt (or, with ``messages=``, each
+        conversation under the tokenizer's chat template); see ``fmkernels.model.generate`` for the
+        options (sampling, stop tokens and strings, EOS, logprobs, streaming, KV cache, chat)."""
         from .generate import generate
 
         return generate(self, prompts, max_new_tokens=max_new_tokens, **options)
