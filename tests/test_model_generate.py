@@ -155,7 +155,7 @@ def test_finished_sequences_leave_the_decode_batch(model, kv_cache, monkeypatch)
 
     monkeypatch.setattr(Transformer, "forward", spy)
     stopped = model.generate(PROMPTS, max_new_tokens=8, stop_token_ids=[stop], kv_cache=kv_cache, block_size=4)
-    decode_batches = [batch for batch, _ in calls[len(PROMPTS):]]  # after one prefill per prompt
+    decode_batches = [batch for batch, _ in calls]  # the prefill is Transformer.prefill, not a forward call
     running = [sum(len(tokens) > step for tokens in stopped) for step in range(1, 8)]
     assert decode_batches == [n for n in running if n] and min(decode_batches) < len(PROMPTS)
     cache = calls[-1][1]

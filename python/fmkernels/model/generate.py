@@ -110,10 +110,10 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
              allowed_tokens: Optional[search.AllowedTokens] = None):
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
-    Each prompt is prefilled on its own into a KV cache ("contiguous", or "paged" in blocks
-    of ``block_size``); then the sequences still running decode together, one token per
-    step. A sequence ends on its own, and then leaves the decode batch (a paged cache frees
-    its blocks), at:
+    The prompts are prefilled together, in one packed forward (``Transformer.prefill``), into
+    a KV cache ("contiguous", or "paged" in blocks of ``block_size``); then the sequences
+    still running decode together, one token per step. A sequence ends on its own, and then
+    leaves the decode batch (a paged cache frees its blocks), at:
 
     - an EOS token: the config's ``eos_token_ids`` and the tokenizer's ``eos_token_id``
       (unless ``ignore_eos``), kept as the sequence's last token;
@@ -135,7 +135,7 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
     max_new_tokens : int >= 1; each prompt's length + max_new_tokens - 1 must fit in the
         model's max_seq_len (the last token is returned, never fed back).
     on_token : called as ``on_token(prompt_index, token_id)`` for each new token as soon as
-        it is sampled (for streaming); prompt 0's first call comes right after its prefill.
+        it is sampled (for streaming); the first calls come right after the prefill.
     return_logprobs, num_logprobs : also return each token's log-probability and the top
         ``num_logprobs`` alternatives (see ``GenerationResult``).
     num_samples : n >= 1 samples per prompt. Sample j of prompt b is row ``b * n + j`` of the
@@ -238,11 +238,7 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
             return "length"
         return ""
 
-    last = []
-    for b, prompt in enumerate(lists):
-        logits = model(torch.tensor([prompt], device=device), cache=cache, slots=[b])  # [1, S, V]
-        last.append(logits[0, -1])
-    logits = torch.stack(last)  # [B, V]
+    logits = model.prefill(lists, cache=cache)  # [B, V]: one packed forward over every row's prompt
 
     outputs: List[List[int]] = [[] for _ in lists]
     active = list(range(batch))  # prompt index of each decode row

@@ -5,14 +5,55 @@ contiguous (batch, max_seq_len, kv_heads, head_dim) with ``cache_seqlens``, or p
 (num_blocks, block_size, kv_heads, head_dim) with a ``block_table`` (batch, max_blocks).
 The model asks a cache for ``prepare(slots, n_new)`` (the cache_seqlens, and the block table
 for a paged one, of the sequences in the batch) before a forward pass and calls
-``advance(slots, n_new)`` after it.
+``advance(slots, n_new)`` after it; ``n_new`` is one count for every slot, or one per slot
+(a packed prefill of ragged prompts, which writes where ``prompt_rows`` says).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+NewTokens = Union[int, Sequence[int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRows:
+    """Where a packed prefill writes its prompts' keys and values, in one ``append_kv`` per layer:
+    the packed tokens scattered into ``rows`` padded rows of ``width`` positions, row r written
+    from position 0 of cache row ``block_table[r, 0]`` (a contiguous cache's rows are the blocks
+    of a pool with block_size max_seq_len). A padded position lands in its own sequence's row or
+    last block, past its length, where nothing is read before a later token overwrites it.
+
+    block_table : (rows, 1) int32.
+    width : positions per row.
+    index : (total_tokens,) int64, each packed token's place among the rows x width positions.
+    cache_seqlens : (rows,) int32 zeros.
+    """
+
+    block_table: torch.Tensor
+    width: int
+    index: torch.Tensor
+    cache_seqlens: torch.Tensor
+
+
+def _prompt_rows(rows: List[int], width: int, starts: List[int], lengths: List[int], device) -> PromptRows:
+    """PromptRows for cache rows ``rows``, sequence i's tokens from padded row starts[i] on."""
+    index = torch.cat([torch.arange(length) + start * width for start, length in zip(starts, lengths)])
+    return PromptRows(torch.tensor(rows, dtype=torch.int32)[:, None].to(device), width, index.to(device),
+                      torch.zeros(len(rows), dtype=torch.int32, device=device))
+
+
+def _per_slot(slots: Sequence[int], n_new: NewTokens) -> List[int]:
+    """n_new as one count per slot."""
+    if isinstance(n_new, int):
+        return [n_new] * len(slots)
+    counts = list(n_new)
+    if len(counts) != len(slots):
+        raise ValueError(f"n_new must be one int or one count per slot ({len(slots)}), got {len(counts)} counts")
+    return counts
 
 
 class ContiguousKVCache:
@@ -35,28 +76,41 @@ class ContiguousKVCache:
         self.max_seq_len = max_seq_len
         self.lengths: List[int] = [0] * batch
 
-    def prepare(self, slots: Sequence[int], n_new: int) -> Tuple[torch.Tensor, None]:
+    def length(self, slot: int) -> int:
+        """The number of tokens the sequence in ``slot`` holds (0 for an empty slot)."""
+        if not 0 <= slot < len(self.lengths):
+            raise ValueError(f"slot must be a row of the cache in [0, {len(self.lengths)}), got {slot}")
+        return self.lengths[slot]
+
+    def prepare(self, slots: Sequence[int], n_new: NewTokens) -> Tuple[torch.Tensor, None]:
         """cache_seqlens (len(slots),) int32 for a pass writing n_new tokens to each slot."""
-        start = slots[0]
-        if list(slots) != list(range(start, start + len(slots))):
-            raise ValueError(f"a contiguous cache runs a consecutive range of slots, got {list(slots)}")
-        for slot in slots:
-            if self.lengths[slot] + n_new > self.max_seq_len:
+        for slot, count in zip(slots, _per_slot(slots, n_new)):
+            if self.length(slot) + count > self.max_seq_len:
                 raise ValueError(
-                    f"sequence in slot {slot} needs {self.lengths[slot] + n_new} positions, "
+                    f"sequence in slot {slot} needs {self.lengths[slot] + count} positions, "
                     f"the cache holds max_seq_len={self.max_seq_len}"
                 )
         device = self.k[0].device
         return torch.tensor([self.lengths[s] for s in slots], dtype=torch.int32, device=device), None
 
     def layer(self, index: int, slots: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) of one layer for the slots' rows: views (n_slots, max_seq_len, kv_heads, head_dim)."""
-        rows = slice(slots[0], slots[0] + len(slots))
+        """(k, v) of one layer for the slots' rows: views (n_slots, max_seq_len, kv_heads, head_dim)
+        of a consecutive range of slots."""
+        start = slots[0]
+        if list(slots) != list(range(start, start + len(slots))):
+            raise ValueError(f"a contiguous cache runs a consecutive range of slots, got {list(slots)}")
+        rows = slice(start, start + len(slots))
         return self.k[index][rows], self.v[index][rows]
 
-    def advance(self, slots: Sequence[int], n_new: int) -> None:
-        for slot in slots:
-            self.lengths[slot] += n_new
+    def prompt_rows(self, slots: Sequence[int], lengths: Sequence[int]) -> PromptRows:
+        """Where prompts of ``lengths`` go in empty ``slots``: one padded row of the longest
+        length per prompt, written to its slot's row."""
+        width = max(lengths)
+        return _prompt_rows(list(slots), width, list(range(len(slots))), list(lengths), self.k[0].device)
+
+    def advance(self, slots: Sequence[int], n_new: NewTokens) -> None:
+        for slot, count in zip(slots, _per_slot(slots, n_new)):
+            self.lengths[slot] += count
 
     def keep(self, slots: Sequence[int]) -> None:
         """Moves the rows of ``slots`` to slots 0..len(slots)-1 (in that order); the rest are freed."""
@@ -118,18 +172,22 @@ class PagedKVCache:
         self.blocks: Dict[int, List[int]] = {}
         self.lengths: Dict[int, int] = {}
 
-    def prepare(self, slots: Sequence[int], n_new: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def length(self, slot: int) -> int:
+        """The number of tokens the sequence in ``slot`` holds (0 for a slot with no sequence)."""
+        return self.lengths.get(slot, 0)
+
+    def prepare(self, slots: Sequence[int], n_new: NewTokens) -> Tuple[torch.Tensor, torch.Tensor]:
         """Allocates the blocks that n_new more tokens per slot need; returns
         cache_seqlens (n,) int32 and block_table (n, max_blocks) int32 for the slots."""
-        for slot in slots:
+        for slot, count in zip(slots, _per_slot(slots, n_new)):
             length = self.lengths.setdefault(slot, 0)
             blocks = self.blocks.setdefault(slot, [])
-            if length + n_new > self.max_seq_len:
+            if length + count > self.max_seq_len:
                 raise ValueError(
-                    f"sequence in slot {slot} needs {length + n_new} positions, the cache allows "
+                    f"sequence in slot {slot} needs {length + count} positions, the cache allows "
                     f"max_seq_len={self.max_seq_len}"
                 )
-            needed = -(-(length + n_new) // self.block_size) - len(blocks)
+            needed = -(-(length + count) // self.block_size) - len(blocks)
             if needed > 0:
                 blocks.extend(self.allocator.allocate(needed))
         device = self.k[0].device
@@ -144,9 +202,18 @@ class PagedKVCache:
     def layer(self, index: int, slots: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.k[index], self.v[index]
 
-    def advance(self, slots: Sequence[int], n_new: int) -> None:
-        for slot in slots:
-            self.lengths[slot] += n_new
+    def prompt_rows(self, slots: Sequence[int], lengths: Sequence[int]) -> PromptRows:
+        """Where prompts of ``lengths`` go in ``slots`` (empty, their blocks allocated by
+        ``prepare``): one padded row per block, block_size wide."""
+        rows, starts = [], []
+        for slot, length in zip(slots, lengths):
+            starts.append(len(rows))
+            rows += self.blocks[slot][: -(-length // self.block_size)]
+        return _prompt_rows(rows, self.block_size, starts, list(lengths), self.k[0].device)
+
+    def advance(self, slots: Sequence[int], n_new: NewTokens) -> None:
+        for slot, count in zip(slots, _per_slot(slots, n_new)):
+            self.lengths[slot] += count
 
     def fork(self, src: int, dst: int) -> None:
         """Starts sequence ``dst`` as a copy of ``src`` (new blocks, contents copied), so the two

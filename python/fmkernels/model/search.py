@@ -195,7 +195,7 @@ def beam_search(model, lists: List[List[int]], *, max_new_tokens: int, num_beams
         rows = 2 * num_beams if kv_cache == "paged" else num_beams
         cache = model.new_cache(kv_cache, batch=rows, max_seq_len=len(prompt) + max_new_tokens - 1,
                                 block_size=block_size)
-        logits = model(torch.tensor([prompt], device=device), cache=cache, slots=[0])[:, -1]  # [1, V]
+        logits = model.prefill([prompt], cache=cache, slots=[0])  # [1, V]
         beams: List[Tuple[List[int], float, List[float]]] = [([], 0.0, [])]  # tokens, logprob sum, logprobs
         slots, next_slot = [0], [1]
         finished: List[Tuple[List[int], float, str, List[float]]] = []
