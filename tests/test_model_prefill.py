@@ -1,15 +1,17 @@
-"""fmkernels.model's packed prefill: Transformer.prefill against the per-prompt forward
-(DESIGN.md's tolerance to a float64 truth) and against decoding from its cache, one packed
-forward per generate call, the LM head on last tokens only."""
+"""fmkernels.model's packed prefill and shared prompt prefixes: Transformer.prefill against the
+per-prompt forward (DESIGN.md's tolerance to a float64 truth) and against decoding from its cache,
+one packed forward per generate call, the LM head on last tokens only, and the samples of a
+prompt sharing its KV cache: the paged pool's reference counts, forks of partly filled blocks,
+contiguous rows copied, and the same tokens as without sharing."""
 
 import pytest
 import torch
 
 import fmkernels
-from fmkernels.model import ModelConfig, Transformer
+from fmkernels.model import BlockAllocator, ModelConfig, Transformer
 from fmkernels.testing import attention_tolerance, max_error
 
-from _model_checks import hf_model
+from _model_checks import captured_caches, hf_model
 
 TINY = ModelConfig.from_name("tiny")  # GQA: 4 query heads, 2 KV heads
 MHA = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=80, max_seq_len=160)
@@ -175,6 +177,136 @@ def test_reference_and_cpu_backends_prefill_alike():
         with torch.no_grad():
             logits.append(model.prefill(prompts, cache=model.new_cache("paged", batch=3, max_seq_len=120)))
     assert max_error(logits[0], logits[1]) < 1e-4
+
+
+# ---------------------------------------------------------------- shared prompt prefixes
+
+@pytest.mark.parametrize("kv_cache", ["contiguous", "paged"])
+@pytest.mark.parametrize("best_of", [False, True])
+def test_shared_samples_equal_the_prompt_repeated_without_sharing(model, kv_cache, best_of, monkeypatch):
+    n = 3
+    options = dict(max_new_tokens=7, seed=23, kv_cache=kv_cache, block_size=4, return_result=True, **SAMPLING)
+    attention = _Spy(monkeypatch, "attention")
+    shared = model.generate(PROMPTS, num_samples=n, best_of=best_of, **options)
+    # Each prompt prefilled once: one packed forward over the distinct prompts' tokens.
+    assert [args[0].shape[0] for args, _ in attention.calls] == [sum(len(p) for p in PROMPTS)] * TINY.n_layers
+    # Without sharing: each prompt given n times, so row b * n + j draws with seed + b * n + j as well
+    # (best_of of one sample keeps every row, with its score).
+    repeated = model.generate([p for p in PROMPTS for _ in range(n)], best_of=True, **options)
+    if best_of:
+        picked = [max(range(b * n, (b + 1) * n), key=lambda r: (repeated.scores[r], -r)) for b in range(len(PROMPTS))]
+        assert shared.tokens == [repeated.tokens[r] for r in picked]
+        assert shared.scores == pytest.approx([repeated.scores[r] for r in picked], abs=1e-5)
+    else:
+        assert shared.tokens == repeated.tokens
+        assert shared.scores == pytest.approx(repeated.scores, abs=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [4, 5])
+def test_samples_share_the_prompts_full_blocks_and_give_every_block_back(model, block_size, monkeypatch):
+    n = 4
+    caches = captured_caches(monkeypatch)
+    used = []
+
+    def on_token(row, token):
+        if not used:  # right after the prefill and the forks, before any decode step
+            allocator = caches[0].allocator
+            used.append(allocator.num_blocks - allocator.free_blocks)
+
+    model.generate(PROMPTS, max_new_tokens=6, num_samples=n, seed=1, kv_cache="paged", block_size=block_size,
+                   on_token=on_token, **SAMPLING)
+    # Per prompt: its blocks once, plus a copy of its partly filled last block for each other sample.
+    shared = sum(-(-len(p) // block_size) + (n - 1) * bool(len(p) % block_size) for p in PROMPTS)
+    unshared = n * sum(-(-len(p) // block_size) for p in PROMPTS)
+    assert used == [shared] and shared < unshared
+    cache = caches[0]
+    assert cache.allocator.free_blocks == cache.allocator.num_blocks and not cache.blocks
+
+
+def test_block_allocator_counts_references():
+    allocator = BlockAllocator(4)
+    a, b = allocator.allocate(2)
+    assert (a, b) == (0, 1) and allocator.references(a) == 1
+    allocator.share([a])
+    allocator.share([a])
+    allocator.free([a, b])
+    assert allocator.references(a) == 2 and allocator.references(b) == 0 and allocator.free_blocks == 3
+    allocator.free([a])
+    allocator.free([a])
+    assert allocator.free_blocks == 4 and allocator.allocate(1) == [0]
+    with pytest.raises(ValueError, match="block 1 is not allocated"):
+        allocator.free([1])
+    with pytest.raises(ValueError, match="block 3 is not allocated"):
+        allocator.share([3])
+    with pytest.raises(ValueError, match="block 9 is not allocated"):
+        allocator.free([9])
+    assert allocator.references(0) == 1 and allocator.free_blocks == 3  # a failed call changes nothing
+
+
+def test_paged_fork_shares_full_blocks_and_copies_a_partly_filled_last_block(model):
+    cache = model.new_cache("paged", num_blocks=8, block_size=4, max_seq_len=16)
+    prompt = _prompts([6], TINY.vocab_size, seed=9)[0]
+    with torch.no_grad():
+        model.prefill([prompt], cache=cache, slots=[0])
+        full, partial = cache.blocks[0]
+        cache.fork(0, 5)
+        assert cache.blocks[5][0] == full and cache.blocks[5][1] not in (full, partial)
+        copy = cache.blocks[5][1]
+        assert cache.allocator.references(full) == 2 and cache.allocator.references(copy) == 1
+        assert cache.lengths[5] == 6 and cache.allocator.free_blocks == 5
+        for tensor in (*cache.k, *cache.v):
+            assert torch.equal(tensor[copy, :2], tensor[partial, :2])
+        before = [tensor.clone() for tensor in (*cache.k, *cache.v)]
+        # The two sequences write different tokens at position 6, each into its own last block.
+        logits = model(torch.tensor([[1], [2]]), cache=cache, slots=[0, 5])[:, -1]
+    assert max_error(logits[0], _last_logits(model, prompt + [1])) < 1e-4
+    assert max_error(logits[1], _last_logits(model, prompt + [2])) < 1e-4
+    for old, tensor in zip(before, (*cache.k, *cache.v)):
+        assert torch.equal(tensor[full], old[full])  # the shared block is never written again
+        assert torch.equal(tensor[partial, :2], old[partial, :2]) and torch.equal(tensor[copy, :2], old[copy, :2])
+        assert not torch.equal(tensor[partial, 2], tensor[copy, 2])
+    with pytest.raises(ValueError, match="slot 5 already holds a sequence"):
+        cache.fork(0, 5)
+    with pytest.raises(ValueError, match="slot 3 holds no sequence to fork"):
+        cache.fork(3, 6)
+    cache.free(0)
+    assert cache.allocator.references(full) == 1 and cache.allocator.free_blocks == 6  # 5 still uses it
+    cache.free(5)
+    assert cache.allocator.free_blocks == 8
+
+
+def test_paged_fork_at_a_block_boundary_shares_every_block(model):
+    cache = model.new_cache("paged", num_blocks=8, block_size=4, max_seq_len=16)
+    prompt = _prompts([8], TINY.vocab_size, seed=10)[0]
+    with torch.no_grad():
+        model.prefill([prompt], cache=cache, slots=[0])
+        cache.fork(0, 1)
+        assert cache.blocks[1] == cache.blocks[0] and cache.allocator.free_blocks == 6
+        logits = model(torch.tensor([[3], [4]]), cache=cache, slots=[0, 1])[:, -1]  # each a new block
+    assert len(set(cache.blocks[0][2:] + cache.blocks[1][2:])) == 2 and cache.allocator.free_blocks == 4
+    assert max_error(logits[1], _last_logits(model, prompt + [4])) < 1e-4
+
+
+def test_contiguous_fork_copies_the_rows_positions(model):
+    cache = model.new_cache("contiguous", batch=3, max_seq_len=12)
+    for tensor in (*cache.k, *cache.v):
+        tensor[2] = 7.0
+    prompt = _prompts([5], TINY.vocab_size, seed=11)[0]
+    with torch.no_grad():
+        model.prefill([prompt], cache=cache, slots=[0])
+        cache.fork(0, 2)
+        assert cache.lengths == [5, 0, 5]
+        for tensor in (*cache.k, *cache.v):
+            assert torch.equal(tensor[2, :5], tensor[0, :5])
+            assert (tensor[2, 5:] == 7.0).all()  # positions past the prompt are not copied
+        cache.fork(0, 1)
+        logits = model(torch.tensor([[1], [2], [3]]), cache=cache)[:, -1]
+    for i, token in enumerate([1, 2, 3]):
+        assert max_error(logits[i], _last_logits(model, prompt + [token])) < 1e-4
+    with pytest.raises(ValueError, match="slot 1 already holds a sequence"):
+        cache.fork(0, 1)
+    with pytest.raises(ValueError, match=r"slot must be a row of the cache in \[0, 3\), got 3"):
+        cache.fork(0, 3)
 
 
 # ---------------------------------------------------------------- bad input

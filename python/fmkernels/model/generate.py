@@ -140,7 +140,8 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
         ``num_logprobs`` alternatives (see ``GenerationResult``).
     num_samples : n >= 1 samples per prompt. Sample j of prompt b is row ``b * n + j`` of the
         output (and the ``prompt_index`` ``on_token`` gets) and draws with seed ``seed + b * n + j``,
-        so it equals a one-sample run of that prompt with that seed.
+        so it equals a one-sample run of that prompt with that seed. The prompt is prefilled
+        once; its samples share its KV cache (``fork``).
     best_of : keep, of each prompt's ``num_samples`` samples, only the one with the highest mean
         token log-probability under the model's own distribution (fp32 log_softmax of the raw
         logits, not the filtered sampling logprobs); the output then has one row per prompt.
@@ -195,10 +196,9 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
     if num_beams is not None:
         return _beam_result(model, lists, max_new_tokens, num_beams, length_penalty, eos, stop, allowed_tokens,
                             kv_cache, block_size, on_token, tokenizer, return_result or return_logprobs)
-    prompt_of = list(range(len(lists)))  # the prompt each row samples for
-    if num_samples > 1:
-        prompt_of = [b for b in range(len(lists)) for _ in range(num_samples)]
-        lists = [lists[b] for b in prompt_of]
+    prompts = lists
+    prompt_of = [b for b in range(len(prompts)) for _ in range(num_samples)]  # the prompt each row samples for
+    lists = [prompts[b] for b in prompt_of]
     scoring = num_samples > 1 or best_of
     model_logprob_sums = [0.0] * len(lists)
     device = model.device
@@ -238,7 +238,14 @@ def generate(model, prompts: Prompts, *, max_new_tokens: int, temperature: float
             return "length"
         return ""
 
-    logits = model.prefill(lists, cache=cache)  # [B, V]: one packed forward over every row's prompt
+    # One packed forward over the prompts, each into the slot of its first sample; the other
+    # samples fork it (a paged cache shares its full blocks, a contiguous one copies its row).
+    first = [b * num_samples for b in range(len(prompts))]
+    logits = model.prefill(prompts, cache=cache, slots=first)  # [P, V]
+    for slot in first:
+        for j in range(1, num_samples):
+            cache.fork(slot, slot + j)
+    logits = logits.repeat_interleave(num_samples, dim=0)  # [B, V]
 
     outputs: List[List[int]] = [[] for _ in lists]
     active = list(range(batch))  # prompt index of each decode row

@@ -1,4 +1,5 @@
-"""KV caches for the model: contiguous rows, or a paged pool with a block allocator.
+"""KV caches for the model: contiguous rows, or a paged pool with a reference-counted block
+allocator.
 
 Both hold one (k, v) pair per layer in the layouts the ops take (DESIGN.md):
 contiguous (batch, max_seq_len, kv_heads, head_dim) with ``cache_seqlens``, or paged
@@ -7,6 +8,8 @@ The model asks a cache for ``prepare(slots, n_new)`` (the cache_seqlens, and the
 for a paged one, of the sequences in the batch) before a forward pass and calls
 ``advance(slots, n_new)`` after it; ``n_new`` is one count for every slot, or one per slot
 (a packed prefill of ragged prompts, which writes where ``prompt_rows`` says).
+``fork(src, dst)`` starts a sequence as a copy of another (the samples of one prompt, a beam
+chosen twice).
 """
 
 from __future__ import annotations
@@ -112,29 +115,47 @@ class ContiguousKVCache:
         for slot, count in zip(slots, _per_slot(slots, n_new)):
             self.lengths[slot] += count
 
+    def fork(self, src: int, dst: int) -> None:
+        """Starts the empty row ``dst`` as a copy of sequence ``src``: positions [0, length) of
+        every layer's keys and values are copied; the two then go on differently."""
+        if self.length(dst):
+            raise ValueError(f"slot {dst} already holds a sequence")
+        length = self.length(src)
+        for cache in (*self.k, *self.v):
+            cache[dst, :length] = cache[src, :length]
+        self.lengths[dst] = length
+
     def keep(self, slots: Sequence[int]) -> None:
         """Moves the rows of ``slots`` to slots 0..len(slots)-1 (in that order); the rest are freed."""
         slots = list(slots)
         if slots == list(range(len(slots))):
             return
         index = torch.tensor(slots, device=self.k[0].device)
+        used = max(self.lengths[s] for s in slots)  # positions past every kept length hold nothing
         for cache in (*self.k, *self.v):
-            cache[: len(slots)] = cache.index_select(0, index)
+            cache[: len(slots), :used] = cache[:, :used].index_select(0, index)
         self.lengths = [self.lengths[s] for s in slots] + [0] * (len(self.lengths) - len(slots))
 
 
 class BlockAllocator:
-    """Hands out blocks of a pool of ``num_blocks`` and takes them back (lowest ids first)."""
+    """Hands out blocks of a pool of ``num_blocks`` (lowest ids first), each with a reference
+    count: an allocated block has one user, ``share`` adds one, ``free`` drops one, and a block
+    returns to the pool when its last user frees it."""
 
     def __init__(self, num_blocks: int):
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._references = [0] * num_blocks
 
     @property
     def free_blocks(self) -> int:
         return len(self._free)
+
+    def references(self, block: int) -> int:
+        """How many sequences use ``block`` (0 for a free block)."""
+        return self._references[block]
 
     def allocate(self, n: int) -> List[int]:
         if n > len(self._free):
@@ -142,10 +163,29 @@ class BlockAllocator:
                 f"KV cache pool exhausted: {n} more block(s) needed, {len(self._free)} of {self.num_blocks} free; "
                 f"give the paged cache more blocks (num_blocks) or run fewer or shorter sequences"
             )
-        return [self._free.pop() for _ in range(n)]
+        blocks = [self._free.pop() for _ in range(n)]
+        for block in blocks:
+            self._references[block] = 1
+        return blocks
+
+    def _require_allocated(self, blocks: Sequence[int]) -> None:
+        for block in blocks:
+            if not 0 <= block < self.num_blocks or not self._references[block]:
+                raise ValueError(f"block {block} is not allocated (blocks of a pool of {self.num_blocks})")
+
+    def share(self, blocks: Sequence[int]) -> None:
+        """One more sequence uses each of ``blocks``."""
+        self._require_allocated(blocks)
+        for block in blocks:
+            self._references[block] += 1
 
     def free(self, blocks: Sequence[int]) -> None:
-        self._free.extend(sorted(blocks, reverse=True))
+        """One sequence fewer uses each of ``blocks``; those no sequence uses return to the pool."""
+        self._require_allocated(blocks)
+        for block in blocks:
+            self._references[block] -= 1
+            if not self._references[block]:
+                self._free.append(block)
         self._free.sort(reverse=True)
 
 
@@ -154,7 +194,8 @@ class PagedKVCache:
 
     ``k[layer]``, ``v[layer]``: (num_blocks, block_size, kv_heads, head_dim). Blocks are
     allocated as a sequence grows (``prepare``) and returned when it ends (``free``); a
-    slot is any int the caller uses to name a sequence.
+    slot is any int the caller uses to name a sequence. Forked sequences share their full
+    blocks (``fork``).
     """
 
     paged = True
@@ -216,19 +257,29 @@ class PagedKVCache:
             self.lengths[slot] += count
 
     def fork(self, src: int, dst: int) -> None:
-        """Starts sequence ``dst`` as a copy of ``src`` (new blocks, contents copied), so the two
-        can go on differently; beam search forks a beam chosen more than once."""
+        """Starts sequence ``dst`` as a copy of ``src``, so the two can go on differently; beam
+        search forks a beam chosen more than once, generate a prompt's samples.
+
+        The full blocks are shared, not copied: the cache is append-only, so neither sequence
+        writes them again. A partly filled last block, which both would write next, is copied
+        into a new block of dst's own. A shared block returns to the pool when the last
+        sequence using it is freed.
+        """
         if dst in self.blocks:
             raise ValueError(f"slot {dst} already holds a sequence")
-        blocks = self.allocator.allocate(len(self.blocks[src]))
-        source = torch.tensor(self.blocks[src], device=self.k[0].device)
-        target = torch.tensor(blocks, device=self.k[0].device)
-        for cache in (*self.k, *self.v):
-            cache[target] = cache[source]
-        self.blocks[dst] = blocks
-        self.lengths[dst] = self.lengths[src]
+        if src not in self.blocks:
+            raise ValueError(f"slot {src} holds no sequence to fork")
+        length, blocks = self.lengths[src], self.blocks[src]
+        full, filled = divmod(length, self.block_size)
+        copy = self.allocator.allocate(1 if filled else 0)
+        self.allocator.share(blocks[:full])
+        for block in copy:
+            for cache in (*self.k, *self.v):
+                cache[block, :filled] = cache[blocks[full], :filled]
+        self.blocks[dst] = blocks[:full] + copy
+        self.lengths[dst] = length
 
     def free(self, slot: int) -> None:
-        """Returns a finished sequence's blocks to the pool."""
+        """Ends the sequence in ``slot``: blocks no other sequence shares return to the pool."""
         self.allocator.free(self.blocks.pop(slot, []))
         self.lengths.pop(slot, None)
