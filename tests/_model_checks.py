@@ -1,5 +1,5 @@
-"""Shared set-up of the model tests: tiny random transformers checkpoints saved to disk, and a
-tiny tokenizer.json trained in memory."""
+"""Shared set-up of the model tests: tiny random transformers checkpoints saved to disk, a
+tiny tokenizer.json trained in memory, and a spy on the KV caches the model makes."""
 
 from __future__ import annotations
 
@@ -70,3 +70,18 @@ def save_wordlevel_tokenizer(directory, vocab_size=96, eos="</s>"):
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
     return tokenizer
+
+
+def captured_caches(monkeypatch) -> list:
+    """The KV caches ``Transformer.new_cache`` makes from now on (generate's, beam search's), in order."""
+    from fmkernels.model import Transformer
+
+    caches = []
+    new_cache = Transformer.new_cache
+
+    def spy(self, *args, **kwargs):
+        caches.append(new_cache(self, *args, **kwargs))
+        return caches[-1]
+
+    monkeypatch.setattr(Transformer, "new_cache", spy)
+    return caches

@@ -6,8 +6,10 @@ import itertools
 import pytest
 import torch
 
-from fmkernels.model import ByteTokenizer, ModelConfig, Transformer
+from fmkernels.model import ByteTokenizer, ModelConfig, PagedKVCache, Transformer
 from fmkernels.model.search import choice_constraint
+
+from _model_checks import captured_caches
 
 TINY = ModelConfig.from_name("tiny")
 PROMPTS = [[3, 14, 15, 92, 65], [35], list(range(40, 60)), [8, 9, 7, 9, 3, 2, 3]]
@@ -130,19 +132,21 @@ def test_narrow_beams_beat_or_match_greedy_and_score_as_documented(small):
 
 
 @pytest.mark.parametrize("num_beams", [2, 4])
-def test_paged_beams_equal_contiguous_and_free_every_block(model, num_beams, monkeypatch):
+def test_paged_beams_equal_contiguous_share_blocks_and_free_every_block(model, num_beams, monkeypatch):
     contiguous = model.generate(PROMPTS, max_new_tokens=10, num_beams=num_beams, return_result=True)
-    caches = []
-    new_cache = Transformer.new_cache
+    caches = captured_caches(monkeypatch)
+    shared = []  # per fork: how many of the new beam's blocks it shares
+    fork = PagedKVCache.fork
 
-    def spy(self, *args, **kwargs):
-        caches.append(new_cache(self, *args, **kwargs))
-        return caches[-1]
+    def spy(self, src, dst):
+        fork(self, src, dst)
+        shared.append(sum(self.allocator.references(block) > 1 for block in self.blocks[dst]))
 
-    monkeypatch.setattr(Transformer, "new_cache", spy)
+    monkeypatch.setattr(PagedKVCache, "fork", spy)
     paged = model.generate(PROMPTS, max_new_tokens=10, num_beams=num_beams, kv_cache="paged", block_size=4,
                            return_result=True)
     assert paged.tokens == contiguous.tokens and paged.beams == contiguous.beams
+    assert shared and max(shared) >= 5  # prompt 2's 20 tokens fill 5 blocks, shared by every fork of it
     for cache in caches:
         assert cache.allocator.free_blocks == cache.allocator.num_blocks and not cache.blocks
 

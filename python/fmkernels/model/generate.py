@@ -111,10 +111,10 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
              allowed_tokens: Optional[search.AllowedTokens] = None):
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
-    Each prompt is prefilled on its own into a KV cache ("contiguous", or "paged" in blocks
-    of ``block_size``); then the sequences still running decode together, one token per
-    step. A sequence ends on its own, and then leaves the decode batch (a paged cache frees
-    its blocks), at:
+    The prompts are prefilled together, in one packed forward (``Transformer.prefill``), into
+    a KV cache ("contiguous", or "paged" in blocks of ``block_size``); then the sequences
+    still running decode together, one token per step. A sequence ends on its own, and then
+    leaves the decode batch (a paged cache frees its blocks), at:
 
     - an EOS token: the config's ``eos_token_ids`` and the tokenizer's ``eos_token_id``
       (unless ``ignore_eos``), kept as the sequence's last token;
@@ -141,12 +141,13 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
     max_new_tokens : int >= 1; each prompt's length + max_new_tokens - 1 must fit in the
         model's max_seq_len (the last token is returned, never fed back).
     on_token : called as ``on_token(prompt_index, token_id)`` for each new token as soon as
-        it is sampled (for streaming); prompt 0's first call comes right after its prefill.
+        it is sampled (for streaming); the first calls come right after the prefill.
     return_logprobs, num_logprobs : also return each token's log-probability and the top
         ``num_logprobs`` alternatives (see ``GenerationResult``).
     num_samples : n >= 1 samples per prompt. Sample j of prompt b is row ``b * n + j`` of the
         output (and the ``prompt_index`` ``on_token`` gets) and draws with seed ``seed + b * n + j``,
-        so it equals a one-sample run of that prompt with that seed.
+        so it equals a one-sample run of that prompt with that seed. The prompt is prefilled
+        once; its samples share its KV cache (``fork``).
     best_of : keep, of each prompt's ``num_samples`` samples, only the one with the highest mean
         token log-probability under the model's own distribution (fp32 log_softmax of the raw
         logits, not the filtered sampling logprobs); the output then has one row per prompt.
@@ -208,10 +209,9 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
     if num_beams is not None:
         return _beam_result(model, lists, max_new_tokens, num_beams, length_penalty, eos, stop, allowed_tokens,
                             kv_cache, block_size, on_token, tokenizer, return_result or return_logprobs)
-    prompt_of = list(range(len(lists)))  # the prompt each row samples for
-    if num_samples > 1:
-        prompt_of = [b for b in range(len(lists)) for _ in range(num_samples)]
-        lists = [lists[b] for b in prompt_of]
+    prompts = lists
+    prompt_of = [b for b in range(len(prompts)) for _ in range(num_samples)]  # the prompt each row samples for
+    lists = [prompts[b] for b in prompt_of]
     scoring = num_samples > 1 or best_of
     model_logprob_sums = [0.0] * len(lists)
     device = model.device
@@ -251,11 +251,14 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
             return "length"
         return ""
 
-    last = []
-    for b, prompt in enumerate(lists):
-        logits = model(torch.tensor([prompt], device=device), cache=cache, slots=[b])  # [1, S, V]
-        last.append(logits[0, -1])
-    logits = torch.stack(last)  # [B, V]
+    # One packed forward over the prompts, each into the slot of its first sample; the other
+    # samples fork it (a paged cache shares its full blocks, a contiguous one copies its row).
+    first = [b * num_samples for b in range(len(prompts))]
+    logits = model.prefill(prompts, cache=cache, slots=first)  # [P, V]
+    for slot in first:
+        for j in range(1, num_samples):
+            cache.fork(slot, slot + j)
+    logits = logits.repeat_interleave(num_samples, dim=0)  # [B, V]
 
     outputs: List[List[int]] = [[] for _ in lists]
     active = list(range(batch))  # prompt index of each decode row

@@ -151,8 +151,8 @@ def pick_best_of(n: int, rows: List[List[int]], scores: List[float]) -> List[int
 def _fork_rows(cache, parents: List[int], slots: List[int], next_slot: List[int]) -> List[int]:
     """Makes the cache follow reselected beams: beam j continues the sequence in parents[j]'s
     slot. Contiguous: the rows are gathered (index_select) to 0..len-1. Paged: the first child of a
-    parent takes over its slot, each further child gets a copy of its blocks, and the slots of
-    dropped parents are freed. Returns the new beams' slots."""
+    parent takes over its slot, each further child forks it (sharing its full blocks, copying a
+    partly filled last one), and the slots of dropped parents are freed. Returns the new beams' slots."""
     if not cache.paged:
         cache.keep(parents)
         return list(range(len(parents)))
@@ -195,7 +195,7 @@ def beam_search(model, lists: List[List[int]], *, max_new_tokens: int, num_beams
         rows = 2 * num_beams if kv_cache == "paged" else num_beams
         cache = model.new_cache(kv_cache, batch=rows, max_seq_len=len(prompt) + max_new_tokens - 1,
                                 block_size=block_size)
-        logits = model(torch.tensor([prompt], device=device), cache=cache, slots=[0])[:, -1]  # [1, V]
+        logits = model.prefill([prompt], cache=cache, slots=[0])  # [1, V]
         beams: List[Tuple[List[int], float, List[float]]] = [([], 0.0, [])]  # tokens, logprob sum, logprobs
         slots, next_slot = [0], [1]
         finished: List[Tuple[List[int], float, str, List[float]]] = []

@@ -7,11 +7,13 @@ SwiGLU and GQA; Mixtral (Jiang et al. 2024) for the sparse mixture of experts; t
 trained with (rotate-half RoPE, RMSNorm in fp32, router softmax before top-k). Module names are
 Hugging Face's, so a checkpoint's tensors load by name.
 
-Shapes: B batch, S new tokens, H query heads, K KV heads, D head_dim, E dim, F ffn_dim, V vocab.
+Shapes: B batch, S new tokens, T tokens of a packed batch, H query heads, K KV heads, D head_dim,
+E dim, F ffn_dim, V vocab.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Sequence
 
@@ -61,8 +63,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, S, heads, D) rotated by cos, sin (B, S, 1, D), in HF's rotate-half convention."""
+    """x (B, S, heads, D) rotated by cos, sin (B, S, 1, D), in HF's rotate-half convention
+    (or packed: x (T, heads, D), cos, sin (T, 1, D))."""
     return x * cos + _rotate_half(x) * sin
+
+
+def _append_prompts(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows,
+                    backend: str) -> None:
+    """Writes packed prompts' keys and values k, v (T, K, D) to the cache in one append_kv, as
+    ``rows`` (a ``PromptRows``) places them."""
+    n_rows = rows.block_table.shape[0]
+    padded = [t.new_zeros(n_rows * rows.width, *t.shape[1:]).index_copy_(0, rows.index, t)
+              .view(n_rows, rows.width, *t.shape[1:]) for t in (k, v)]  # [rows, width, K, D]
+    ops.append_kv(k_cache, v_cache, *padded, rows.cache_seqlens, block_table=rows.block_table, backend=backend)
 
 
 class Attention(nn.Module):
@@ -75,15 +88,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, backend: str, cache=None, slots=None, seqlens=None, block_table=None):
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # [B, S, H, D]
-        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, K, D]
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, K, D]
+    def forward(self, x, cos, sin, backend: str, cache=None, slots=None, seqlens=None, block_table=None,
+                cu_seqlens=None, prompt_rows=None):
+        """x (B, S, E) -> (B, S, E); or, with ``cu_seqlens`` (and the cache's ``prompt_rows``), a
+        packed prefill into empty cache slots: x (T, E) -> (T, E)."""
+        tokens = x.shape[:-1]  # (B, S), or (T,) packed
+        q = self.q_proj(x).view(*tokens, self.n_heads, self.head_dim)  # [B, S, H, D] or [T, H, D]
+        k = self.k_proj(x).view(*tokens, self.n_kv_heads, self.head_dim)  # [B, S, K, D] or [T, K, D]
+        v = self.v_proj(x).view(*tokens, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if cu_seqlens is not None:
+            _append_prompts(cache.k[self.index], cache.v[self.index], k, v, prompt_rows, backend)
+            # Each sequence attends to its own keys only (its slot was empty).
+            out = ops.attention(q, k, v, causal=True, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                backend=backend)  # [T, H, D]
+        elif cache is None:
             out = ops.attention(q, k, v, causal=True, backend=backend)  # [B, S, H, D]
         else:
+            b, s = tokens
             k_cache, v_cache = cache.layer(self.index, slots)
             ops.append_kv(k_cache, v_cache, k, v, seqlens, block_table=block_table, backend=backend)
             if not any(cache.lengths[slot] for slot in slots):
@@ -93,7 +115,7 @@ class Attention(nn.Module):
                 out = ops.decode_attention(
                     q, k_cache, v_cache, seqlens + s, block_table=block_table, backend=backend
                 )
-        return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))  # [B, S, E]
+        return self.o_proj(out.reshape(*tokens, self.n_heads * self.head_dim))  # [B, S, E] or [T, E]
 
 
 class SwiGLU(nn.Module):
@@ -123,8 +145,7 @@ class SparseMoE(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(config, "w1", "w3", "w2") for _ in range(config.n_experts))
 
     def forward(self, x):
-        b, s, e = x.shape
-        tokens = x.reshape(b * s, e)  # [T, E]
+        tokens = x.reshape(-1, x.shape[-1])  # [T, E]
         weights = F.softmax(self.gate(tokens), dim=-1, dtype=torch.float32)  # [T, n_experts]
         weights, chosen = torch.topk(weights, self.top_k, dim=-1)  # [T, k]
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
@@ -133,7 +154,7 @@ class SparseMoE(nn.Module):
             token_idx, slot = torch.where(chosen == expert_id)
             if token_idx.numel():
                 out.index_add_(0, token_idx, expert(tokens[token_idx]) * weights[token_idx, slot, None])
-        return out.view(b, s, e)
+        return out.view(x.shape)
 
 
 class Block(nn.Module):
@@ -161,6 +182,8 @@ class Transformer(nn.Module):
     batch's sequences), the new tokens continue those sequences: their keys and values are
     appended to the cache (``fmkernels.append_kv``) and attention reads it
     (``fmkernels.decode_attention``); this is decode (seqlen 1) and chunked prefill.
+    ``prefill(prompts, cache=...)`` runs a ragged batch of prompts into empty slots in one
+    packed forward and returns the logits after each prompt's last token only.
     ``backend`` is passed to every op ("auto", "reference", "cpu", "triton", "cuda", ...).
     """
 
@@ -185,19 +208,31 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def forward(self, input_ids: torch.Tensor, *, cache=None, slots: Optional[Sequence[int]] = None):
-        integral = isinstance(input_ids, torch.Tensor) and not input_ids.dtype.is_floating_point
-        if not integral or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
-        if input_ids.dim() != 2 or input_ids.numel() == 0:
-            raise ValueError(f"input_ids must be a non-empty (batch, seqlen), got shape {tuple(input_ids.shape)}")
+    def _check_ids(self, name: str, ids) -> None:
+        """ids (named ``name`` in errors) must be an integer tensor of ids of the vocabulary."""
+        integral = isinstance(ids, torch.Tensor) and not ids.dtype.is_floating_point and not ids.dtype.is_complex
+        if not integral or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {getattr(ids, 'dtype', type(ids))}")
         # Reading the ids is data-dependent control flow: torch.compile traces past it (the
         # embedding lookup still rejects an id outside the table).
-        if not torch.compiler.is_compiling():
-            low, high = torch.aminmax(input_ids)
+        if ids.numel() and not torch.compiler.is_compiling():
+            low, high = torch.aminmax(ids)
             if low < 0 or high >= self.config.vocab_size:
                 bad = int(low) if low < 0 else int(high)
-                raise ValueError(f"input_ids hold token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+                raise ValueError(f"{name} hold token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+
+    def _rope(self, positions: torch.Tensor):
+        """cos, sin (*positions.shape, 1, D) in the model's dtype, computed in fp32."""
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * self._inv_freq  # [..., D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)[..., None, :]  # [..., 1, D]
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, *, cache=None, slots: Optional[Sequence[int]] = None):
+        self._check_ids("input_ids", input_ids)
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty (batch, seqlen), got shape {tuple(input_ids.shape)}")
         b, s = input_ids.shape
         cache_args = {}
         if cache is None:
@@ -209,17 +244,78 @@ class Transformer(nn.Module):
             seqlens, block_table = cache.prepare(slots, s)
             positions = seqlens.long()[:, None] + torch.arange(s, device=input_ids.device)  # [B, S]
             cache_args = dict(cache=cache, slots=slots, seqlens=seqlens, block_table=block_table)
-        if self._inv_freq.device != input_ids.device:
-            self._inv_freq = self._inv_freq.to(input_ids.device)
-        freqs = positions[..., None].float() * self._inv_freq  # [B, S, D/2], fp32
-        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, S, 1, D]
-        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        cos, sin = self._rope(positions)  # [B, S, 1, D]
         x = self.embed_tokens(input_ids)  # [B, S, E]
         for layer in self.layers:
             x = layer(x, cos, sin, self.backend, **cache_args)
         if cache is not None:
             cache.advance(slots, s)
         return self.lm_head(self.norm(x))  # [B, S, V]
+
+    def prefill(self, prompts, *, cache, slots: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Prefills a batch of prompts (ragged) into empty cache slots in one forward pass, and
+        returns the logits after each prompt's last token.
+
+        The prompts' tokens are packed into one (total_tokens,) sequence: RoPE at each token's
+        position in its own prompt, ``fmkernels.attention`` on the packed q, k, v with
+        ``cu_seqlens`` (causal within each prompt), every prompt's keys and values written to
+        its slot by one ``fmkernels.append_kv`` per layer (``cache.prompt_rows``), norms and
+        MLP / mixture of experts on the packed tokens. The LM head runs on each prompt's last token only: ``model(ids)[:, -1]``
+        without the (total_tokens, vocab) logits of the whole prompt.
+
+        Parameters
+        ----------
+        prompts : sequence of n prompts, each a non-empty list of int token ids or a 1-D
+            integer tensor; or a (n, seqlen) integer tensor.
+        cache : ContiguousKVCache or PagedKVCache (``new_cache``)
+            The slots must be empty; they hold the prompts afterwards (``model(ids,
+            cache=cache, slots=slots)`` continues them).
+        slots : sequence of n distinct ints, optional
+            The cache slot of each prompt; default 0 .. n-1.
+
+        Returns
+        -------
+        Tensor (n, vocab) in the model's dtype: row i is the next-token logits after prompts[i].
+        """
+        if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+            prompts = list(prompts)
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a sequence of token-id lists or 1-D tensors, got {type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts must hold at least one prompt, got none")
+        ids = []
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, torch.Tensor):
+                try:
+                    prompt = torch.as_tensor(prompt)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(f"prompts[{i}] must be a list of int token ids or a 1-D integer tensor, "
+                                    f"got {type(prompt).__name__}") from None
+            if prompt.dim() != 1 or prompt.numel() == 0:
+                raise ValueError(f"prompts[{i}] must be a non-empty 1-D sequence of token ids, "
+                                 f"got shape {tuple(prompt.shape)}")
+            self._check_ids(f"prompts[{i}]", prompt)
+            ids.append(prompt)
+        n = len(ids)
+        slots = list(range(n)) if slots is None else list(slots)
+        if len(slots) != n or len(set(slots)) != n:
+            raise ValueError(f"slots must name {n} distinct cache slots, one per prompt, got {slots}")
+        for slot in slots:
+            if cache.length(slot):
+                raise ValueError(f"prefill writes prompts into empty cache slots; slot {slot} holds "
+                                 f"{cache.length(slot)} tokens (continue it with model(ids, cache=..., slots=...))")
+        lengths = [prompt.numel() for prompt in ids]
+        cache.prepare(slots, lengths)  # checks the room and allocates a paged cache's blocks
+        rows = cache.prompt_rows(slots, lengths)
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=self.device)
+        positions = torch.cat([torch.arange(length) for length in lengths]).to(self.device)  # [T]
+        cos, sin = self._rope(positions)  # [T, 1, D]
+        x = self.embed_tokens(torch.cat([prompt.to(self.device) for prompt in ids]))  # [T, E]
+        for layer in self.layers:
+            x = layer(x, cos, sin, self.backend, cache=cache, cu_seqlens=cu_seqlens, prompt_rows=rows)
+        cache.advance(slots, lengths)
+        last = cu_seqlens[1:].long() - 1  # [n]
+        return self.lm_head(self.norm(x[last]))  # [n, V]
 
     def new_cache(self, kind: str = "contiguous", *, batch: int = 1, max_seq_len: Optional[int] = None,
                   num_blocks: Optional[int] = None, block_size: int = 16):
