@@ -1,10 +1,12 @@
 """fmkernels.model on GGUF files: tiny synthetic files written here with gguf.GGUFWriter the
 way llama.cpp's converter writes them (Q/K rows permuted, shapes in ne order), one per tensor
 type, against transformers reading them or the model they were written from -- these are what
-show the permutation and the dequantization right; and the errors.
+show the permutation and the dequantization right; tokenizers built from synthetic
+vocabularies against transformers'; the errors.
 """
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmkernels.model import ModelConfig, Transformer
+from fmkernels.model import ModelConfig, Transformer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -21,9 +23,31 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
 
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def f(x):\n    if x:\n        return x * 2\n\treturn None\n",
+    "naïve café — 東京 🚀🎉 ‽",
+    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+    "   leading spaces", " ", "\n\n", "a  b   c", "trailing   ", "It's we'll they've", "",
+]
+
+
 def hf_from_gguf(path, **options):
     return transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32, **options).eval()
+
+
+def hf_tokenizer(path):
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+def assert_same_tokenizer(ours, theirs, texts):
+    for text in texts:
+        for special in (True, False):
+            ids = theirs(text, add_special_tokens=special)["input_ids"]
+            assert ours.encode(text, add_special_tokens=special) == ids, (text, special)
+            for skip in (True, False):
+                assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
 
 
 # --- synthetic files ------------------------------------------------------------------------
@@ -276,11 +300,11 @@ def test_missing_unexpected_and_mis_shaped_tensors(tmp_path, small):
 def test_not_a_gguf_file(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"PK\x03\x04 not a gguf")
-    for load in (Transformer.from_pretrained, ModelConfig.from_gguf):
+    for load in (Transformer.from_pretrained, load_tokenizer, ModelConfig.from_gguf):
         with pytest.raises(ValueError, match=r"is not a GGUF file: it starts with b'PK\\x03\\x04'"):
             load(path)
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
-        ModelConfig.from_gguf(tmp_path / "absent.gguf")
+        load_tokenizer(tmp_path / "absent.gguf")
 
 
 def test_missing_gguf_package(tmp_path, small, monkeypatch):
@@ -288,3 +312,134 @@ def test_missing_gguf_package(tmp_path, small, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(ImportError, match=r"needs the 'gguf' package: pip install 'fmkernels\[gguf\]'"):
         Transformer.from_pretrained(path)
+
+
+# --- synthetic tokenizers -------------------------------------------------------------------
+
+CORPUS = [
+    "the cat sat on the mat. The dog ate the cat's food!", "hello world, hello there; 1234 + 5678 = 6912",
+    "def main():\n    return 0\n\nif __name__ == '__main__':\n    main()\n", "naïve café, 東京 and 🚀 rockets",
+    "It's we'll they've I'm you'd", "    indented\n\tand tabbed  ",
+]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOKENIZER_TEXTS = TEXTS + ["the cat's 1234 numbers", "<think>why</think> then", "x<|endoftext|>y"]
+
+
+def write_tokenizer_gguf(path, tokens, types, *, model="gpt2", merges=None, scores=None, pre=None, bos=1, eos=2,
+                         add_bos=None):
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(model)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if merges is not None:
+        writer.add_token_merges(merges)
+    if scores is not None:
+        writer.add_token_scores(scores)
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    writer.add_eot_token_id(eos)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    writer.add_chat_template("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    return close(writer, path)
+
+
+@pytest.fixture(scope="module")
+def byte_level_vocab():
+    """(tokens, merges, types) of a byte-level BPE trained here, with three control tokens and a
+    user-defined one, as llama.cpp writes a gpt2 vocabulary."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS + ["<think>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    merges = [" ".join(merge) if isinstance(merge, list) else merge for merge in model["merges"]]
+    types = [3, 3, 3, 4] + [1] * (len(tokens) - 4)
+    return tokens, merges, types
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("add_bos", [None, True])
+def test_byte_level_tokenizer_matches_transformers(tmp_path, byte_level_vocab, pre, add_bos):
+    tokens, merges, types = byte_level_vocab
+    path = write_tokenizer_gguf(tmp_path / "bpe.gguf", tokens, types, merges=merges, pre=pre, add_bos=add_bos)
+    ours, theirs = load_tokenizer(path), hf_tokenizer(path)
+    assert_same_tokenizer(ours, theirs, TOKENIZER_TEXTS)
+    assert ours.add_bos_token is bool(add_bos) and ours.bos_token == theirs.bos_token == "<|im_start|>"
+    assert ours.eot_token_id == 2 and ours.chat_template == theirs.chat_template
+    assert ours.encode("<think>")[-1] == 3 and ours.decode([3]) == "<think>"  # user-defined: whole, not special
+
+
+def test_byte_level_pre_tokenizers_follow_llama_cpp(tmp_path):
+    """llama.cpp takes a word in the vocabulary whole under "llama-bpe" (ignore_merges), and
+    splits digits off under "smollm"; "gpt-2" merges by rank and keeps digit runs together."""
+    tokens = SPECIALS + ["a", "b", "c", "bc", "ab", "abc", "1", "2", "12", "Ġ", "ĠĠ"]
+    merges = ["b c", "a b", "ab c", "1 2", "Ġ Ġ"]
+    types = [3, 3, 3] + [1] * (len(tokens) - 3)
+    ids = {token: i for i, token in enumerate(tokens)}
+    encoded = {}
+    for pre in ("gpt-2", "llama-bpe", "smollm"):
+        path = write_tokenizer_gguf(tmp_path / f"{pre}.gguf", tokens, types, merges=merges, pre=pre)
+        encoded[pre] = (load_tokenizer(path).encode("abc"), load_tokenizer(path).encode("  12"))
+    assert encoded["gpt-2"] == ([ids["a"], ids["bc"]], [ids["Ġ"], ids["Ġ"], ids["12"]])
+    assert encoded["llama-bpe"][0] == [ids["abc"]]
+    assert encoded["smollm"] == ([ids["a"], ids["bc"]], [ids["ĠĠ"], ids["1"], ids["2"]])
+    path = write_tokenizer_gguf(tmp_path / "unknown.gguf", tokens, types, merges=merges, pre="default")
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre 'default' is not one fmkernels knows"):
+        load_tokenizer(path)
+
+
+def sentencepiece_vocab(corpus, merges=60):
+    """(tokens, scores, types) of a SentencePiece-style BPE trained here: <unk>, <s>, </s>, the
+    256 byte tokens, the merged pieces (scored by merge order), then the single characters."""
+    counts = {}
+    for line in corpus:
+        for word in line.replace("\n", " ").split(" "):
+            if word:
+                counts["\u2581" + word] = counts.get("\u2581" + word, 0) + 1
+    pieces_of = {word: list(word) for word in counts}
+    merged = []
+    for _ in range(merges):
+        pairs = {}
+        for word, n in counts.items():
+            for pair in zip(pieces_of[word], pieces_of[word][1:]):
+                pairs[pair] = pairs.get(pair, 0) + n
+        if not pairs:
+            break
+        best = max(pairs, key=lambda pair: (pairs[pair], pair))
+        merged.append("".join(best))
+        for word, pieces in pieces_of.items():
+            out, i = [], 0
+            while i < len(pieces):
+                if tuple(pieces[i:i + 2]) == best:
+                    out.append(merged[-1])
+                    i += 2
+                else:
+                    out.append(pieces[i])
+                    i += 1
+            pieces_of[word] = out
+    chars = sorted({c for word in counts for c in word} - set(merged))
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + merged + chars
+    scores = [0.0] * 259 + [-float(i) for i in range(len(merged))] + [-1000.0 - i for i in range(len(chars))]
+    return tokens, scores, [2, 3, 3] + [6] * 256 + [1] * (len(merged) + len(chars))
+
+
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
+    tokens, scores, types = sentencepiece_vocab(CORPUS)
+    path = write_tokenizer_gguf(tmp_path / "spm.gguf", tokens, types, model="llama", scores=scores)
+    ours, theirs = load_tokenizer(path), hf_tokenizer(path)
+    texts = [text for text in TOKENIZER_TEXTS if "<|" not in text] + ["<s>the</s> cat", "the cat sat"]
+    assert_same_tokenizer(ours, theirs, texts)
+    assert ours.add_bos_token and ours.encode("the")[0] == 1 and ours.bos_token == "<s>"
+    assert len(ours.encode("🎉", add_special_tokens=False)) == 5  # not in the vocabulary: "▁" and four bytes
+
+
+def test_unknown_tokenizer_model(tmp_path):
+    path = write_tokenizer_gguf(tmp_path / "bert.gguf", ["[CLS]", "[SEP]", "a"], [3, 3, 1], model="bert", bos=0, eos=1)
+    with pytest.raises(ValueError, match="tokenizer.ggml.model must be 'gpt2' or 'llama', got 'bert'"):
+        load_tokenizer(path)

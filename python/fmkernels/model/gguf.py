@@ -1,5 +1,5 @@
-"""GGUF checkpoints (llama.cpp's single-file format): the configuration from the metadata and
-the weights, dequantized at load.
+"""GGUF checkpoints (llama.cpp's single-file format): the configuration from the metadata,
+the weights dequantized at load, and the tokenizer the metadata describes.
 
 Quantized weights are an input format only: every tensor is dequantized with the ``gguf``
 package (``gguf.quants.dequantize``) into the model's dtype, float32 or bfloat16, and the
@@ -12,7 +12,9 @@ rotary halves in the rows of the Q and K projections
 (``w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2)``, n_kv_heads for K).
 
 References: llama.cpp's ``convert_hf_to_gguf.py`` (tensor names, the permutation, the
-Llama-3 ``rope_freqs`` factors) and ``gguf-py/gguf/constants.py`` (keys and types).
+Llama-3 ``rope_freqs`` factors), ``src/llama-vocab.cpp`` (the pre-tokenizer of each
+``tokenizer.ggml.pre``), ``gguf-py/gguf/constants.py`` (keys and types), and transformers'
+``integrations/gguf`` (the tokenizers its GGUF loader builds, which the tests compare with).
 """
 
 from __future__ import annotations
@@ -31,6 +33,32 @@ _ARCHITECTURE = "llama"
 _INSTALL = "pip install 'fmkernels[gguf]'"
 # Elements dequantized per slab (16 MiB of float32): the transient memory beside the model.
 _SLAB_ELEMENTS = 1 << 22
+# llama.cpp's token types (gguf.TokenType).
+_CONTROL, _USER_DEFINED = 3, 4
+# The pre-tokenizer regexes llama.cpp applies for each tokenizer.ggml.pre of a byte-level
+# (gpt2) vocabulary, in order; each splits the pieces the previous left (src/llama-vocab.cpp).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TOKENIZERS: Dict[str, Tuple[str, ...]] = {
+    **dict.fromkeys(("gpt-2", "gpt2", "mpt", "olmo", "jais", "phi-2"), (_GPT2_SPLIT,)),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"), (r"\p{N}", _GPT2_SPLIT)),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"), (_LLAMA3_SPLIT,)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), (_QWEN2_SPLIT,)),
+}
+# llama.cpp takes a whole word that is in the vocabulary as one token for these, before any merge.
+_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"}
+
+
+def is_gguf(path) -> bool:
+    """Whether ``path`` is a file that starts with the GGUF magic bytes."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == _MAGIC
 
 
 class GGUFFile:
@@ -354,3 +382,145 @@ def _copy_rows(f, source: _Source, params: List[torch.nn.Parameter], dequantize)
                 values = values.view(n // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(n, cols)
             dest[start:start + n].copy_(values)
         row += dest.shape[0]
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+def read_tokenizer(file: GGUFFile):
+    """The ``HFTokenizer`` a GGUF file's ``tokenizer.*`` metadata describes.
+
+    ``tokenizer.ggml.model`` "gpt2" is byte-level BPE with the pre-tokenizer llama.cpp applies
+    for ``tokenizer.ggml.pre`` (GPT-2's regex when the key is absent; an unknown one is refused);
+    "llama" is SentencePiece BPE as transformers' LlamaTokenizer builds it (merges from the
+    scores, byte fallback, a "▁" prefix unless ``tokenizer.ggml.add_space_prefix`` is false).
+    Control tokens (and the BOS/EOS/EOT/UNK/PAD ones) are special: matched whole in the text,
+    skipped by ``decode``; user-defined ones are matched whole. ``encode`` adds BOS (EOS) when
+    ``tokenizer.ggml.add_bos_token`` (``add_eos_token``) says so; absent, BOS for "llama"
+    vocabularies and none for "gpt2" ones, as transformers and llama.cpp.
+    """
+    try:
+        import tokenizers
+    except ImportError as exc:
+        raise ImportError(f"reading the tokenizer of {file.path} needs the 'tokenizers' package "
+                          f"(pip install tokenizers)") from exc
+    from .tokenizer import HFTokenizer
+
+    kind = file.require("tokenizer.ggml.model")
+    tokens = file.require("tokenizer.ggml.tokens")
+    types = file.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    if kind == "gpt2":
+        tokenizer = _byte_level(tokenizers, file, tokens)
+        add_bos = file.get("tokenizer.ggml.add_bos_token", False)
+    elif kind == "llama":
+        tokenizer = _sentencepiece(tokenizers, file, tokens)
+        add_bos = file.get("tokenizer.ggml.add_bos_token", True)  # llama.cpp's default for these vocabularies
+    else:
+        raise ValueError(f"GGUF tokenizer.ggml.model must be 'gpt2' or 'llama', got {kind!r} in {file.path}")
+    ids = {name: file.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos", "eot", "unknown", "padding")}
+    for name, token_id in ids.items():
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            raise ValueError(f"GGUF tokenizer.ggml.{name}_token_id is {token_id}, outside the {len(tokens)} tokens")
+    # Control tokens stay whole and are skipped in decode; user-defined ones stay whole only. In a
+    # byte-level vocabulary a control token spelled outside the byte alphabet is a llama.cpp mislabel
+    # (transformers skips it too).
+    alphabet = set(_bytes_to_unicode().values()) if kind == "gpt2" else None
+    named = {token_id for token_id in ids.values() if token_id is not None}
+    whole = [i for i in range(len(tokens)) if alphabet is None or set(tokens[i]) <= alphabet]
+    special = [tokens[i] for i in whole if types[i] == _CONTROL or i in named]
+    tokenizer.add_special_tokens([tokenizers.AddedToken(token, normalized=False, special=True) for token in special])
+    user = [tokens[i] for i in whole if types[i] == _USER_DEFINED and i not in named]
+    tokenizer.add_tokens([tokenizers.AddedToken(token, normalized=False, special=False) for token in user])
+    add_eos = file.get("tokenizer.ggml.add_eos_token", False)
+    tokenizer.post_processor = _template(tokenizers, tokens, ids["bos"] if add_bos else None,
+                                         ids["eos"] if add_eos else None)
+    return HFTokenizer(tokenizer, ids["eos"], file.path, bos_token_id=ids["bos"], eot_token_id=ids["eot"],
+                       chat_template=file.get("tokenizer.chat_template"))
+
+
+def _byte_level(tokenizers, file: GGUFFile, tokens: List[str]):
+    pre = file.get("tokenizer.ggml.pre", "gpt-2")
+    if pre not in _PRE_TOKENIZERS:
+        raise ValueError(f"GGUF tokenizer.ggml.pre {pre!r} is not one fmkernels knows the pre-tokenizer of: "
+                         f"{', '.join(sorted(_PRE_TOKENIZERS))}")
+    merges = file.require("tokenizer.ggml.merges")
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    # A token spelled outside the byte alphabet (raw text) is looked up by its bytes' spelling.
+    vocab = {token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8")): index
+             for index, token in enumerate(tokens)}
+    model = tokenizers.models.BPE(vocab=vocab, merges=[tuple(merge.split(" ", 1)) for merge in merges], dropout=None,
+                                  continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                                  ignore_merges=pre in _IGNORE_MERGES)
+    tokenizer = tokenizers.Tokenizer(model)
+    pre_tokenizers = tokenizers.pre_tokenizers
+    splits = _PRE_TOKENIZERS[pre]
+    if splits == (_GPT2_SPLIT,):  # ByteLevel's own regex
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated") for split in splits]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    return tokenizer
+
+
+def _sentencepiece(tokenizers, file: GGUFFile, tokens: List[str]):
+    """SentencePiece BPE as transformers' LlamaTokenizer builds it: merges best-scored first
+    (from the file, or rebuilt from the scores), "▁" for spaces, bytes for unknown characters."""
+    if "tokenizer.ggml.merges" in file:
+        merges = [tuple(merge.split(" ", 1)) for merge in file.get("tokenizer.ggml.merges")]
+    else:
+        merges = _merges_from_scores(tokens, file.require("tokenizer.ggml.scores"))
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges, fuse_unk=True,
+                                                           byte_fallback=True, dropout=None))
+    prefix = file.get("tokenizer.ggml.add_space_prefix", True)
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+    decoders = tokenizers.decoders
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    return tokenizer
+
+
+def _merges_from_scores(tokens: List[str], scores: List[float]) -> List[Tuple[str, str]]:
+    """Every split of a token into two tokens is a merge, ranked by the token's score (best
+    first; ties: longer left part first, then longer right part, then vocabulary order), as
+    transformers rebuilds SentencePiece merges."""
+    index = {token: i for i, token in enumerate(tokens)}
+    ranked = []
+    for token, score in dict(zip(tokens, scores)).items():
+        pairs = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in index and token[k:] in index]
+        pairs.sort(key=lambda pair: (index[pair[0]], index[pair[1]]))
+        ranked.extend((left, right, score) for left, right in pairs)
+    ranked.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])), reverse=True)
+    return [(left, right) for left, right, _ in ranked]
+
+
+def _template(tokenizers, tokens: List[str], bos: Optional[int], eos: Optional[int]):
+    """The post-processor: BOS before and EOS after the text, where the file asks for them."""
+    def sequence(name: str, type_id: int) -> List[str]:
+        parts = [f"${name}:{type_id}"]
+        if bos is not None:
+            parts.insert(0, f"{tokens[bos]}:{type_id}")
+        if eos is not None:
+            parts.append(f"{tokens[eos]}:{type_id}")
+        return parts
+
+    return tokenizers.processors.TemplateProcessing(
+        single=sequence("A", 0), pair=sequence("A", 0) + sequence("B", 1),
+        special_tokens=[(tokens[i], i) for i in dict.fromkeys((bos, eos)) if i is not None])
+
+
+def _bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet byte-level tokens are spelled in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
