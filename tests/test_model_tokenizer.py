@@ -1,5 +1,8 @@
 """fmkernels.model tokenizers: the byte-level fallback, a Hugging Face tokenizer.json built
-here with `tokenizers`, and streaming decode of multi-byte UTF-8."""
+here with `tokenizers` (with its special tokens and chat template), and streaming decode of
+multi-byte UTF-8. GGUF tokenizers: test_model_gguf.py."""
+
+import json
 
 import pytest
 
@@ -41,6 +44,40 @@ def test_hf_tokenizer_without_config_has_no_eos(tmp_path):
     save_wordlevel_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").unlink()
     assert load_tokenizer(tmp_path).eos_token_id is None
+
+
+def test_hf_tokenizer_special_tokens_and_chat_template(tmp_path):
+    save_wordlevel_tokenizer(tmp_path)
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config = {"bos_token": "<s>", "eos_token": {"content": "</s>", "special": True}, "chat_template": template}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(tmp_path)
+    assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
+    assert (tok.bos_token_id, tok.eos_token_id) == (tok.tokenizer.token_to_id("<s>"), tok.tokenizer.token_to_id("</s>"))
+    assert tok.chat_template == template and tok.eot_token_id is None
+    assert tok.add_bos_token is False and tok.encode("the cat")[0] != tok.bos_token_id
+    # transformers >= 4.50 writes the template to chat_template.jinja, which wins; older ones a list of named ones.
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert load_tokenizer(tmp_path).chat_template == "{{ messages[0]['content'] }}"
+    (tmp_path / "chat_template.jinja").unlink()
+    config["chat_template"] = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": template}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(tmp_path).chat_template == template
+
+
+def test_hf_tokenizer_adds_bos_where_its_post_processor_does(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tokenizer = save_wordlevel_tokenizer(tmp_path)
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.add_bos_token is True and tok.encode("the cat")[0] == bos
+    assert tok.encode("the cat", add_special_tokens=False)[0] != bos
+    assert tok.decode(tok.encode("the cat")) == "the cat"
+    assert tok.decode(tok.encode("the cat"), skip_special_tokens=False) == "<s> the cat"
+    assert tok.chat_template is None
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):

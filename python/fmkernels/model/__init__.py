@@ -1,10 +1,11 @@
 """fmkernels.model: a thin Llama/Mistral/Mixtral transformer on fmkernels ops.
 
-``ModelConfig`` (from a Hugging Face config.json or a named configuration),
-``Transformer`` (random weights with ``from_config``, a local checkpoint with
-``from_pretrained``; ``model(input_ids)`` -> logits, ``model.generate(...)``), the KV
-caches the model decodes against, ``choice_constraint`` for constrained generation;
-tokenizers (a checkpoint's ``tokenizer.json`` with ``load_tokenizer``, or ``ByteTokenizer``)
+``ModelConfig`` (from a Hugging Face config.json, a GGUF file's metadata or a named
+configuration), ``Transformer`` (random weights with ``from_config``, a local checkpoint
+directory or GGUF file with ``from_pretrained``; ``model(input_ids)`` -> logits,
+``model.generate(...)``), the KV caches the model decodes against, ``choice_constraint`` for
+constrained generation; tokenizers (a checkpoint's ``tokenizer.json`` or a GGUF file's
+vocabulary with ``load_tokenizer``, or ``ByteTokenizer``)
 and ``StreamDecoder`` for streaming text; ``ModelConfig.stats`` for what a model costs
 (parameters, memory, FLOPs, roofline bounds: ``fmkernels info``).
 """

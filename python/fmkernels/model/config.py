@@ -1,5 +1,5 @@
 """ModelConfig: the dimensions of a Llama/Mistral/Mixtral model, from a Hugging Face
-config.json or from a table of named, published configurations."""
+config.json, a GGUF file's metadata, or a table of named, published configurations."""
 
 from __future__ import annotations
 
@@ -153,6 +153,23 @@ class ModelConfig:
             architecture=architecture,
             eos_token_ids=eos,
         )
+
+    @classmethod
+    def from_gguf(cls, path: Union[str, os.PathLike]) -> "ModelConfig":
+        """Reads a GGUF file's ``llama.*`` metadata (llama.cpp writes Llama, Mistral and Mixtral
+        as architecture "llama"; ``llama.expert_count`` > 0 is a Mixtral).
+
+        ``head_dim`` from ``attention.key_length`` or ``rope.dimension_count``; the vocabulary
+        from ``llama.vocab_size`` or the token list; tied embeddings when there is no
+        ``output.weight`` tensor; Llama-3 ``rope_scaling`` recovered from the ``rope_freqs.weight``
+        tensor (verified to reproduce it; other scaling types are refused); ``eos_token_ids``
+        from ``tokenizer.ggml.eos_token_id``, ``eot_token_id`` and ``eom_token_id``. Raises
+        ValueError for another architecture or a missing key, naming it, and ImportError naming
+        the extra when the ``gguf`` package is not installed (``pip install 'fmkernels[gguf]'``).
+        """
+        from .gguf import GGUFFile, read_config
+
+        return read_config(GGUFFile(path))
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":

@@ -1,4 +1,5 @@
-"""Loading a Hugging Face checkpoint directory (config.json + safetensors) into a Transformer."""
+"""Loading a checkpoint into a Transformer: a Hugging Face directory (config.json +
+safetensors) here, a GGUF file through ``gguf.load_gguf``."""
 
 from __future__ import annotations
 
@@ -48,17 +49,36 @@ def _shards(path: str) -> Dict[str, str]:
         return {name: single for name in f.keys()}
 
 
+def meta_model(cls, config: ModelConfig, *, backend: str):
+    """The model with parameters on the meta device (shapes only), for checking a checkpoint
+    before any memory is allocated."""
+    with torch.device("meta"):
+        model = cls(config, backend=backend)
+    model._inv_freq = rope_frequencies(config)
+    return model
+
+
+def materialize(model, *, dtype: torch.dtype, device):
+    """A meta model's parameters allocated (uninitialised) in ``dtype`` on ``device``."""
+    model = model.to(dtype).to_empty(device=device or "cpu")
+    if model.config.tie_embeddings:  # to_empty gives each module its own tensor
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
 def load_pretrained(cls, path, *, dtype: Optional[torch.dtype], device, backend: str):
     path = os.fspath(path)
+    if os.path.isfile(path):
+        from .gguf import load_gguf
+
+        return load_gguf(cls, path, dtype=dtype, device=device, backend=backend)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise FileNotFoundError(f"checkpoint directory or GGUF file {path} does not exist")
     config = ModelConfig.from_hf_config(path)
     files = _shards(path)
     from safetensors import safe_open
 
-    with torch.device("meta"):
-        model = cls(config, backend=backend)
-    model._inv_freq = rope_frequencies(config)
+    model = meta_model(cls, config, backend=backend)
     expected = {_hf_name(name): param for name, param in model.named_parameters()}
     missing = sorted(name for name in expected if name not in files)
     if missing:
@@ -79,9 +99,7 @@ def load_pretrained(cls, path, *, dtype: Optional[torch.dtype], device, backend:
                     raise ValueError(f"checkpoint tensor {name!r} has shape {shape}, the config expects {want}")
                 if dtype is None and name == _hf_name("embed_tokens.weight"):
                     dtype = _DTYPES.get(header.get_dtype(), torch.float32)
-    model = model.to(dtype or torch.float32).to_empty(device=device or "cpu")
-    if config.tie_embeddings:  # to_empty gives each module its own tensor
-        model.lm_head.weight = model.embed_tokens.weight
+    model = materialize(model, dtype=dtype or torch.float32, device=device)
     params = dict(model.named_parameters())
     with torch.no_grad():  # one tensor in host memory at a time beside the model
         for shard, names in sorted(by_shard.items()):

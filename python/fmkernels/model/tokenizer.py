@@ -1,6 +1,7 @@
-"""Tokenizers for generation: a Hugging Face ``tokenizer.json`` (through the ``tokenizers``
-library, imported only when one is loaded) or a byte-level fallback for the built-in demo,
-and ``StreamDecoder``, which turns a growing list of token ids into complete UTF-8 text."""
+"""Tokenizers for generation: a Hugging Face ``tokenizer.json`` or a GGUF file's vocabulary
+(through the ``tokenizers`` library, imported only when one is loaded), a byte-level fallback
+for the built-in demo, and ``StreamDecoder``, which turns a growing list of token ids into
+complete UTF-8 text."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import List, Optional, Sequence
 
 _TOKENIZER_FILE = "tokenizer.json"
 _TOKENIZER_CONFIG = "tokenizer_config.json"
+_CHAT_TEMPLATE = "chat_template.jinja"
 # Prompt ids a StreamDecoder decodes the first new tokens with (vLLM uses 5 as well).
 _PROMPT_CONTEXT = 5
 
@@ -37,35 +39,80 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizers.Tokenizer``; ``eos_token_id`` from ``tokenizer_config.json``'s
-    ``eos_token`` when the file is there, else None."""
+    """A Hugging Face ``tokenizers.Tokenizer`` with the special tokens a chat template needs.
 
-    def __init__(self, tokenizer, eos_token_id: Optional[int] = None, path: Optional[str] = None):
+    Attributes
+    ----------
+    tokenizer : tokenizers.Tokenizer
+        The tokenizer itself.
+    bos_token_id, eos_token_id : int or None
+        Beginning and end of sequence (``tokenizer_config.json``'s ``bos_token``/``eos_token``,
+        or a GGUF file's ``tokenizer.ggml.bos_token_id``/``eos_token_id``); None where not given.
+        ``generate`` stops at ``eos_token_id``.
+    eot_token_id : int or None
+        End of turn (a GGUF file's ``tokenizer.ggml.eot_token_id``); None where not given.
+    chat_template : str or None
+        The checkpoint's Jinja chat template (``chat_template.jinja``, ``tokenizer_config.json``'s
+        ``chat_template``, or a GGUF file's ``tokenizer.chat_template``).
+    path : str or None
+        The file it was read from.
+    """
+
+    def __init__(self, tokenizer, eos_token_id: Optional[int] = None, path: Optional[str] = None, *,
+                 bos_token_id: Optional[int] = None, eot_token_id: Optional[int] = None,
+                 chat_template: Optional[str] = None):
         self.tokenizer = tokenizer
+        self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        self.eot_token_id = eot_token_id
+        self.chat_template = chat_template
         self.path = path
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def bos_token(self) -> Optional[str]:
+        """The BOS token's text (as a chat template writes it), or None."""
+        return None if self.bos_token_id is None else self.tokenizer.id_to_token(self.bos_token_id)
+
+    @property
+    def eos_token(self) -> Optional[str]:
+        """The EOS token's text, or None."""
+        return None if self.eos_token_id is None else self.tokenizer.id_to_token(self.eos_token_id)
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether ``encode`` puts BOS before the text by default (``add_special_tokens=True``);
+        a prompt rendered with a template that writes BOS itself is encoded without it."""
+        ids = self.tokenizer.encode("", add_special_tokens=True).ids
+        return self.bos_token_id is not None and ids[:1] == [self.bos_token_id]
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> List[int]:
+        """Token ids of ``text``; special tokens written in it (``<|im_start|>``) stay whole.
+        ``add_special_tokens`` adds what the tokenizer puts around a text (BOS, EOS)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r})"
 
 
 def load_tokenizer(path) -> HFTokenizer:
-    """The tokenizer of a checkpoint: ``path`` is its directory (holding ``tokenizer.json``)
-    or the ``tokenizer.json`` file itself. Raises FileNotFoundError when there is none and
-    ImportError naming the package when ``tokenizers`` is not installed."""
+    """The tokenizer of a checkpoint: ``path`` is its directory (holding ``tokenizer.json``),
+    the ``tokenizer.json`` file itself, or a GGUF file (its ``tokenizer.*`` metadata: see
+    ``fmkernels.model.gguf.read_tokenizer``). Raises FileNotFoundError when there is none and
+    ImportError naming the package when ``tokenizers`` (or, for GGUF, ``gguf``) is not installed."""
+    from .gguf import GGUFFile, is_gguf, read_tokenizer
+
     path = os.fspath(path)
+    if path.endswith(".gguf") or is_gguf(path):
+        return read_tokenizer(GGUFFile(path))
     file = os.path.join(path, _TOKENIZER_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no {_TOKENIZER_FILE} at {file}")
@@ -76,16 +123,34 @@ def load_tokenizer(path) -> HFTokenizer:
             f"reading {file} needs the 'tokenizers' package (pip install tokenizers)"
         ) from exc
     tokenizer = tokenizers.Tokenizer.from_file(file)
-    eos_token_id = None
-    config = os.path.join(os.path.dirname(file), _TOKENIZER_CONFIG)
-    if os.path.isfile(config):
-        with open(config) as f:
-            eos = json.load(f).get("eos_token")
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if isinstance(eos, str):
-            eos_token_id = tokenizer.token_to_id(eos)
-    return HFTokenizer(tokenizer, eos_token_id, file)
+    directory = os.path.dirname(file)
+    config = {}
+    if os.path.isfile(os.path.join(directory, _TOKENIZER_CONFIG)):
+        with open(os.path.join(directory, _TOKENIZER_CONFIG)) as f:
+            config = json.load(f)
+
+    def token_id(key: str) -> Optional[int]:
+        token = config.get(key)
+        if isinstance(token, dict):
+            token = token.get("content")
+        return tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+    return HFTokenizer(tokenizer, token_id("eos_token"), file, bos_token_id=token_id("bos_token"),
+                       chat_template=_chat_template(directory, config))
+
+
+def _chat_template(directory: str, config: dict) -> Optional[str]:
+    """``chat_template.jinja`` (transformers >= 4.50 saves it so), else tokenizer_config.json's
+    ``chat_template``: a string, or a list of named templates of which "default" is the one."""
+    file = os.path.join(directory, _CHAT_TEMPLATE)
+    if os.path.isfile(file):
+        with open(file) as f:
+            return f.read()
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return template if isinstance(template, str) else None
 
 
 class StreamDecoder:

@@ -355,10 +355,35 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, *, dtype: Optional[torch.dtype] = None, device=None,
                         backend: str = "auto") -> "Transformer":
-        """Loads a local Hugging Face checkpoint directory: config.json and safetensors
-        (``model.safetensors``, or shards listed in ``model.safetensors.index.json``).
-        ``dtype`` None keeps the checkpoint's. Raises FileNotFoundError for a missing file and
-        ValueError for an unknown architecture or a missing or mis-shaped tensor, naming it."""
+        """Loads a local checkpoint: a Hugging Face directory or a GGUF file.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A Hugging Face checkpoint directory (config.json and safetensors: ``model.safetensors``,
+            or shards listed in ``model.safetensors.index.json``), or a GGUF file (llama.cpp's
+            format; architecture "llama": Llama, Mistral, Mixtral). A GGUF file's weights, of any
+            type the ``gguf`` package dequantizes (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+            Q2_K..Q6_K, ...), are dequantized at load, a slab of rows at a time, so loading holds
+            about one copy of the model in ``dtype``; the model computes in ``dtype``.
+        dtype : torch.dtype, optional
+            The weights' dtype. None keeps the checkpoint's (safetensors; a GGUF file whose
+            matrices are all F16 or all BF16) and is float32 for a quantized GGUF file.
+        device : torch.device or str, optional
+            Where the weights go; default CPU.
+        backend : str
+            The ops' backend ("auto", "reference", "cpu", "triton", "cuda", ...).
+
+        Returns
+        -------
+        Transformer
+            In eval mode; ``model.config`` as ``ModelConfig.from_hf_config`` or ``ModelConfig.from_gguf``.
+
+        Raises FileNotFoundError for a missing file, ValueError for an unknown architecture, a
+        missing metadata key, a missing, unexpected or mis-shaped tensor or a tensor type gguf
+        cannot dequantize, naming it, and ImportError naming the extra when a GGUF file is given
+        without the ``gguf`` package (``pip install 'fmkernels[gguf]'``).
+        """
         from .loading import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend)
