@@ -2,19 +2,15 @@
 // streams from DRAM.
 //
 // Memory bound: the weight (N x K elements) is read once, against 2 x rows FLOPs per
-// element; x (rows x K, rows <= 16 in use) and out are small. So the weight rows are split
-// among the threads in contiguous blocks, each thread streams its block once, kUnroll rows
-// at a time, and computes every row of x from them in registers (linear_tile.inc), with
-// fp32 accumulation. 16-bit weights are widened to fp32 as they are read (bf16: shifted
+// element; x (rows x K, rows <= 16 in use) and out are small. So the weight rows are cut
+// into contiguous chunks that the threads take one at a time; a thread streams its chunk
+// once, kUnroll rows at a time, and computes every row of x from them in registers
+// (linear_tile.inc), with fp32 accumulation. 16-bit weights are widened to fp32 as they are read (bf16: shifted
 // into the top half of an fp32; fp16: F16C's vcvtph2ps).
 //
 // The per-thread code is compiled three times (AVX-512, AVX2+FMA+F16C and the x86-64
 // baseline) and the widest the CPU supports runs (cpu_isa(); FMKERNELS_CPU_ISA caps it).
 #include "cpu/linear.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -40,8 +36,9 @@ namespace {
 constexpr int kUnroll = 4;          // weight rows per register tile
 constexpr int64_t kMaxLanes = 16;   // floats per vector on the widest ISA: x's rows are padded to it
 constexpr int64_t kPrefetchGroups = 2;  // how many groups of kUnroll rows ahead a thread prefetches
-// Below this many weight bytes per thread, starting a thread costs more than it saves.
-constexpr int64_t kMinBytesPerThread = 64 * 1024;
+// Threads take the weight in contiguous chunks of about this many bytes, one at a time, so a
+// thread the OS deschedules (other work on the cores) holds up one chunk, not a fixed share.
+constexpr int64_t kChunkBytes = 128 * 1024;
 
 // What the per-thread code reads and writes.
 struct LinearProblem {
@@ -266,19 +263,12 @@ void run(const TensorView& x, const TensorView& weight, const TensorView& out, i
   p.x = widened.data();
 
   const int64_t groups = (p.n + kUnroll - 1) / kUnroll;
-  const int64_t weight_bytes = p.n * p.k * static_cast<int64_t>(sizeof(Elem));
-  const int threads = static_cast<int>(std::max<int64_t>(
-      1, std::min({static_cast<int64_t>(num_threads), groups, weight_bytes / kMinBytesPerThread})));
-#pragma omp parallel num_threads(threads)
-  {
-#ifdef _OPENMP
-    const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
-#else
-    const int64_t thread = 0, team = 1;
-#endif
-    // Contiguous blocks of weight rows, so each thread reads one stretch of memory.
-    code.multiply_rows(p, groups * thread / team, groups * (thread + 1) / team);
-  }
+  const int64_t group_bytes = std::max<int64_t>(1, kUnroll * p.k * static_cast<int64_t>(sizeof(Elem)));
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / group_bytes);  // groups per chunk
+  const int64_t chunks = (groups + chunk - 1) / chunk;
+  const int threads = static_cast<int>(std::min<int64_t>(num_threads, chunks));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t c = 0; c < chunks; ++c) code.multiply_rows(p, c * chunk, std::min(groups, (c + 1) * chunk));
 }
 
 }  // namespace

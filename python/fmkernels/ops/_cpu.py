@@ -83,11 +83,12 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None) -> Non
 
 
 def linear(x, weight):
-    rows, k = math.prod(x.shape[:-1]), x.shape[-1]
-    x_rows, weight = _unit_stride(x.reshape(rows, k)), _unit_stride(weight)
-    out = torch.empty((rows, weight.shape[0]), dtype=x.dtype)
+    # The kernel takes x as (rows, K); a decode step's 2-D x goes as it is (no reshape, no view).
+    x_rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    x_rows, weight = _unit_stride(x_rows), _unit_stride(weight)
+    out = torch.empty((x_rows.shape[0], weight.shape[0]), dtype=x.dtype)
     _module().linear(tensor_view(x_rows), tensor_view(weight), tensor_view(out), torch.get_num_threads())
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
 
 
 def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
