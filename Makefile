@@ -52,7 +52,7 @@ test-sanitize:
 		--config-settings=build-dir=build/sanitize .
 	cd tests && ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(SANITIZE_RUNTIME)" \
 		../$(SANITIZE_VENV)/bin/python -m pytest -q -p no:cacheprovider test_append_kv.py test_validation.py \
-			test_cpu_attention.py test_cpu_decode_attention.py test_cpu_sampling.py
+			test_cpu_attention.py test_cpu_decode_attention.py test_cpu_linear.py test_cpu_sampling.py
 
 clean:
 	rm -rf build $(VENV) $(SANITIZE_VENV)

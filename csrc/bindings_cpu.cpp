@@ -12,6 +12,7 @@ PYBIND11_MODULE(_C, m) {
   fmkernels::bind_cpu_append_kv(m);
   fmkernels::bind_cpu_attention(m);
   fmkernels::bind_cpu_decode_attention(m);
+  fmkernels::bind_cpu_linear(m);
   fmkernels::bind_cpu_sampling(m);
   // The instruction set the kernels' hot loops run (benchmarks name it beside the CPU).
   m.def("isa", [] {

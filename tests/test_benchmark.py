@@ -71,6 +71,12 @@ def test_sweep_grids_cover_every_op_and_count_their_work(device):
         assert case.bytes == (2 * batch * context * 8 * 128 + 2 * batch * 32 * 128) * itemsize
     for op in ("append_kv", "filter_logits", "sample"):
         assert benchmark.sweep_cases(op, device) and all(case.bytes for case in benchmark.sweep_cases(op, device))
+    linear = benchmark.sweep_cases("linear", device)
+    assert len({case.shape for case in linear}) == len(linear) > 1
+    for case in linear:
+        rows, n, k = (int(part.split("=")[1]) for part in case.shape.split())
+        itemsize = torch.empty((), dtype=case.dtype).element_size()
+        assert case.flops == 2 * rows * n * k and case.bytes == (n * k + rows * k + rows * n) * itemsize
     with pytest.raises(ValueError, match="op must be one of"):
         benchmark.sweep_cases("softmax", device)
 

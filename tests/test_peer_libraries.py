@@ -368,7 +368,7 @@ def test_installed_libraries_register_as_cuda_peers(monkeypatch, fake_flash_attn
     peer_libraries.register_all()
     names = {op: [impl.name for impl in registry.implementations(op)] for op in registry.OPS}
     assert names == {"attention": ["flash_attn", "flashinfer"], "decode_attention": ["flash_attn", "flashinfer"],
-                     "append_kv": [], "filter_logits": ["flashinfer"], "sample": []}
+                     "append_kv": [], "filter_logits": ["flashinfer"], "sample": [], "linear": []}
     impl = registry.get_impl("attention", "flash_attn")
     assert impl.kind == "peer" and impl.devices == ("cuda",)
     q = torch.zeros(1, 2, 2, 64, dtype=torch.half)

@@ -176,6 +176,19 @@ def test_implementations_lists_backends_by_priority_then_peers_then_users():
     ) + peers
 
 
+def test_an_op_registers_only_the_backends_that_implement_it():
+    """linear has a reference, a C++ kernel and torch's matmul as a peer; no Triton launcher and
+    no CUDA kernel, so neither is registered (rather than registered and failing)."""
+    from fmkernels.ops import _backends
+
+    assert [impl.name for impl in fmkernels.implementations("linear")] == ["cpu", "reference", "torch_linear"]
+    assert "linear" not in _backends.TRITON_MODULES
+    for op in registry.OPS:
+        names = [impl.name for impl in fmkernels.implementations(op)]
+        assert ("triton" in names) == (op in _backends.TRITON_MODULES), op
+        assert {"reference", "cpu"} <= set(names), op
+
+
 @pytest.mark.parametrize("call", [
     lambda: fmkernels.register_impl("matmul", "mine", Spy()),
     lambda: fmkernels.unregister_impl("matmul", "mine"),

@@ -112,6 +112,19 @@ def test_opcheck_sample(backend, device, logprobs):
     torch.library.opcheck(torch.ops.fmkernels.sample.default, scalar_args)
 
 
+# linear has no triton or cuda backend: on a GPU the reference is torch's cuBLAS matmul.
+LINEAR_BACKENDS = [("reference", "cpu"), ("cpu", "cpu"), pytest.param("reference", "cuda", marks=gpu)]
+
+
+@pytest.mark.parametrize("backend,device", LINEAR_BACKENDS)
+@pytest.mark.parametrize("leading", [(1,), (3,), (2, 5)])
+def test_opcheck_linear(backend, device, leading):
+    require_backend("linear", backend)
+    dtype = dtype_for(device)
+    x, weight = randn(*leading, 70, device=device, dtype=dtype, seed=1), randn(33, 70, device=device, dtype=dtype, seed=2)
+    torch.library.opcheck(torch.ops.fmkernels.linear.default, (x, weight, backend))
+
+
 # ----------------------------------------------------------------------------
 # torch.compile(fullgraph=True): no graph break, the eager result
 # ----------------------------------------------------------------------------
@@ -154,6 +167,19 @@ def test_compile_sampling(backend):
         return (filtered, tokens, *with_logprobs)
 
     assert_same(compiled(fn)(logits, p, seeds), fn(logits, p, seeds))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compile_linear(backend):
+    x, weight, out = randn(2, 3, 40, seed=1), randn(17, 40, seed=2), torch.empty(2, 3, 17)
+
+    def fn(x, weight, out):
+        projected = fmkernels.linear(x, weight, backend=backend)
+        fmkernels.linear(x[0], weight, backend=backend, out=out[0])
+        return projected.relu(), out
+
+    eager_out, compiled_out = out.clone(), out.clone()
+    assert_same(compiled(fn)(x, weight, compiled_out), fn(x, weight, eager_out))
 
 
 def test_compiled_ops_check_host_values_at_run_time():
@@ -251,7 +277,9 @@ def test_out_buffers_are_returned_and_hold_the_result(backend):
     q, k, v = randn(2, 5, 4, 16, seed=1), randn(2, 9, 2, 16, seed=2), randn(2, 9, 2, 16, seed=3)
     case = make_case([3, 12], 2, 4, 2, 16, torch.float32)
     logits, p = sampling_inputs("cpu")
+    x, weight = randn(2, 3, 16, seed=4), randn(5, 16, seed=5)
     calls = [
+        (fmkernels.linear, (x, weight), {}, torch.empty(2, 3, 5)),
         (fmkernels.attention, (q, k, v), dict(causal=True), q),
         (fmkernels.decode_attention, (), case, case["q"]),
         (fmkernels.filter_logits, (logits,), p, logits),

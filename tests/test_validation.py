@@ -14,7 +14,7 @@ import fmkernels
 from fmkernels import platform
 
 OP_MODULES = [importlib.import_module(f"fmkernels.ops.{name}")
-              for name in ("attention", "decode_attention", "append_kv", "sampling")]
+              for name in ("attention", "decode_attention", "append_kv", "sampling", "linear")]
 
 
 def randn(*shape, dtype=torch.float32):
@@ -77,6 +77,11 @@ def paged_append():
 def logits():
     torch.manual_seed(6)
     return dict(logits=randn(3, 50))
+
+
+def linear_inputs():
+    torch.manual_seed(7)
+    return dict(x=randn(2, 3, 16), weight=randn(5, 16))
 
 
 NAN, INF = float("nan"), float("inf")
@@ -371,7 +376,32 @@ SAMPLING_CASES = [
          ValueError, r"out must have shape \(3,\)"),
 ]
 
-CASES = ATTENTION_CASES + DECODE_CASES + APPEND_CASES + SAMPLING_CASES
+LINEAR_CASES = [
+    case("linear", linear_inputs, lambda a: {"x": a["x"].numpy()}, TypeError, "x must be a torch.Tensor"),
+    case("linear", linear_inputs, lambda a: {"weight": None}, TypeError, "weight must be a torch.Tensor"),
+    case("linear", linear_inputs, lambda a: {n: t.int() for n, t in a.items()},
+         TypeError, "x must have dtype float32, float16 or bfloat16, got int32"),
+    case("linear", linear_inputs, lambda a: {n: t.double() for n, t in a.items()},
+         TypeError, "x must have dtype .* got float64"),
+    case("linear", linear_inputs, lambda a: {"weight": a["weight"].bfloat16()},
+         TypeError, r"weight must have the same dtype as x \(float32\), got bfloat16"),
+    case("linear", linear_inputs, lambda a: {"weight": a["weight"].to("meta")},
+         ValueError, "weight must be on the same device as x"),
+    case("linear", linear_inputs, lambda a: {"x": torch.tensor(1.0)},
+         ValueError, r"x must have at least 1 dimension \(\.\.\., K\)"),
+    case("linear", linear_inputs, lambda a: {"weight": a["weight"][0]}, ValueError, r"weight must be 2-D \(N, K\)"),
+    case("linear", linear_inputs, lambda a: {"weight": a["weight"][None]}, ValueError, "weight must be 2-D"),
+    case("linear", linear_inputs, lambda a: {"weight": randn(5, 15)},
+         ValueError, r"weight must have x's K = 16 columns \(N, K\), got shape \(5, 15\)"),
+    case("linear", linear_inputs, lambda a: {"weight": a["weight"].T.contiguous()},
+         ValueError, "weight must have x's K = 16 columns"),
+    case("linear", linear_inputs, lambda a: {"out": randn(2, 3, 4)}, ValueError, r"out must have shape \(2, 3, 5\)"),
+    case("linear", linear_inputs, lambda a: {"out": randn(6, 5)}, ValueError, r"out must have shape \(2, 3, 5\)"),
+    case("linear", linear_inputs, lambda a: {"out": randn(2, 3, 5).half()}, TypeError, "out must have dtype float32"),
+    case("linear", linear_inputs, lambda a: {"out": randn(2, 3, 5).to("meta")}, ValueError, "out must be on cpu"),
+]
+
+CASES = ATTENTION_CASES + DECODE_CASES + APPEND_CASES + SAMPLING_CASES + LINEAR_CASES
 
 
 class Dispatched(Exception):
@@ -432,6 +462,10 @@ BACKEND_CASES = [
     case("append_kv", contiguous_append, lambda a: {"backend": ""}, ValueError, "backend for append_kv must be 'auto'"),
     case("append_kv", paged_append, lambda a: {"backend": "cuda"}, ValueError,
          r"backend 'cuda' cannot run this append_kv call: (not available|runs on cuda tensors)"),
+    # Only the reference, the cpu backend and peers implement linear: no triton or cuda entry.
+    case("linear", linear_inputs, lambda a: {"backend": "triton"}, ValueError,
+         r"backend for linear must be 'auto' or one of: cpu, reference, torch_linear; got 'triton'"),
+    case("linear", linear_inputs, lambda a: {"backend": "cuda"}, ValueError, "backend for linear must be 'auto'"),
 ]
 
 
@@ -561,6 +595,7 @@ def test_empty_batches():
     tokens = fmkernels.sample(randn(0, 50), seed=1, top_p=0.5)
     assert tokens.shape == (0,) and tokens.dtype == torch.int64
     assert fmkernels.sample(randn(0, 50), seed=1, return_logprobs=True, num_logprobs=4).top_ids.shape == (0, 4)
+    assert fmkernels.linear(randn(0, 16), randn(5, 16)).shape == (0, 5)
 
 
 @pytest.mark.parametrize("make_args", [contiguous_append, paged_append])

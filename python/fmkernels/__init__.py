@@ -1,11 +1,11 @@
-"""fmkernels: fused attention, KV-cache decode attention and top-k/top-p sampling.
+"""fmkernels: fused attention, KV-cache decode attention, top-k/top-p sampling and skinny matmuls.
 
 Every op has a PyTorch reference (``fmkernels.reference``) and compiled backends
 (``cpu``, ``triton``, ``cuda``) held to it; ``fmkernels.backends()`` says which can run here.
 """
 
 from . import peers as _peers
-from .ops import append_kv, attention, decode_attention, filter_logits, sample
+from .ops import append_kv, attention, decode_attention, filter_logits, linear, sample
 from ._validation import device_checks, set_device_checks
 from .platform import BackendStatus, backends
 from .reference import SampleOutput
@@ -21,6 +21,7 @@ __all__ = [
     "append_kv",
     "filter_logits",
     "sample",
+    "linear",
     "SampleOutput",
     "backends",
     "device_checks",

@@ -13,6 +13,9 @@ What one call is credited with:
 * append_kv: bytes = k and v read, then written into the cache.
 * filter_logits: bytes = logits read, filtered logits written.
 * sample: bytes = logits read, tokens written.
+* linear: 2 * rows * N * K FLOPs; bytes = the weight and x read, the output written. One
+  weight, read again on every call: where the last-level cache holds it, the rate is the
+  cache's (``bench/cpu_linear.py`` streams distinct copies from DRAM, as a model does).
 
 Index tensors (cache_seqlens, block tables) are left out of the bytes: a few bytes per
 sequence. Timing: warm-up calls, then the median of ``repeats`` timed calls; on CUDA each
@@ -255,15 +258,31 @@ def _sampling_case(op, device, dtype, batch, vocab) -> BenchCase:
                      logits_bytes + written)
 
 
+def _linear_case(device, dtype, rows, n, k) -> BenchCase:
+    def make_kwargs() -> Kwargs:
+        generator = _generator(device)
+        x = _randn((rows, k), dtype, device, generator)
+        weight = _randn((n, k), dtype, device, generator) / k**0.5
+        return dict(x=x, weight=weight)
+
+    moved = (n * k + rows * k + rows * n) * _itemsize(dtype)
+    return BenchCase("linear", f"b={rows} n={n} k={k}", dtype, device, make_kwargs, 2 * rows * n * k, moved)
+
+
+# SmolLM2-135M's LM head, its largest matmul: (N, K) = (vocabulary, hidden).
+_HEAD = (49152, 576)
+
+
 def default_cases(op: str, device) -> List[BenchCase]:
     """The shapes ``fmkernels bench`` times ``op`` on.
 
     On the CPU, the shapes the C++ backend is measured on: a 2048-token causal prefill
     (16 query / 4 KV heads of 128), decode of one token over an 8192-token cache (batch 4,
-    32 / 8 heads of 128; contiguous, and paged in float32), in float32 and bfloat16, and
-    sampling over a 128256-token vocabulary (batch 16). On a GPU they are large enough to
+    32 / 8 heads of 128; contiguous, and paged in float32), in float32 and bfloat16,
+    sampling over a 128256-token vocabulary (batch 16), and 1 and 8 rows against
+    SmolLM2-135M's LM head (49152 x 576) in float32 and bfloat16. On a GPU they are large enough to
     fill it: Llama-3-8B-like heads, 2048-token prefill over 8 sequences, 4096-token paged
-    decode over 64, 128 rows of logits.
+    decode over 64, 128 rows of logits, 16 rows against its MLP's 14336 x 4096 weight.
 
     Parameters
     ----------
@@ -288,6 +307,7 @@ def default_cases(op: str, device) -> List[BenchCase]:
             "append_kv": lambda: [_append_kv_case(device, fp32, 8, 1000, 1, 8, 128, 16)],
             "filter_logits": lambda: [_sampling_case("filter_logits", device, fp32, 16, 128256)],
             "sample": lambda: [_sampling_case("sample", device, fp32, 16, 128256)],
+            "linear": lambda: [_linear_case(device, dtype, rows, *_HEAD) for dtype in (fp32, bf16) for rows in (1, 8)],
         }
     else:
         table = {
@@ -296,6 +316,7 @@ def default_cases(op: str, device) -> List[BenchCase]:
             "append_kv": lambda: [_append_kv_case(device, bf16, 64, 4096, 16, 8, 128, 16)],
             "filter_logits": lambda: [_sampling_case("filter_logits", device, fp32, 128, 128256)],
             "sample": lambda: [_sampling_case("sample", device, fp32, 128, 128256)],
+            "linear": lambda: [_linear_case(device, bf16, 16, 14336, 4096)],
         }
     if op not in table:
         raise ValueError(f"op must be one of {', '.join(registry.OPS)}, got {op!r}")
@@ -314,9 +335,11 @@ def sweep_cases(op: str, device) -> List[BenchCase]:
       16 / 8k and 64 / 2k;
     * append_kv: 16 new tokens over batch 1 and 64, paged;
     * filter_logits and sample: vocabulary 128256, batch 1, 16, 64, 256 (sample) and 1,
-      64, 256 (filter_logits), top_k 50, top_p 0.9, temperature 0.7.
+      64, 256 (filter_logits), top_k 50, top_p 0.9, temperature 0.7;
+    * linear: 1 to 256 rows against Llama-3-8B's 14336 x 4096 MLP weight.
 
-    On the CPU, the same kinds of grid at sizes a few cores finish in minutes.
+    On the CPU, the same kinds of grid at sizes a few cores finish in minutes (linear: 1 to
+    16 rows, the C++ kernel's range, against SmolLM2-135M's 49152 x 576 LM head).
 
     Parameters
     ----------
@@ -335,12 +358,14 @@ def sweep_cases(op: str, device) -> List[BenchCase]:
         decode_grid = [(batch, context) for batch in (1, 4) for context in (1024, 8192)]
         paged_grid = [(1, 8192)]
         sample_batches, filter_batches, append_batches = (1, 16), (1, 16), (1, 8)
+        linear_rows, linear_shape = (1, 2, 4, 8, 16), _HEAD
         dtype = fp32
     else:
         seqlens, tokens = (1024, 2048, 4096, 8192, 16384), 16384
         decode_grid = [(batch, context) for batch in (1, 4, 16, 64) for context in (1024, 2048, 8192, 32768)]
         paged_grid = [(1, 32768), (16, 8192), (64, 2048)]
         sample_batches, filter_batches, append_batches = (1, 16, 64, 256), (1, 64, 256), (1, 64)
+        linear_rows, linear_shape = (1, 4, 16, 64, 256), (14336, 4096)
         dtype = bf16
     table = {
         "attention": lambda: [
@@ -353,6 +378,7 @@ def sweep_cases(op: str, device) -> List[BenchCase]:
         "append_kv": lambda: [_append_kv_case(device, dtype, batch, 2048, 16, 8, 128, 16) for batch in append_batches],
         "filter_logits": lambda: [_sampling_case("filter_logits", device, fp32, batch, 128256) for batch in filter_batches],
         "sample": lambda: [_sampling_case("sample", device, fp32, batch, 128256) for batch in sample_batches],
+        "linear": lambda: [_linear_case(device, dtype, rows, *linear_shape) for rows in linear_rows],
     }
     if op not in table:
         raise ValueError(f"op must be one of {', '.join(registry.OPS)}, got {op!r}")

@@ -127,6 +127,9 @@ for a case it cannot run (listed as skipped). Examples: examples/ in the reposit
       returns int64 tokens (batch,), the reference's Gumbel-max draws for the same seed and
       step, or with return_logprobs a fmkernels.reference.SampleOutput (tokens, logprobs,
       top_ids, top_logprobs).
+  linear(x, weight)
+      x (..., K), weight (N, K) as torch.nn.Linear holds it. Returns x @ weight^T (..., N) in
+      x's dtype.
 """
 
 

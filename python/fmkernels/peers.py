@@ -14,6 +14,9 @@ cannot run (its dtype, head_dim, GQA or mask) is a skip, not an error.
 
 ``flash_attn`` (flash-attn 2) and ``flashinfer`` join them when those packages are
 installed; their adapters are in ``fmkernels.peer_libraries``.
+
+``torch_linear``: torch.nn.functional.linear in the inputs' dtype, torch's own matmul
+(oneDNN or MKL on the CPU, cuBLAS on a GPU), the peer of ``linear``.
 """
 
 from __future__ import annotations
@@ -151,8 +154,14 @@ def sdpa_decode_attention_supports(block_table=None, return_lse=False, **_):
     return None
 
 
+def torch_linear(x, weight):
+    """x @ weight^T by ``torch.nn.functional.linear``, in x's dtype."""
+    return F.linear(x, weight)
+
+
 def register_all() -> None:
     peer_libraries.register_all()
+    registry.register_impl("linear", "torch_linear", torch_linear, kind="peer")
     registry.register_impl("attention", "sdpa", sdpa_attention, sdpa_attention_supports, kind="peer")
     registry.register_impl(
         "decode_attention", "sdpa", sdpa_decode_attention, sdpa_decode_attention_supports, kind="peer"

@@ -11,6 +11,7 @@ them. Conventions (see DESIGN.md):
   A query that sees no key returns zeros and a log-sum-exp of -inf.
 * The log-sum-exp is fp32, natural log, (batch, heads, seqlen_q); (heads, total_q)
   for packed input, as flash-attn returns it.
+* linear: x (..., K) @ weight^T with weight (N, K), nn.Linear's layout.
 * Sampling: logits / temperature -> top-k -> top-p -> min-p -> draw, each filter
   applied to the distribution the previous one left. Temperature 0 is greedy.
 * Random draws: Philox4x32-10 keyed by the row's seed, counter (token // 4, step
@@ -182,6 +183,20 @@ def append_kv(
             slots = positions % block_size
             k_cache[blocks, slots] = k[b]
             v_cache[blocks, slots] = v[b]
+
+
+# ----------------------------------------------------------------------------
+# Linear
+# ----------------------------------------------------------------------------
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T in fp32 (fp64 for fp64 inputs), returned in x's dtype.
+
+    x (..., K), weight (N, K) as ``torch.nn.Linear`` holds it -> (..., N).
+    """
+    math_dtype = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(math_dtype) @ weight.to(math_dtype).T).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 from . import reference
 
-OPS = ("attention", "decode_attention", "append_kv", "filter_logits", "sample")
+OPS = ("attention", "decode_attention", "append_kv", "filter_logits", "sample", "linear")
 
 #: Kinds of implementation, in the order ``check`` and ``bench`` list them.
 KINDS = ("backend", "peer", "user")
@@ -177,7 +177,7 @@ def _call_text(op: str) -> str:
     parameters = inspect.signature(getattr(reference, op)).parameters.values()
     positional = [p.name for p in parameters if p.kind != p.KEYWORD_ONLY]
     keywords = [p.name for p in parameters if p.kind == p.KEYWORD_ONLY]
-    return f"{op}({', '.join(positional + ['*'] + keywords)})"
+    return f"{op}({', '.join(positional + (['*'] + keywords if keywords else []))})"
 
 
 def signature_error(op: str, fn: Callable[..., Any]) -> Optional[str]:

@@ -11,6 +11,9 @@
   for bit afterwards.
 * filter_logits: the kept tokens (those not -inf) are the reference's exactly, and kept
   values are within ``value_tolerance`` of the reference's.
+* linear: attention's rule. The truth is the reference run on float64 inputs, and an
+  implementation may err twice as much as ``torch.nn.functional.linear`` in the input dtype
+  (``plain_linear``), plus 1e-5.
 * sample: tokens equal the reference's for the same seeds and steps. A different token is
   accepted only when its Gumbel score and the reference token's are within 1e-5 of each
   other, relatively (a near tie the two computations may break differently). The
@@ -37,6 +40,7 @@ import math
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import ops, reference, registry
 
@@ -313,6 +317,22 @@ def plain_decode_attention(
     return (out, lse) if return_lse else out
 
 
+def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T as plain PyTorch computes it in the inputs' dtype (``F.linear``), the
+    measure of what the dtype costs (see ``plain_attention``).
+
+    Parameters
+    ----------
+    x, weight
+        As ``fmkernels.reference.linear``: x (..., K), weight (N, K).
+
+    Returns
+    -------
+    Tensor (..., N), x's dtype.
+    """
+    return F.linear(x, weight)
+
+
 # ----------------------------------------------------------------------------
 # Cases
 # ----------------------------------------------------------------------------
@@ -345,6 +365,13 @@ class _AppendShape(NamedTuple):
     kv_heads: int
     head_dim: int
     block_size: Optional[int] = None
+
+
+class _LinearShape(NamedTuple):
+    leading: Tuple[int, ...]  # x's leading dimensions: rows = their product
+    n: int
+    k: int
+    transposed: bool = False  # x stored (K, rows): not unit stride along K
 
 
 class _SamplingShape(NamedTuple):
@@ -388,6 +415,19 @@ _APPEND_SHAPES = (
 _APPEND_SHAPES_GPU = (
     _AppendShape((0, 999, 4095, 17) * 4, 1, 8, 128, block_size=16),
     _AppendShape((1000, 0, 113), 113, 8, 64),
+)
+_LINEAR_SHAPES = (
+    _LinearShape((1,), 5, 7),
+    _LinearShape((3,), 33, 64),
+    _LinearShape((2, 4), 1536, 576),
+    _LinearShape((13,), 7, 1000, transposed=True),
+    _LinearShape((16,), 1, 1),
+    _LinearShape((1, 17), 40, 64),  # 17 rows: past the C++ kernel's 16
+)
+_LINEAR_SHAPES_GPU = (
+    _LinearShape((1,), 32000, 4096),
+    _LinearShape((8, 16), 4096, 4096),
+    _LinearShape((4, 1), 14336, 4096, transposed=True),
 )
 _PER_ROW = dict(
     temperature=(0.0, 0.5, 1.0, 1.5),
@@ -541,6 +581,22 @@ def _append_case(shape: _AppendShape, dtype, seed: int, device) -> Case:
     return Case("append_kv", name, make_kwargs)
 
 
+def _linear_case(shape: _LinearShape, dtype, seed: int, device) -> Case:
+    def make_kwargs() -> Kwargs:
+        generator = torch.Generator().manual_seed(seed)
+        rows = math.prod(shape.leading)
+        if shape.transposed:
+            x = _randn(generator, (shape.k, rows), dtype, device).T.reshape(*shape.leading, shape.k)
+        else:
+            x = _randn(generator, (*shape.leading, shape.k), dtype, device)
+        # nn.Linear's scale: outputs of order 1 whatever K
+        weight = _randn(generator, (shape.n, shape.k), dtype, device, scale=1.0 / math.sqrt(shape.k))
+        return dict(x=x, weight=weight)
+
+    sizes = f"x=({','.join(map(str, shape.leading + (shape.k,)))}) w=({shape.n},{shape.k})"
+    return Case("linear", _name(sizes, "", "x-transposed" if shape.transposed else "", dtype, seed), make_kwargs)
+
+
 def _sampling_case(op: str, shape: _SamplingShape, dtype, seed: int, device) -> Case:
     def make_kwargs() -> Kwargs:
         generator = torch.Generator().manual_seed(seed)
@@ -585,6 +641,7 @@ _CASE_TABLES = {
         _SAMPLE_SHAPES, _SAMPLE_SHAPES_GPU,
         lambda shape, dtype, seed, device: _sampling_case("sample", shape, dtype, seed, device),
     ),
+    "linear": (_LINEAR_SHAPES, _LINEAR_SHAPES_GPU, _linear_case),
 }
 
 
@@ -593,7 +650,8 @@ def cases(op: str, device: Device = "cpu", seed: int = 0) -> List[Case]:
 
     Odd sizes on purpose: sequence lengths 1, 17 and 113 (1000 and 4096 on a GPU),
     seqlen_q != seqlen_k, queries that see no key, GQA ratios 1, 4 and 8, head dims 64
-    and 128, mixed-length (varlen) batches, contiguous and paged caches, tied logits.
+    and 128, mixed-length (varlen) batches, contiguous and paged caches, tied logits;
+    matmuls of 1 to 17 rows against K of 1 to 1000, x with leading dimensions or transposed.
     On the CPU each shape runs once, the dtypes (fp32, fp16, bf16) in turn, so the whole
     check takes seconds; on a GPU every shape runs in every dtype, and larger shapes join.
 
@@ -682,6 +740,21 @@ def _nan_note(actual: torch.Tensor, truth: torch.Tensor) -> str:
     return f"{count} NaN elements (unwritten?)" if count else ""
 
 
+def _compare_with_plain(actual, plain, truth, expected_dtypes, names) -> CheckResult:
+    """Each output within ``attention_tolerance`` of the float64 truth, with the truth's shape
+    and the expected dtype."""
+    actual, plain, truth = _as_tuple(actual), _as_tuple(plain), _as_tuple(truth)
+    if len(actual) != len(truth):
+        return CheckResult(math.inf, 0.0, False, f"returned {len(actual)} tensors, the reference {len(truth)}")
+    measures = []
+    for name, a, p, t, dtype in zip(names, actual, plain, truth, expected_dtypes):
+        if a.dtype != dtype or a.shape != t.shape:
+            return CheckResult(math.inf, 0.0, False,
+                               f"{name} is {a.dtype} {tuple(a.shape)}, expected {dtype} {tuple(t.shape)}")
+        measures.append(_Measure.within(name, max_error(a, t), attention_tolerance(p, t), _nan_note(a, t)))
+    return _verdict(measures)
+
+
 def compare_attention(op: str, kwargs: Kwargs, actual) -> CheckResult:
     """Hold an attention or decode_attention result to the reference, as ``fmkernels check`` does.
 
@@ -703,24 +776,40 @@ def compare_attention(op: str, kwargs: Kwargs, actual) -> CheckResult:
     if op not in ("attention", "decode_attention"):
         raise ValueError(f"op must be 'attention' or 'decode_attention', got {op!r}")
     plain_fn = plain_attention if op == "attention" else plain_decode_attention
-    truth = _as_tuple(getattr(reference, op)(**_upcast(kwargs)))
-    plain = _as_tuple(plain_fn(**kwargs))
-    actual = _as_tuple(actual)
-    if len(actual) != len(truth):
-        return CheckResult(math.inf, 0.0, False, f"returned {len(actual)} tensors, the reference {len(truth)}")
-    expected_dtypes = (kwargs["q"].dtype, torch.float32)
-    measures = []
-    for name, a, p, t, dtype in zip(("out", "lse"), actual, plain, truth, expected_dtypes):
-        if a.dtype != dtype or a.shape != t.shape:
-            return CheckResult(math.inf, 0.0, False,
-                               f"{name} is {a.dtype} {tuple(a.shape)}, expected {dtype} {tuple(t.shape)}")
-        measures.append(_Measure.within(name, max_error(a, t), attention_tolerance(p, t), _nan_note(a, t)))
-    return _verdict(measures)
+    truth = getattr(reference, op)(**_upcast(kwargs))
+    return _compare_with_plain(actual, plain_fn(**kwargs), truth, (kwargs["q"].dtype, torch.float32), ("out", "lse"))
+
+
+def compare_linear(kwargs: Kwargs, actual: torch.Tensor) -> CheckResult:
+    """Hold a linear result to the reference, as ``fmkernels check`` does.
+
+    Parameters
+    ----------
+    kwargs : dict
+        The call's arguments, x (..., K) and weight (N, K).
+    actual : Tensor (..., N)
+        What the implementation returned.
+
+    Returns
+    -------
+    CheckResult
+        Passed when actual has x's dtype and is within ``attention_tolerance`` of the
+        reference run on float64 inputs, the tolerance set by ``plain_linear``'s error.
+    """
+    truth = reference.linear(**_upcast(kwargs))
+    return _compare_with_plain(actual, plain_linear(**kwargs), truth, (kwargs["x"].dtype,), ("out",))
 
 
 def _check_attention(impl: registry.Impl, case: Case) -> CheckResult:
     kwargs = case.make_kwargs()
     return compare_attention(case.op, kwargs, _call(impl, kwargs, out=torch.full_like(kwargs["q"], float("nan"))))
+
+
+def _check_linear(impl: registry.Impl, case: Case) -> CheckResult:
+    kwargs = case.make_kwargs()
+    x, weight = kwargs["x"], kwargs["weight"]
+    poisoned = torch.full((*x.shape[:-1], weight.shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    return compare_linear(kwargs, _call(impl, kwargs, out=poisoned))
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -851,14 +940,15 @@ _CHECKS = {
     "append_kv": _check_append_kv,
     "filter_logits": _check_filter_logits,
     "sample": _check_sample,
+    "linear": _check_linear,
 }
 
 
 def check_impl(impl: registry.Impl, case: Case) -> CheckResult:
     """Run ``impl`` on ``case`` through the public op and hold it to the reference.
 
-    The rules are the module's: float64 truth and plain-PyTorch tolerances for attention,
-    exact caches for append_kv, exact kept sets for filter_logits, same tokens (up to near
+    The rules are the module's: float64 truth and plain-PyTorch tolerances for attention
+    and linear, exact caches for append_kv, exact kept sets for filter_logits, same tokens (up to near
     ties) for sample, and outputs written into poisoned ``out=`` buffers.
 
     Parameters

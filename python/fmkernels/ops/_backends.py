@@ -25,7 +25,8 @@ if platform.triton_interpreting():
 
 
 # The Triton launchers: fmkernels.kernels.<module>.<op>, with the reference's signature,
-# and optionally <op>_supports, the cases it can run.
+# and optionally <op>_supports, the cases it can run. An op without one registers no triton
+# implementation (linear: on a GPU, cuBLAS through the reference is the tool).
 TRITON_MODULES = {
     "attention": "attention",
     "decode_attention": "decode_attention",
@@ -71,6 +72,14 @@ def _triton(op: str):
     return launch, supports
 
 
+# The cases the C++ kernels take, where they do not take every valid call.
+CPU_SUPPORTS = {
+    "attention": _cpu.supports_head_dim,
+    "decode_attention": _cpu.supports_head_dim,
+    "linear": _cpu.supports_linear_rows,
+}
+
+
 def _register(op: str, name: str, fn, devices, supports=None) -> None:
     registry.register_impl(
         op, name, fn, supports,
@@ -83,12 +92,11 @@ def register_all() -> None:
     for op in registry.OPS:
         _register(op, "reference", getattr(reference, op), devices=None)
     for op in registry.OPS:
-        supports = _cpu.supports_head_dim if op in ("attention", "decode_attention") else None
-        _register(op, "cpu", getattr(_cpu, op), devices=("cpu",), supports=supports)
+        _register(op, "cpu", getattr(_cpu, op), devices=("cpu",), supports=CPU_SUPPORTS.get(op))
     for op in registry.OPS:
         if hasattr(_cuda, op):
             _register(op, "cuda", getattr(_cuda, op), devices=("cuda",), supports=getattr(_cuda, f"{op}_supports", None))
     triton_devices = ("cuda", "cpu") if platform.triton_interpreting() else ("cuda",)
-    for op in registry.OPS:
+    for op in TRITON_MODULES:
         launch, supports = _triton(op)
         _register(op, "triton", launch, devices=triton_devices, supports=supports)

@@ -17,6 +17,10 @@ from .._views import tensor_view
 #: The largest head_dim the C++ attention kernels accept.
 MAX_HEAD_DIM = 256
 
+#: The most rows of x the C++ linear kernel takes: it keeps them all in registers and cache
+#: while it streams the weight once; for more rows (prefill) torch's matmul is faster.
+MAX_LINEAR_ROWS = 16
+
 
 def _module():
     return platform.cpu_module()
@@ -34,6 +38,13 @@ def _scale(q: torch.Tensor, scale) -> float:
 def supports_head_dim(q, **_) -> str | None:
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    return None
+
+
+def supports_linear_rows(x, **_) -> str | None:
+    rows = math.prod(x.shape[:-1])
+    if rows > MAX_LINEAR_ROWS:
+        return f"{rows} rows of x > {MAX_LINEAR_ROWS}: the kernel is for a decode step's few rows"
     return None
 
 
@@ -69,6 +80,15 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None) -> Non
         tensor_view(k_cache), tensor_view(v_cache), tensor_view(k), tensor_view(v),
         tensor_view(cache_seqlens), tensor_view(block_table),
     )
+
+
+def linear(x, weight):
+    # The kernel takes x as (rows, K); a decode step's 2-D x goes as it is (no reshape, no view).
+    x_rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    x_rows, weight = _unit_stride(x_rows), _unit_stride(weight)
+    out = torch.empty((x_rows.shape[0], weight.shape[0]), dtype=x.dtype)
+    _module().linear(tensor_view(x_rows), tensor_view(weight), tensor_view(out), torch.get_num_threads())
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
 
 
 def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
