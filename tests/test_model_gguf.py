@@ -1,14 +1,19 @@
-"""fmkernels.model on GGUF files: tiny synthetic files written here with gguf.GGUFWriter the
-way llama.cpp's converter writes them (Q/K rows permuted, shapes in ne order), one per tensor
-type, against transformers reading them or the model they were written from -- these are what
-show the permutation and the dequantization right; tokenizers built from synthetic
-vocabularies against transformers'; the errors.
+"""fmkernels.model on GGUF files.
+
+The real SmolLM2-135M-Instruct (Q4_1, with a Q8_0 embedding) against transformers reading the
+same file, and the Hugging Face directory transformers writes from it; tiny synthetic files
+written here with gguf.GGUFWriter the way llama.cpp's converter writes them (Q/K rows permuted,
+shapes in ne order), one per tensor type, against transformers or the model they were written
+from -- these are what show the permutation and the dequantization right; tokenizers built
+from synthetic vocabularies against transformers'; the errors.
 """
 
+import copy
 import dataclasses
 import json
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -23,6 +28,10 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
 
+PROMPTS = {
+    "text": "The quick brown fox jumps over the lazy dog.",
+    "code": "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+}
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "def f(x):\n    if x:\n        return x * 2\n\treturn None\n",
@@ -41,6 +50,14 @@ def hf_tokenizer(path):
     return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
+def hf_greedy(model, ids, n):
+    """transformers' greedy tokens; eos_token_id=None so EOS neither stops nor is masked, as ignore_eos."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, min_new_tokens=n, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
 def assert_same_tokenizer(ours, theirs, texts):
     for text in texts:
         for special in (True, False):
@@ -48,6 +65,165 @@ def assert_same_tokenizer(ours, theirs, texts):
             assert ours.encode(text, add_special_tokens=special) == ids, (text, special)
             for skip in (True, False):
                 assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+
+
+# --- the real model -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf(smollm2_gguf):
+    """transformers' model and tokenizer on the file, and its ChatML prompt."""
+    tokenizer = hf_tokenizer(smollm2_gguf)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         add_generation_prompt=True, tokenize=False)
+    return hf_from_gguf(smollm2_gguf), tokenizer, dict(PROMPTS, chat=chat)
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_gguf):
+    return Transformer.from_pretrained(smollm2_gguf, backend="reference")
+
+
+@pytest.fixture(scope="module")
+def hf_directory(hf, tmp_path_factory):
+    """What transformers' save_pretrained writes from its GGUF-loaded model (a plain copy of
+    it: the GGUF-loaded one refuses to serialise) and tokenizer."""
+    model, tokenizer, _ = hf
+    path = tmp_path_factory.mktemp("smollm2-hf")
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def expected_greedy(hf):
+    model, tokenizer, prompts = hf
+    cache = {}
+
+    def tokens(name):
+        if name not in cache:
+            cache[name] = hf_greedy(model, tokenizer(prompts[name], add_special_tokens=False)["input_ids"], 64)
+        return cache[name]
+
+    return tokens
+
+
+def test_config_from_the_real_file(smollm2_gguf, hf):
+    config = ModelConfig.from_gguf(smollm2_gguf)
+    assert (config.n_layers, config.dim, config.n_heads, config.n_kv_heads, config.head_dim) == (30, 576, 9, 3, 64)
+    assert (config.vocab_size, config.ffn_dim, config.max_seq_len) == (49152, 1536, 8192)
+    assert config.tie_embeddings and config.rope_theta == 1e5 and config.rope_scaling is None
+    assert config.architecture == "llama" and config.n_experts == 0 and config.eos_token_ids == (2,)
+    theirs = hf[0].config
+    assert (config.norm_eps, config.rope_theta) == (theirs.rms_norm_eps, theirs.rope_parameters["rope_theta"])
+    assert (config.n_kv_heads, config.ffn_dim) == (theirs.num_key_value_heads, theirs.intermediate_size)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_real_logits_match_transformers(ours, hf, backend):
+    """Full-forward logits within 1e-4 of transformers' in fp32. The weights are bit-identical
+    (both dequantize with gguf); what is left is fp32 rounding, about 6e-5 on either side
+    against a float64 run of the same weights."""
+    model, tokenizer, prompts = hf
+    ours.backend = backend
+    for name, text in prompts.items():
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            expected, actual = model(ids).logits, ours(ids)
+        assert actual.shape == expected.shape == (1, ids.shape[1], 49152)
+        assert (actual - expected).abs().max() < 1e-4, name
+
+
+@pytest.mark.parametrize("backend, prompt", [("reference", "text"), ("cpu", "chat")])
+def test_real_greedy_tokens_match_transformers(ours, hf, expected_greedy, backend, prompt):
+    ours.backend = backend
+    ids = hf[1](hf[2][prompt], add_special_tokens=False)["input_ids"]
+    assert ours.generate([ids], max_new_tokens=64, temperature=0, ignore_eos=True) == [expected_greedy(prompt)]
+
+
+def test_real_weights_are_transformers_weights(ours, hf):
+    theirs = hf[0].state_dict()
+    for name, param in ours.named_parameters():
+        assert torch.equal(param, theirs[name if name.startswith("lm_head") else "model." + name]), name
+
+
+def test_hf_directory_saved_by_transformers_matches(smollm2_gguf, hf, hf_directory, expected_greedy):
+    model, tokenizer, prompts = hf
+    directory = Transformer.from_pretrained(hf_directory, backend="cpu")
+    assert directory.config == ModelConfig.from_gguf(smollm2_gguf)
+    ids = tokenizer(prompts["code"], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        assert (directory(torch.tensor([ids])) - model(torch.tensor([ids])).logits).abs().max() < 1e-4
+    ids = tokenizer(prompts["chat"], add_special_tokens=False)["input_ids"]
+    assert directory.generate([ids], max_new_tokens=64, temperature=0, ignore_eos=True) == [expected_greedy("chat")]
+
+
+# --- the real tokenizer ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_tokenizer(smollm2_gguf):
+    return load_tokenizer(smollm2_gguf)
+
+
+def test_real_tokenizer_matches_transformers(real_tokenizer, hf):
+    assert_same_tokenizer(real_tokenizer, hf[1], TEXTS + [hf[2]["chat"]])
+    assert real_tokenizer.vocab_size == len(hf[1]) == 49152
+
+
+def test_real_tokenizer_special_tokens(real_tokenizer, hf):
+    tokenizer = hf[1]
+    assert (real_tokenizer.bos_token, real_tokenizer.eos_token) == (tokenizer.bos_token, tokenizer.eos_token) \
+        == ("<|im_start|>", "<|im_end|>")
+    assert (real_tokenizer.bos_token_id, real_tokenizer.eos_token_id, real_tokenizer.eot_token_id) == (1, 2, None)
+    assert real_tokenizer.add_bos_token is False and real_tokenizer.encode("hi")[0] != 1
+    assert real_tokenizer.chat_template == tokenizer.chat_template and "<|im_start|>" in real_tokenizer.chat_template
+    ids = real_tokenizer.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == 1 and ids[-1] == 2  # written special tokens stay whole
+    assert real_tokenizer.decode(ids) == "user\nhi"
+
+
+def test_real_tokenizer_splits_digits_as_llama_cpp(real_tokenizer, hf):
+    """tokenizer.ggml.pre "smollm": llama.cpp (and the model's own tokenizer.json) split every
+    digit off before the GPT-2 regex, so two spaces before a number are one token ("ĠĠ", 256).
+    transformers' GGUF loader knows no "smollm" and uses the GPT-2 regex alone here."""
+    assert real_tokenizer.encode("  42\n") == [256, 36, 34, 198]
+    assert hf[1]("  42\n", add_special_tokens=False)["input_ids"] == [216, 216, 36, 34, 198]
+    assert real_tokenizer.decode([256, 36, 34, 198]) == "  42\n"
+
+
+def test_hf_directory_tokenizer_matches(hf, hf_directory, real_tokenizer):
+    tokenizer = load_tokenizer(hf_directory)
+    assert_same_tokenizer(tokenizer, hf[1], TEXTS)
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_start|>", "<|im_end|>", 2)
+    assert tokenizer.chat_template == real_tokenizer.chat_template and tokenizer.add_bos_token is False
+    assert tokenizer.eot_token_id is None
+
+
+_PEAK = """
+import json, resource, sys, torch
+from fmkernels.model import Transformer
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = Transformer.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"delta": (peak - base) * 1024, "weights": weights}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_real_load_peak_memory_is_about_one_model(smollm2_gguf, dtype):
+    """The peak resident memory of loading, over a process that imported torch and fmkernels:
+    measured 558 MiB for 513 MiB of fp32 weights and 304 MiB for 257 MiB of bf16 ones (the
+    slabs, the reader's metadata, the meta model). The bound is generous: 1.25 x + 64 MiB."""
+    out = subprocess.run([sys.executable, "-c", _PEAK, smollm2_gguf, dtype], capture_output=True, text=True,
+                         check=True, timeout=300)
+    numbers = json.loads(out.stdout.strip().splitlines()[-1])
+    assert numbers["weights"] == 134515008 * (4 if dtype == "float32" else 2)
+    assert numbers["delta"] < 1.25 * numbers["weights"] + 64 * 2**20, numbers
 
 
 # --- synthetic files ------------------------------------------------------------------------
