@@ -39,7 +39,7 @@ once (the embedding table only for the batch's rows, unless tied to the LM head)
 sequence's KV cache. "of bound" = decode tok/s / that bound.
 
 ``--breakdown`` times fmkernels' decode steps once more under ``torch.profiler`` and splits a
-step into the matmuls (``aten::mm``/``addmm``/``bmm``), attention (the ``fmkernels::append_kv``
+step into the matmuls (``aten::mm``/``addmm``/``bmm`` and ``fmkernels::linear``), attention (the ``fmkernels::append_kv``
 and ``fmkernels::decode_attention`` ops), sampling (``fmkernels::sample``), the other torch ops
 (norms, RoPE, SiLU, residual adds, embedding) and the rest: the step's time measured without the
 profiler minus those (Python and dispatch between the ops).
@@ -303,6 +303,8 @@ def decode_breakdown(model: Transformer, prompts: torch.Tensor, steps: int) -> D
         parts["self_total"] += event.self_cpu_time_total
         if event.key in ("aten::mm", "aten::addmm", "aten::bmm"):
             parts["matmul"] += event.self_cpu_time_total
+        elif event.key == "fmkernels::linear":
+            parts["matmul"] += event.cpu_time_total
         elif event.key in ("fmkernels::append_kv", "fmkernels::decode_attention", "fmkernels::attention"):
             parts["attention"] += event.cpu_time_total
         elif event.key in ("fmkernels::sample", "fmkernels::filter_logits"):

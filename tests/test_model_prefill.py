@@ -9,6 +9,7 @@ import torch
 
 import fmkernels
 from fmkernels.model import BlockAllocator, ModelConfig, Transformer
+from fmkernels.model import transformer
 from fmkernels.testing import attention_tolerance, max_error
 
 from _model_checks import captured_caches, hf_model
@@ -143,11 +144,15 @@ def test_generate_prefills_in_one_packed_forward_with_the_lm_head_on_last_tokens
     attention = _Spy(monkeypatch, "attention")
     decode = _Spy(monkeypatch, "decode_attention")
     heads = []
-    hook = model.lm_head.register_forward_hook(lambda module, args, out: heads.append(tuple(args[0].shape)))
-    try:
-        tokens = model.generate(PROMPTS, max_new_tokens=3, kv_cache=kv_cache, block_size=4, ignore_eos=True)
-    finally:
-        hook.remove()
+    project = transformer.project
+
+    def spy(layer, x, backend):  # the LM head's input, whichever matmul runs it
+        if layer is model.lm_head:
+            heads.append(tuple(x.shape))
+        return project(layer, x, backend)
+
+    monkeypatch.setattr(transformer, "project", spy)
+    tokens = model.generate(PROMPTS, max_new_tokens=3, kv_cache=kv_cache, block_size=4, ignore_eos=True)
     assert [len(t) for t in tokens] == [3] * len(PROMPTS)
     # One packed attention call per layer, over every prompt's tokens; decode reads the cache.
     assert len(attention.calls) == TINY.n_layers

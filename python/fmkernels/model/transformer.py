@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops._cpu import MAX_LINEAR_ROWS
 from .config import ModelConfig
 
 
@@ -78,6 +79,21 @@ def _append_prompts(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     ops.append_kv(k_cache, v_cache, *padded, rows.cache_seqlens, block_table=rows.block_table, backend=backend)
 
 
+def project(layer: nn.Linear, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``layer(x)`` (no bias). A decode step's few rows on the CPU (at most the cpu kernel's
+    ``MAX_LINEAR_ROWS``) go through ``fmkernels.linear``'s C++ kernel, which streams the weight
+    once for all rows, with ``backend`` "auto" or "cpu"; everything else (prefill, the GPU, the
+    reference backend) through torch's matmul, the faster call there. One fp32 row stays with
+    torch too: its BLAS gemv outran the kernel in the model's decode step (SmolLM2-135M shape,
+    1 thread: 42 against 58 ms of matmuls a step), while at 8 fp32 rows, and in bf16 at 1
+    row, the kernel took 0.6-0.8x torch's time."""
+    rows = x.numel() // x.shape[-1]
+    if (backend in ("auto", "cpu") and x.device.type == "cpu" and rows <= MAX_LINEAR_ROWS
+            and not (rows == 1 and x.dtype == torch.float32)):
+        return ops.linear(x, layer.weight, backend="cpu")
+    return layer(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
@@ -93,9 +109,9 @@ class Attention(nn.Module):
         """x (B, S, E) -> (B, S, E); or, with ``cu_seqlens`` (and the cache's ``prompt_rows``), a
         packed prefill into empty cache slots: x (T, E) -> (T, E)."""
         tokens = x.shape[:-1]  # (B, S), or (T,) packed
-        q = self.q_proj(x).view(*tokens, self.n_heads, self.head_dim)  # [B, S, H, D] or [T, H, D]
-        k = self.k_proj(x).view(*tokens, self.n_kv_heads, self.head_dim)  # [B, S, K, D] or [T, K, D]
-        v = self.v_proj(x).view(*tokens, self.n_kv_heads, self.head_dim)
+        q = project(self.q_proj, x, backend).view(*tokens, self.n_heads, self.head_dim)  # [B, S, H, D] or [T, H, D]
+        k = project(self.k_proj, x, backend).view(*tokens, self.n_kv_heads, self.head_dim)  # [B, S, K, D] or [T, K, D]
+        v = project(self.v_proj, x, backend).view(*tokens, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cu_seqlens is not None:
             _append_prompts(cache.k[self.index], cache.v[self.index], k, v, prompt_rows, backend)
@@ -115,7 +131,7 @@ class Attention(nn.Module):
                 out = ops.decode_attention(
                     q, k_cache, v_cache, seqlens + s, block_table=block_table, backend=backend
                 )
-        return self.o_proj(out.reshape(*tokens, self.n_heads * self.head_dim))  # [B, S, E] or [T, E]
+        return project(self.o_proj, out.reshape(*tokens, self.n_heads * self.head_dim), backend)  # [B, S, E] or [T, E]
 
 
 class SwiGLU(nn.Module):
@@ -129,9 +145,10 @@ class SwiGLU(nn.Module):
         setattr(self, up, nn.Linear(config.dim, config.ffn_dim, bias=False))
         setattr(self, down, nn.Linear(config.ffn_dim, config.dim, bias=False))
 
-    def forward(self, x):
+    def forward(self, x, backend: str = "reference"):
         gate, up, down = (getattr(self, name) for name in self._names)
-        return down(F.silu(gate(x)) * up(x))  # [.., F] inside, [.., E] out
+        hidden = F.silu(project(gate, x, backend)) * project(up, x, backend)  # [.., F]
+        return project(down, hidden, backend)  # [.., E]
 
 
 class SparseMoE(nn.Module):
@@ -144,7 +161,7 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(config.dim, config.n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(config, "w1", "w3", "w2") for _ in range(config.n_experts))
 
-    def forward(self, x):
+    def forward(self, x, backend: str = "reference"):
         tokens = x.reshape(-1, x.shape[-1])  # [T, E]
         weights = F.softmax(self.gate(tokens), dim=-1, dtype=torch.float32)  # [T, n_experts]
         weights, chosen = torch.topk(weights, self.top_k, dim=-1)  # [T, k]
@@ -153,7 +170,7 @@ class SparseMoE(nn.Module):
         for expert_id, expert in enumerate(self.experts):
             token_idx, slot = torch.where(chosen == expert_id)
             if token_idx.numel():
-                out.index_add_(0, token_idx, expert(tokens[token_idx]) * weights[token_idx, slot, None])
+                out.index_add_(0, token_idx, expert(tokens[token_idx], backend) * weights[token_idx, slot, None])
         return out.view(x.shape)
 
 
@@ -171,7 +188,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, backend, **cache_args):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, **cache_args)
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
-        return x + ffn(self.post_attention_layernorm(x))
+        return x + ffn(self.post_attention_layernorm(x), backend)
 
 
 class Transformer(nn.Module):
@@ -250,7 +267,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, self.backend, **cache_args)
         if cache is not None:
             cache.advance(slots, s)
-        return self.lm_head(self.norm(x))  # [B, S, V]
+        return project(self.lm_head, self.norm(x), self.backend)  # [B, S, V]
 
     def prefill(self, prompts, *, cache, slots: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Prefills a batch of prompts (ragged) into empty cache slots in one forward pass, and
@@ -315,7 +332,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, self.backend, cache=cache, cu_seqlens=cu_seqlens, prompt_rows=rows)
         cache.advance(slots, lengths)
         last = cu_seqlens[1:].long() - 1  # [n]
-        return self.lm_head(self.norm(x[last]))  # [n, V]
+        return project(self.lm_head, self.norm(x[last]), self.backend)  # [n, V]
 
     def new_cache(self, kind: str = "contiguous", *, batch: int = 1, max_seq_len: Optional[int] = None,
                   num_blocks: Optional[int] = None, block_size: int = 16):

@@ -8,6 +8,7 @@ import torch
 
 from .. import _validation as check
 from ._dispatch import require_backend, run
+from ._library import call
 from ._kv_cache import require_block_table, require_cache, require_positions, require_seqlens
 
 
@@ -68,7 +69,7 @@ def append_kv(
     if paged:
         require_block_table(block_table, batch, k.device)
     require_backend(backend)
-    torch.ops.fmkernels.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table, backend)
+    call(_append_kv_op, k_cache, v_cache, k, v, cache_seqlens, block_table, backend)
 
 
 @torch.library.custom_op("fmkernels::append_kv", mutates_args=("k_cache", "v_cache"))

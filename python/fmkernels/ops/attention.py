@@ -8,6 +8,7 @@ import torch
 
 from .. import _validation as check
 from ._dispatch import into_out, require_backend, run
+from ._library import call
 
 _DENSE = "(batch, seqlen, heads, head_dim)"
 _PACKED = "(total_tokens, heads, head_dim)"
@@ -123,7 +124,8 @@ def attention(
 
     require_backend(backend)
 
-    output, lse = torch.ops.fmkernels.attention(
+    output, lse = call(
+        _attention_op,
         q, k, v, cu_seqlens_q, cu_seqlens_k, causal, None if scale is None else float(scale), return_lse, backend,
     )
     output = into_out(output, out)

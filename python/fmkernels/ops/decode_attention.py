@@ -8,6 +8,7 @@ import torch
 
 from .. import _validation as check
 from ._dispatch import into_out, require_backend, run
+from ._library import call
 from ._kv_cache import require_block_table, require_cache, require_positions, require_seqlens
 
 
@@ -88,7 +89,8 @@ def decode_attention(
     check.require_out(out, q.shape, q.dtype, q.device)
     require_backend(backend)
 
-    output, lse = torch.ops.fmkernels.decode_attention(
+    output, lse = call(
+        _decode_attention_op,
         q, k_cache, v_cache, cache_seqlens, block_table, None if scale is None else float(scale), return_lse, backend,
     )
     output = into_out(output, out)

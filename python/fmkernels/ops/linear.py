@@ -8,6 +8,7 @@ import torch
 
 from .. import _validation as check
 from ._dispatch import into_out, require_backend, run
+from ._library import call
 
 
 def linear(
@@ -57,7 +58,7 @@ def linear(
         )
     check.require_out(out, (*x.shape[:-1], weight.shape[0]), x.dtype, x.device)
     require_backend(backend)
-    return into_out(torch.ops.fmkernels.linear(x, weight, backend), out)
+    return into_out(call(_linear_op, x, weight, backend), out)
 
 
 @torch.library.custom_op("fmkernels::linear", mutates_args=())
@@ -69,3 +70,20 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Ten
 @_linear_op.register_fake
 def _(x, weight, backend):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    """2 x rows x N x K, as torch counts a matmul."""
+    rows = 1
+    for size in x_shape[:-1]:
+        rows *= size
+    return 2 * rows * weight_shape[0] * weight_shape[1]
+
+
+# torch.utils.flop_counter.FlopCounterMode counts the op like the matmul it is.
+try:
+    from torch.utils.flop_counter import register_flop_formula
+except ImportError:  # pragma: no cover - torch without flop formulas for custom ops
+    pass
+else:
+    register_flop_formula(torch.ops.fmkernels.linear)(_linear_flops)

@@ -9,7 +9,7 @@ import torch
 from .. import _validation as check
 from ..reference import SampleOutput
 from ._dispatch import into_out, require_backend, run
-from ._library import PerRow, join_per_row, split_per_row
+from ._library import PerRow, call, join_per_row, split_per_row
 
 _PARAMETERS_DOC = """temperature : float or Tensor (batch,)
         Divides the logits; >= 0, and 0 means greedy (the argmax, lowest id on ties).
@@ -119,7 +119,7 @@ def filter_logits(
     """
     _validate(logits, temperature, top_k, top_p, min_p, backend)
     check.require_out(out, logits.shape, logits.dtype, logits.device)
-    result = torch.ops.fmkernels.filter_logits(logits, *_filter_arguments(temperature, top_k, top_p, min_p), backend)
+    result = call(_filter_logits_op, logits, *_filter_arguments(temperature, top_k, top_p, min_p), backend)
     return into_out(result, out)
 
 
@@ -188,7 +188,8 @@ def sample(
         raise ValueError("num_logprobs > 0 needs return_logprobs=True")
     check.require_out(out, (batch,), torch.int64, logits.device)
 
-    tokens, logprobs, top_ids, top_logprobs = torch.ops.fmkernels.sample(
+    tokens, logprobs, top_ids, top_logprobs = call(
+        _sample_op,
         logits, *_filter_arguments(temperature, top_k, top_p, min_p), *split_per_row(seed, int),
         *split_per_row(step, int), return_logprobs, num_logprobs, backend,
     )
