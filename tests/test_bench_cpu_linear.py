@@ -1,27 +1,19 @@
 """bench/cpu_linear.py runs end to end on a small workload and writes its rows and metadata."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 
 from fmkernels import platform
 
+import _bench_scripts
+
 pytestmark = pytest.mark.skipif(
     platform.unavailable_reason("cpu") is not None, reason=str(platform.unavailable_reason("cpu"))
 )
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "bench" / "cpu_linear.py"
-
-
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_cpu_linear", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return _bench_scripts.load("cpu_linear")
 
 
 def test_small_run_writes_json(tmp_path, capsys):

@@ -1,24 +1,17 @@
 """bench/model_generate.py runs end to end on a small workload: both implementations agree on
 the greedy tokens, the parameter count matches the model, and the JSON holds rows and metadata."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 
 pytest.importorskip("transformers")
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "bench" / "model_generate.py"
+import _bench_scripts  # noqa: E402
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_model_generate", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return _bench_scripts.load("model_generate")
 
 
 def test_parameter_count_of_the_100m_config():

@@ -2,20 +2,12 @@
 agree on their tokens, the paged pool holds fewer blocks when shared, the three prefills of the
 ragged batch agree on their logits, and the JSON holds rows and metadata."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "bench" / "prefix_sharing.py"
-
+import _bench_scripts
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_prefix_sharing", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return _bench_scripts.load("prefix_sharing")
 
 
 def test_tiny_run_agrees_and_writes_json(tmp_path):
