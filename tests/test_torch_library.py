@@ -171,7 +171,7 @@ def test_compile_sampling(backend):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_compile_linear(backend):
-    x, weight, out = randn(2, 3, 40, seed=1), randn(17, 40, seed=2), torch.empty(2, 3, 17)
+    x, weight, out = randn(2, 3, 40, seed=1), randn(17, 40, seed=2), torch.zeros(2, 3, 17)
 
     def fn(x, weight, out):
         projected = fmkernels.linear(x, weight, backend=backend)
