@@ -21,4 +21,5 @@ def tensor_view(tensor: torch.Tensor | None):
     """The description a binding turns into a ``TensorView``; ``None`` stays ``None``."""
     if tensor is None:
         return None
-    return (tensor.data_ptr(), DTYPE_CODES[tensor.dtype], tuple(tensor.shape), tuple(tensor.stride()))
+    # torch.Size is a tuple, and stride() returns one: the binding takes both as they are.
+    return (tensor.data_ptr(), DTYPE_CODES[tensor.dtype], tensor.shape, tensor.stride())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import torch
 
 from .. import platform, reference
@@ -28,7 +29,13 @@ def _module():
 
 def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
     """The kernels read rows of head_dim (or vocab) elements at unit stride."""
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+    return tensor if tensor.is_contiguous() or tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous output shaped and typed like ``tensor`` (``empty_like``, the cheaper
+    allocation, where that is contiguous)."""
+    return torch.empty_like(tensor) if tensor.is_contiguous() else torch.empty(tensor.shape, dtype=tensor.dtype)
 
 
 def _scale(q: torch.Tensor, scale) -> float:
@@ -50,7 +57,7 @@ def supports_linear_rows(x, **_) -> str | None:
 
 def attention(q, k, v, *, causal=False, scale=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False):
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    out = torch.empty(q.shape, dtype=q.dtype)
+    out = _empty_like(q)
     lse = None
     if return_lse:
         lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
@@ -65,7 +72,7 @@ def attention(q, k, v, *, causal=False, scale=None, cu_seqlens_q=None, cu_seqlen
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, return_lse=False):
     q, k_cache, v_cache = _unit_stride(q), _unit_stride(k_cache), _unit_stride(v_cache)
-    out = torch.empty(q.shape, dtype=q.dtype)
+    out = _empty_like(q)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32) if return_lse else None
     _module().decode_attention(
         tensor_view(q), tensor_view(k_cache), tensor_view(v_cache), tensor_view(cache_seqlens),
@@ -91,13 +98,55 @@ def linear(x, weight):
     return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
 
 
+# Per-row parameter tensors made from scalars, with their views, by (value, batch, dtype): a
+# decode loop passes the same temperature, top_k, top_p and min_p at every step. The kernels
+# only read them; the map forgets everything when full.
+_SCALAR_ROWS: dict = {}
+_SCALAR_ROWS_CAPACITY = 256
+
+
+def _row_view(value, batch: int, dtype: torch.dtype, keep: list):
+    """The view of a per-row parameter (a scalar or a (batch,) tensor) as a contiguous (batch,)
+    tensor of ``dtype``. The tensor behind it is appended to ``keep``, which the caller holds
+    until the kernel returns."""
+    if isinstance(value, torch.Tensor):
+        rows = value.to(dtype=dtype).contiguous()
+        keep.append(rows)
+        return tensor_view(rows)
+    key = (value, batch, dtype)
+    entry = _SCALAR_ROWS.get(key)
+    if entry is None:
+        if len(_SCALAR_ROWS) >= _SCALAR_ROWS_CAPACITY:
+            _SCALAR_ROWS.clear()
+        rows = torch.full((batch,), value, dtype=dtype)
+        entry = _SCALAR_ROWS[key] = (rows, tensor_view(rows))
+    keep.append(entry[0])
+    return entry[1]
+
+
+def _row_seeds(seed, batch: int) -> torch.Tensor:
+    """``reference.row_seeds`` as a contiguous int64 tensor, made on the host by NumPy (the
+    cheapest way to a small tensor)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.to(torch.int64).contiguous()
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    # seed + batch - 1 < 2**63 (the public op checks it): int64 all the way.
+    return torch.from_numpy(numpy.arange(seed, seed + batch, dtype=numpy.int64))
+
+
+def _filter_views(batch: int, temperature, top_k, top_p, min_p, keep: list):
+    """The kernels' (temperature, top_k, top_p, min_p) rows: float32, int64, float32, float32."""
+    return (_row_view(temperature, batch, torch.float32, keep), _row_view(top_k, batch, torch.int64, keep),
+            _row_view(top_p, batch, torch.float32, keep), _row_view(min_p, batch, torch.float32, keep))
+
+
 def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     logits = _unit_stride(logits)
-    out = torch.empty(logits.shape, dtype=logits.dtype)
-    parameters = reference.filter_parameters(logits.shape[0], "cpu", temperature, top_k, top_p, min_p)
-    _module().filter_logits(
-        tensor_view(logits), tensor_view(out), *(tensor_view(p) for p in parameters), torch.get_num_threads(),
-    )
+    out = _empty_like(logits)
+    keep = []
+    parameters = _filter_views(logits.shape[0], temperature, top_k, top_p, min_p, keep)
+    _module().filter_logits(tensor_view(logits), tensor_view(out), *parameters, torch.get_num_threads())
     return out
 
 
@@ -105,9 +154,10 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
            return_logprobs=False, num_logprobs=0):
     logits = _unit_stride(logits)
     batch = logits.shape[0]
-    parameters = reference.filter_parameters(batch, "cpu", temperature, top_k, top_p, min_p)
-    seeds = reference.row_seeds(seed, batch, "cpu").contiguous()
-    steps = reference.per_row(step, batch, torch.int64, "cpu").contiguous()
+    keep = []
+    parameters = _filter_views(batch, temperature, top_k, top_p, min_p, keep)
+    seeds = _row_seeds(seed, batch)
+    steps = step.to(torch.int64).contiguous() if isinstance(step, torch.Tensor) else torch.full((batch,), step, dtype=torch.int64)
     tokens = torch.empty(batch, dtype=torch.int64)
     logprobs = top_ids = top_logprobs = None
     if return_logprobs:
@@ -115,9 +165,8 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
         top_ids = torch.empty((batch, num_logprobs), dtype=torch.int64)
         top_logprobs = torch.empty((batch, num_logprobs), dtype=torch.float32)
     _module().sample(
-        tensor_view(logits), tensor_view(tokens), *(tensor_view(p) for p in parameters),
-        tensor_view(seeds), tensor_view(steps), tensor_view(logprobs), tensor_view(top_ids),
-        tensor_view(top_logprobs), torch.get_num_threads(),
+        tensor_view(logits), tensor_view(tokens), *parameters, tensor_view(seeds), tensor_view(steps),
+        tensor_view(logprobs), tensor_view(top_ids), tensor_view(top_logprobs), torch.get_num_threads(),
     )
     if return_logprobs:
         return reference.SampleOutput(tokens, logprobs, top_ids, top_logprobs)
