@@ -296,7 +296,8 @@ def _require_readable(k_cache, table, lengths: torch.Tensor, seqlen_q: int, caus
     in the pool), and every query sees a key, as decode_attention needs: under the causal
     mask, each sequence's cache must hold at least its seqlen_q queries' positions."""
     lengths = lengths.cpu()
-    require_positions(k_cache, torch.zeros_like(lengths), lengths, table, "cache_seqlens + seqlen_new")
+    ends = lengths.tolist()
+    require_positions(k_cache, [0] * len(ends), ends, table, "cache_seqlens + seqlen_new")
     least = seqlen_q if causal else 1
     short = lengths < least
     if short.any():

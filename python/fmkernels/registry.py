@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Hashable, List, Optional, Union
 
 from . import reference
+from ._signature import SignatureCache, signature
 
 OPS = ("attention", "decode_attention", "append_kv", "filter_logits", "sample", "linear")
 
@@ -34,6 +35,8 @@ class Impl:
     ``available()`` returns ``None`` when the implementation can run on this
     machine at all, else the reason it cannot (not built, no GPU, ...).
     ``devices`` lists the device types its tensors may live on; ``None`` means any.
+    ``select`` asks both once per call signature and reuses the answer, so they must depend
+    on the arguments' metadata (dtypes, devices, shapes, strides, scalar values) only.
     """
 
     op: str
@@ -69,6 +72,10 @@ class Impl:
 
 
 _REGISTRY: Dict[str, Dict[str, Impl]] = {op: {} for op in OPS}
+
+# select()'s answers by (op, backend, the case's signature): which implementation runs it, or
+# the error that says why none can. Registering or removing an implementation forgets them.
+_SELECTED = SignatureCache(capacity=1024)
 
 
 def _check_op(op: str) -> None:
@@ -108,6 +115,7 @@ def register_impl(
         raise ValueError(f"{op} already has an implementation named {name!r}; pass replace=True to replace it")
     impl = Impl(op, name, fn, supports, available, devices, kind, priority)
     _REGISTRY[op][name] = impl
+    _SELECTED.clear()
     return impl
 
 
@@ -116,6 +124,14 @@ def unregister_impl(op: str, name: str) -> None:
     if name not in _REGISTRY[op]:
         raise ValueError(f"{op} has no implementation named {name!r}")
     del _REGISTRY[op][name]
+    _SELECTED.clear()
+
+
+def forget_selections() -> None:
+    """Forget which implementation ``select`` chose for each call signature, so the next call
+    of each asks the implementations' ``available`` and ``supports`` again (for an
+    availability that changed while the process runs)."""
+    _SELECTED.clear()
 
 
 def implementations(op: str) -> List[Impl]:
@@ -133,8 +149,35 @@ def get_impl(op: str, name: str) -> Impl:
         raise ValueError(f"backend for {op} must be 'auto' or one of: {known}; got {name!r}") from None
 
 
-def select(op: str, backend: str, case: Dict[str, Any]) -> Impl:
-    """The implementation that runs ``case``: the named one, or the best for ``auto``."""
+def select(op: str, backend: str, case: Dict[str, Any], *, key: Optional[Hashable] = None) -> Impl:
+    """The implementation that runs ``case``: the named one, or the best for ``auto``.
+
+    The answer is remembered per call signature (``fmkernels._signature``: each tensor's
+    dtype, device, shape, strides and alignment, and the other arguments' values), so
+    ``supports`` predicates are asked once per signature and must not read tensors' values.
+    ``key`` stands for the signature of the public call that ``case`` comes from, where the
+    caller has one (the number ``_signature.check_once`` gave it, with anything else the
+    choice may read; it must determine ``backend`` and ``case``'s signature); by default
+    ``case``'s own signature is the key.
+    """
+    if key is None:
+        own = signature((backend, *case.values()))
+        key = None if own is None else (op, own)
+    else:
+        key = (op, key)
+    chosen = _SELECTED.get(key)
+    if chosen is None:
+        try:
+            chosen = _select(op, backend, case)
+        except ValueError as error:
+            chosen = error
+        _SELECTED.put(key, chosen)
+    if isinstance(chosen, ValueError):
+        raise ValueError(str(chosen))
+    return chosen
+
+
+def _select(op: str, backend: str, case: Dict[str, Any]) -> Impl:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend != "auto":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Hashable, Optional
 
 import torch
 
@@ -16,9 +16,11 @@ def require_backend(backend) -> str:
     return backend
 
 
-def run(op: str, backend: str, case: Dict[str, Any]):
-    """Select the implementation of ``op`` for ``case`` and call it with ``case`` as keywords."""
-    impl = registry.select(op, backend, case)
+def run(op: str, backend: str, case: Dict[str, Any], key: Optional[Hashable] = None):
+    """Select the implementation of ``op`` for ``case`` (``key``: what stands for the call's
+    signature, when the public function has it, see ``registry.select``) and call it with
+    ``case`` as keywords."""
+    impl = registry.select(op, backend, case, key=key)
     return impl.fn(**case)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -48,31 +48,44 @@ def require_seqlens(cache_seqlens, batch: int, device: torch.device) -> None:
 
 def require_positions(
     k_cache: torch.Tensor,
-    starts: torch.Tensor,
-    ends: torch.Tensor,
+    starts: Sequence[int],
+    ends: Sequence[int],
     block_table: Optional[torch.Tensor],
     what: str,
 ) -> None:
     """Every position [starts[b], ends[b]) of every sequence must lie in the cache, and
-    every block holding one must be inside the pool."""
+    every block holding one must be inside the pool.
+
+    ``starts`` and ``ends`` are host lists (one read of the lengths per call). The block
+    table is read in one pass, its least and greatest entry, and row by row only when an
+    entry is outside the pool (a table padded with -1, or an error to name)."""
+    if not starts:
+        return
     block_size = k_cache.shape[1]
     capacity = block_size * block_table.shape[1] if block_table is not None else block_size
-    starts_l, ends_l = starts.tolist(), ends.tolist()
-    for b, (start, end) in enumerate(zip(starts_l, ends_l)):
-        if start < 0:
-            raise ValueError(f"cache_seqlens[{b}] must be >= 0, got {start}")
-        if end > capacity:
-            where = (
-                f"block_table's {block_table.shape[1]} blocks x block_size {block_size}"
-                if block_table is not None
-                else f"max_seqlen {capacity}"
-            )
-            raise ValueError(f"{what} for sequence {b} needs {end} positions, but the cache holds {capacity} ({where})")
-    if block_table is None:
+    if min(starts) < 0:
+        b = next(b for b, start in enumerate(starts) if start < 0)
+        raise ValueError(f"cache_seqlens[{b}] must be >= 0, got {starts[b]}")
+    if max(ends) > capacity:
+        b = next(b for b, end in enumerate(ends) if end > capacity)
+        where = (
+            f"block_table's {block_table.shape[1]} blocks x block_size {block_size}"
+            if block_table is not None
+            else f"max_seqlen {capacity}"
+        )
+        raise ValueError(f"{what} for sequence {b} needs {ends[b]} positions, but the cache holds {capacity} ({where})")
+    if block_table is None or max(ends) == 0:
         return
     num_blocks = k_cache.shape[0]
+    low, high = torch.aminmax(block_table)
+    if block_table.is_cpu:
+        low, high = int(low), int(high)
+    else:
+        low, high = torch.stack((low, high)).tolist()
+    if low >= 0 and high < num_blocks:
+        return
     table = block_table.cpu()
-    for b, (start, end) in enumerate(zip(starts_l, ends_l)):
+    for b, (start, end) in enumerate(zip(starts, ends)):
         if end <= start:
             continue
         used = table[b, start // block_size : (end - 1) // block_size + 1]

@@ -37,32 +37,46 @@ def join_per_row(scalar: Optional[Union[int, float]], rows: Optional[torch.Tenso
     return scalar if rows is None else rows
 
 
+# What ``_intercepted`` asks torch, looked up once (absent in a torch that lacks them, where
+# every call goes through the dispatcher).
+_FUNCTION_MODE = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+_DISPATCH_DEPTH = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_PROFILER = torch.autograd.profiler
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_SCALARS = (int, float, bool, str, type(None))
+
+
 def _intercepted(args) -> bool:
     """Whether something may stand between a custom op call and its implementation: torch.compile
     tracing, a torch function or dispatch mode (FakeTensorMode, opcheck's), a tensor subclass
     among the arguments, autograd recording a graph, or the profiler (which then lists the call
     as ``fmkernels::<op>``)."""
-    if torch.compiler.is_compiling() or torch.autograd.profiler._is_profiler_enabled:
+    if _FUNCTION_MODE is None or _DISPATCH_DEPTH is None:
         return True
-    function_mode = getattr(torch._C, "_is_torch_function_mode_enabled", None)
-    dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
-    if function_mode is None or dispatch_depth is None or function_mode() or dispatch_depth():
+    if torch.compiler.is_compiling() or _PROFILER._is_profiler_enabled or _FUNCTION_MODE() or _DISPATCH_DEPTH():
         return True
     grad = torch.is_grad_enabled()
     for arg in args:
-        if isinstance(arg, torch.Tensor) and (
-            type(arg) not in (torch.Tensor, torch.nn.Parameter) or (grad and arg.requires_grad)
-        ):
+        kind = type(arg)
+        if kind in _PLAIN_TENSORS:
+            if grad and arg.requires_grad:
+                return True
+        elif kind not in _SCALARS and isinstance(arg, torch.Tensor):
             return True
     return False
 
 
-def call(op, *args):
-    """``op(*args)`` for a custom op (``torch.library.custom_op``'s object): in plain eager calls
-    its Python implementation directly, the function torch's dispatcher would reach, without
-    the dispatcher's cost (about 15 µs a call on a CPU, most of a decode-step op's overhead);
-    through the dispatcher wherever ``_intercepted`` says something may intercept the call."""
-    implementation = getattr(op, "_init_fn", None)
-    if implementation is None or _intercepted(args):
-        return op(*args)
-    return implementation(*args)
+def call(op, execute, key, *args, schema=None):
+    """``op(*args)`` for a custom op (``torch.library.custom_op``'s object) whose implementation
+    is ``execute(*args)``; ``schema``, where given, turns ``args`` into the op's arguments
+    (sampling's per-row parameters are two arguments of the op's, one of ``execute``'s).
+
+    In plain eager calls ``execute`` runs directly, without the dispatcher's cost (about 15 µs
+    a call on a CPU, most of a decode-step op's overhead), with ``key``, the number that
+    stands for the call's signature (``fmkernels._signature.check_once``), so the
+    implementation is chosen without computing the signature again; ``execute`` returns None
+    for an output the call did not ask for, where the op returns an empty tensor. Through the
+    dispatcher wherever ``_intercepted`` says something may intercept the call."""
+    if _intercepted(args):
+        return op(*(args if schema is None else schema(*args)))
+    return execute(*args, key=key)

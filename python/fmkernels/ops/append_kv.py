@@ -8,6 +8,7 @@ import torch
 
 from .. import _validation as check
 from ._dispatch import require_backend, run
+from .._signature import SignatureCache, check_once
 from ._library import call
 from ._kv_cache import require_block_table, require_cache, require_positions, require_seqlens
 
@@ -45,6 +46,16 @@ def append_kv(
     backend : str
         "auto" or an implementation's name.
     """
+    key = check_once(_CHECKED, _require_arguments, (k_cache, v_cache, k, v, cache_seqlens, block_table, backend))
+    call(_append_kv_op, _execute, key, k_cache, v_cache, k, v, cache_seqlens, block_table, backend)
+
+
+# Signatures of calls whose arguments passed ``_require_arguments``.
+_CHECKED = SignatureCache()
+
+
+def _require_arguments(k_cache, v_cache, k, v, cache_seqlens, block_table, backend) -> None:
+    """append_kv's checks of what its arguments' metadata says."""
     for name, tensor in (("k", k), ("v", v)):
         check.require_tensor(name, tensor)
     check.require_rank("k", k, 4, "(batch, n_new, kv_heads, head_dim)")
@@ -69,7 +80,6 @@ def append_kv(
     if paged:
         require_block_table(block_table, batch, k.device)
     require_backend(backend)
-    call(_append_kv_op, k_cache, v_cache, k, v, cache_seqlens, block_table, backend)
 
 
 @torch.library.custom_op("fmkernels::append_kv", mutates_args=("k_cache", "v_cache"))
@@ -82,15 +92,22 @@ def _append_kv_op(
     block_table: Optional[torch.Tensor],
     backend: str,
 ) -> None:
-    """Writes the caches in place. The positions are checked against the cache where
-    ``checks_values`` allows (on a GPU that synchronises); the kernels skip positions past
-    the capacity and blocks outside the pool whatever the values."""
+    """Writes the caches in place."""
+    _execute(k_cache, v_cache, k, v, cache_seqlens, block_table, backend)
+
+
+def _execute(k_cache, v_cache, k, v, cache_seqlens, block_table, backend, key=None) -> None:
+    """The custom op's implementation (``key``: the call's signature, see ``_library.call``).
+    The positions are checked against the cache where ``checks_values`` allows (on a GPU that
+    synchronises); the kernels skip positions past the capacity and blocks outside the pool
+    whatever the values."""
     if check.checks_values(cache_seqlens):
-        seqlens = cache_seqlens.long()
-        require_positions(k_cache, seqlens, seqlens + k.shape[1], block_table, "cache_seqlens + n_new")
+        starts = cache_seqlens.tolist()
+        n_new = k.shape[1]
+        require_positions(k_cache, starts, [start + n_new for start in starts], block_table, "cache_seqlens + n_new")
     run("append_kv", backend, dict(
         k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
-    ))
+    ), key)
 
 
 @_append_kv_op.register_fake

@@ -8,6 +8,7 @@ import torch
 
 from .. import _validation as check
 from ._dispatch import into_out, require_backend, run
+from .._signature import SignatureCache, check_once
 from ._library import call
 
 _DENSE = "(batch, seqlen, heads, head_dim)"
@@ -76,6 +77,22 @@ def attention(
     lse : Tensor float32 (batch, q_heads, seqlen_q), or (q_heads, total_q) packed;
         only with ``return_lse``.
     """
+    key = check_once(_CHECKED, _require_arguments,
+                     (q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_k, return_lse, backend, out))
+    output, lse = call(
+        _attention_op, _execute, key,
+        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, None if scale is None else float(scale), return_lse, backend,
+    )
+    output = into_out(output, out)
+    return (output, lse) if return_lse else output
+
+
+# Signatures of calls whose arguments passed ``_require_arguments``.
+_CHECKED = SignatureCache()
+
+
+def _require_arguments(q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_k, return_lse, backend, out) -> None:
+    """attention's checks of what its arguments' metadata says."""
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check.require_tensor(name, tensor)
     check.require_dtype("q", q, check.FLOAT_DTYPES)
@@ -124,13 +141,6 @@ def attention(
 
     require_backend(backend)
 
-    output, lse = call(
-        _attention_op,
-        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, None if scale is None else float(scale), return_lse, backend,
-    )
-    output = into_out(output, out)
-    return (output, lse) if return_lse else output
-
 
 @torch.library.custom_op("fmkernels::attention", mutates_args=())
 def _attention_op(
@@ -145,6 +155,13 @@ def _attention_op(
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse); lse is empty (0,) without ``return_lse``."""
+    output, lse = _execute(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, return_lse, backend)
+    return output, q.new_empty((0,), dtype=torch.float32) if lse is None else lse
+
+
+def _execute(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, return_lse, backend, key=None):
+    """The custom op's implementation (``key``: the call's signature, see ``_library.call``):
+    (out, lse), lse None without ``return_lse``."""
     if cu_seqlens_q is not None:
         # Varlen prefill reads the offsets on the host (the kernels size their grids from them).
         check.require_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0])
@@ -153,11 +170,11 @@ def _attention_op(
         q=q, k=k, v=v, causal=causal, scale=scale,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse,
     )
-    result = run("attention", backend, case)
+    result = run("attention", backend, case, key)
     if return_lse:
         output, lse = result
         return output.contiguous(), lse.contiguous()
-    return result.contiguous(), q.new_empty((0,), dtype=torch.float32)
+    return result.contiguous(), None
 
 
 @_attention_op.register_fake

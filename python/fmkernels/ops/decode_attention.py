@@ -8,6 +8,7 @@ import torch
 
 from .. import _validation as check
 from ._dispatch import into_out, require_backend, run
+from .._signature import SignatureCache, check_once
 from ._library import call
 from ._kv_cache import require_block_table, require_cache, require_positions, require_seqlens
 
@@ -62,6 +63,22 @@ def decode_attention(
     -------
     out : Tensor (batch, n_new, q_heads, head_dim), q's dtype; and lse with ``return_lse``.
     """
+    key = check_once(_CHECKED, _require_arguments,
+                     (q, k_cache, v_cache, cache_seqlens, block_table, scale, return_lse, backend, out))
+    output, lse = call(
+        _decode_attention_op, _execute, key,
+        q, k_cache, v_cache, cache_seqlens, block_table, None if scale is None else float(scale), return_lse, backend,
+    )
+    output = into_out(output, out)
+    return (output, lse) if return_lse else output
+
+
+# Signatures of calls whose arguments passed ``_require_arguments``.
+_CHECKED = SignatureCache()
+
+
+def _require_arguments(q, k_cache, v_cache, cache_seqlens, block_table, scale, return_lse, backend, out) -> None:
+    """decode_attention's checks of what its arguments' metadata says."""
     check.require_tensor("q", q)
     check.require_dtype("q", q, check.FLOAT_DTYPES)
     check.require_rank("q", q, 4, "(batch, n_new, q_heads, head_dim)")
@@ -89,24 +106,19 @@ def decode_attention(
     check.require_out(out, q.shape, q.dtype, q.device)
     require_backend(backend)
 
-    output, lse = call(
-        _decode_attention_op,
-        q, k_cache, v_cache, cache_seqlens, block_table, None if scale is None else float(scale), return_lse, backend,
-    )
-    output = into_out(output, out)
-    return (output, lse) if return_lse else output
 
 
 def require_cache_seqlens_values(cache_seqlens: torch.Tensor, n_new: int, k_cache, block_table) -> None:
-    """n_new <= cache_seqlens[b] <= capacity, and the blocks holding them inside the pool (host tensors)."""
-    short = cache_seqlens < n_new
-    if short.any():
-        b = int(short.nonzero()[0, 0])
+    """n_new <= cache_seqlens[b] <= capacity, and the blocks holding them inside the pool
+    (one read of the lengths, on the host)."""
+    lengths = cache_seqlens.tolist()
+    if lengths and min(lengths) < n_new:
+        b = next(b for b, length in enumerate(lengths) if length < n_new)
         raise ValueError(
             f"cache_seqlens[{b}] must count the {n_new} new tokens already in the cache (>= n_new), "
-            f"got {int(cache_seqlens[b])}"
+            f"got {lengths[b]}"
         )
-    require_positions(k_cache, torch.zeros_like(cache_seqlens), cache_seqlens, block_table, "cache_seqlens")
+    require_positions(k_cache, [0] * len(lengths), lengths, block_table, "cache_seqlens")
 
 
 @torch.library.custom_op("fmkernels::decode_attention", mutates_args=())
@@ -120,20 +132,28 @@ def _decode_attention_op(
     return_lse: bool,
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse); lse is empty (0,) without ``return_lse``. The cache lengths are checked
-    against the cache where ``checks_values`` allows (on a GPU that synchronises); the kernels
-    clamp each length into [0, capacity] and skip blocks outside the pool whatever the values."""
+    """(out, lse); lse is empty (0,) without ``return_lse``."""
+    output, lse = _execute(q, k_cache, v_cache, cache_seqlens, block_table, scale, return_lse, backend)
+    return output, q.new_empty((0,), dtype=torch.float32) if lse is None else lse
+
+
+def _execute(q, k_cache, v_cache, cache_seqlens, block_table, scale, return_lse, backend, key=None):
+    """The custom op's implementation (``key``: the call's signature, see ``_library.call``):
+    (out, lse), lse None without ``return_lse``.
+    The cache lengths are checked against the cache where ``checks_values`` allows (on a GPU
+    that synchronises); the kernels clamp each length into [0, capacity] and skip blocks
+    outside the pool whatever the values."""
     if check.checks_values(cache_seqlens):
         require_cache_seqlens_values(cache_seqlens, q.shape[1], k_cache, block_table)
     case = dict(
         q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
         block_table=block_table, scale=scale, return_lse=return_lse,
     )
-    result = run("decode_attention", backend, case)
+    result = run("decode_attention", backend, case, key)
     if return_lse:
         output, lse = result
         return output.contiguous(), lse.contiguous()
-    return result.contiguous(), q.new_empty((0,), dtype=torch.float32)
+    return result.contiguous(), None
 
 
 @_decode_attention_op.register_fake

@@ -8,6 +8,7 @@ import torch
 
 from .. import _validation as check
 from ._dispatch import into_out, require_backend, run
+from .._signature import SignatureCache, check_once
 from ._library import call
 
 
@@ -44,6 +45,16 @@ def linear(
     -------
     Tensor (..., N), x's dtype.
     """
+    key = check_once(_CHECKED, _require_arguments, (x, weight, backend, out))
+    return into_out(call(_linear_op, _execute, key, x, weight, backend), out)
+
+
+# Signatures of calls whose arguments passed ``_require_arguments``.
+_CHECKED = SignatureCache()
+
+
+def _require_arguments(x, weight, backend, out) -> None:
+    """linear's checks of what its arguments' metadata says."""
     check.require_tensor("x", x)
     check.require_tensor("weight", weight)
     check.require_dtype("x", x, check.FLOAT_DTYPES)
@@ -58,13 +69,17 @@ def linear(
         )
     check.require_out(out, (*x.shape[:-1], weight.shape[0]), x.dtype, x.device)
     require_backend(backend)
-    return into_out(call(_linear_op, x, weight, backend), out)
 
 
 @torch.library.custom_op("fmkernels::linear", mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
     """x @ weight^T on the implementation the registry selects for the call."""
-    return run("linear", backend, dict(x=x, weight=weight)).contiguous()
+    return _execute(x, weight, backend)
+
+
+def _execute(x, weight, backend, key=None) -> torch.Tensor:
+    """The custom op's implementation (``key``: the call's signature, see ``_library.call``)."""
+    return run("linear", backend, dict(x=x, weight=weight), key).contiguous()
 
 
 @_linear_op.register_fake

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from .. import _validation as check
 from ..reference import SampleOutput
 from ._dispatch import into_out, require_backend, run
+from .._signature import SignatureCache, check_once, signature
 from ._library import PerRow, call, join_per_row, split_per_row
 
 _PARAMETERS_DOC = """temperature : float or Tensor (batch,)
@@ -35,6 +37,7 @@ _BOUNDS = {
     "step": dict(low=0, high=2**63 - 1),
 }
 _INTEGRAL = ("top_k", "seed", "step")
+_INT64_MAX = 2**63 - 1
 
 
 def _require_parameter(name: str, value, batch: int, device) -> None:
@@ -54,21 +57,20 @@ def _validate(logits, temperature, top_k, top_p, min_p, backend) -> None:
     require_backend(backend)
 
 
-def _require_values(logits: torch.Tensor, rows) -> None:
-    """Per-row parameter tensors (``rows``, by name, None where the parameter is a scalar) in
-    their ranges, and logits finite or -inf with something to keep in every row, for each
+def _require_values(logits: torch.Tensor, parameters) -> None:
+    """Per-row parameter tensors (among ``parameters``, by name) in their ranges, and logits finite or -inf with something to keep in every row, for each
     tensor ``checks_values`` allows. Where it does not (GPU tensors with device checks off,
     or a CUDA graph capture), an out-of-range parameter or a NaN or +inf logit is not
     reported, and the kernels, which index by the shapes alone, still stay inside their tensors.
     """
-    for name, value in rows.items():
-        if check.checks_values(value):
+    for name, value in parameters.items():
+        if isinstance(value, torch.Tensor) and check.checks_values(value):
             check.require_row_values(name, value, **_BOUNDS[name])
     if logits.shape[0] == 0 or not check.checks_values(logits):
         return
     # One pass in the common case: a finite sum means no NaN or inf anywhere (a -inf, or a sum
     # that overflows, takes the element-wise checks below).
-    if bool(torch.isfinite(logits.sum(dtype=torch.float32))):
+    if math.isfinite(logits.sum(dtype=torch.float32).item()):
         return
     # A NaN or +inf logit would be sampled from silently; a row of -inf has nothing to sample.
     bad = torch.isnan(logits) | torch.isposinf(logits)
@@ -81,10 +83,55 @@ def _require_values(logits: torch.Tensor, rows) -> None:
         raise ValueError(f"logits[{row}] is -inf everywhere: there is no token to keep")
 
 
-def _filter_arguments(temperature, top_k, top_p, min_p):
-    """The filter parameters as the custom ops' (scalar, rows) pairs, flattened."""
-    return (*split_per_row(temperature, float), *split_per_row(top_k, int),
-            *split_per_row(top_p, float), *split_per_row(min_p, float))
+# Signatures of calls whose arguments passed ``_require_filter_arguments`` / ``_require_sample_arguments``.
+_FILTER_CHECKED = SignatureCache()
+_SAMPLE_CHECKED = SignatureCache()
+
+
+def _require_filter_arguments(logits, temperature, top_k, top_p, min_p, backend, out) -> None:
+    """filter_logits' checks of what its arguments' metadata (and scalar parameters) say."""
+    _validate(logits, temperature, top_k, top_p, min_p, backend)
+    check.require_out(out, logits.shape, logits.dtype, logits.device)
+
+
+def _require_sample_arguments(logits, temperature, top_k, top_p, min_p, return_logprobs, num_logprobs,
+                              backend, out) -> None:
+    """sample's checks of what its arguments' metadata (and scalar parameters) say, but for
+    the seed and the step."""
+    _validate(logits, temperature, top_k, top_p, min_p, backend)
+    batch, vocab = logits.shape
+    check.require_bool("return_logprobs", return_logprobs)
+    if isinstance(num_logprobs, bool) or not isinstance(num_logprobs, int):
+        raise TypeError(f"num_logprobs must be an int, got {type(num_logprobs).__name__}")
+    if not 0 <= num_logprobs <= vocab:
+        raise ValueError(f"num_logprobs must be in [0, vocab={vocab}], got {num_logprobs}")
+    if num_logprobs and not return_logprobs:
+        raise ValueError("num_logprobs > 0 needs return_logprobs=True")
+    check.require_out(out, (batch,), torch.int64, logits.device)
+
+
+def _kind(value):
+    """What the choice of implementation may read of a seed or a step: a tensor's signature
+    (None for a tensor that has none), else the type."""
+    return signature((value,)) if isinstance(value, torch.Tensor) else type(value)
+
+
+def _as(value: Optional[PerRow], scalar_type):
+    """A per-row parameter as the implementations take it: a tensor or None as it is, a
+    scalar as ``scalar_type``."""
+    return value if value is None or isinstance(value, torch.Tensor) else scalar_type(value)
+
+
+def _filter_schema(logits, temperature, top_k, top_p, min_p, backend):
+    """filter_logits' implementation arguments as its custom op's: each parameter a (scalar, rows) pair."""
+    return (logits, *split_per_row(temperature, float), *split_per_row(top_k, int),
+            *split_per_row(top_p, float), *split_per_row(min_p, float), backend)
+
+
+def _sample_schema(logits, temperature, top_k, top_p, min_p, seed, step, return_logprobs, num_logprobs, backend):
+    """sample's implementation arguments as its custom op's: each parameter a (scalar, rows) pair."""
+    return (*_filter_schema(logits, temperature, top_k, top_p, min_p, backend)[:-1],
+            *split_per_row(seed, int), *split_per_row(step, int), return_logprobs, num_logprobs, backend)
 
 
 def filter_logits(
@@ -117,9 +164,12 @@ def filter_logits(
     -------
     Tensor (batch, vocab), logits' dtype.
     """
-    _validate(logits, temperature, top_k, top_p, min_p, backend)
-    check.require_out(out, logits.shape, logits.dtype, logits.device)
-    result = call(_filter_logits_op, logits, *_filter_arguments(temperature, top_k, top_p, min_p), backend)
+    key = check_once(_FILTER_CHECKED, _require_filter_arguments, (logits, temperature, top_k, top_p, min_p, backend, out))
+    result = call(
+        _filter_logits_op, _execute_filter_logits, key,
+        logits, _as(temperature, float), _as(top_k, int), _as(top_p, float), _as(min_p, float), backend,
+        schema=_filter_schema,
+    )
     return into_out(result, out)
 
 
@@ -172,37 +222,31 @@ def sample(
         (tokens, logprobs (batch,) float32, top_ids (batch, num_logprobs) int64,
         top_logprobs (batch, num_logprobs) float32).
     """
-    _validate(logits, temperature, top_k, top_p, min_p, backend)
-    batch, vocab = logits.shape
-    if seed is not None:
+    key = check_once(_SAMPLE_CHECKED, _require_sample_arguments,
+                     (logits, temperature, top_k, top_p, min_p, return_logprobs, num_logprobs, backend, out))
+    # The seed and the step change from call to call: checked every time, outside the signature.
+    batch = logits.shape[0]
+    if seed is not None and not (type(seed) is int and 0 <= seed <= _INT64_MAX - batch + 1):
         _require_parameter("seed", seed, batch, logits.device)
-        if not isinstance(seed, torch.Tensor) and seed + batch - 1 > 2**63 - 1:
+        if not isinstance(seed, torch.Tensor) and seed + batch - 1 > _INT64_MAX:
             raise ValueError(f"seed + batch - 1 must be < 2**63 (row b gets seed + b), got seed = {seed}")
-    _require_parameter("step", step, batch, logits.device)
-    check.require_bool("return_logprobs", return_logprobs)
-    if isinstance(num_logprobs, bool) or not isinstance(num_logprobs, int):
-        raise TypeError(f"num_logprobs must be an int, got {type(num_logprobs).__name__}")
-    if not 0 <= num_logprobs <= vocab:
-        raise ValueError(f"num_logprobs must be in [0, vocab={vocab}], got {num_logprobs}")
-    if num_logprobs and not return_logprobs:
-        raise ValueError("num_logprobs > 0 needs return_logprobs=True")
-    check.require_out(out, (batch,), torch.int64, logits.device)
+    if not (type(step) is int and 0 <= step <= _INT64_MAX):
+        _require_parameter("step", step, batch, logits.device)
+    if key is not None:
+        # The implementation's choice may read the seed's and the step's kinds, not their values.
+        kinds = (_kind(seed), _kind(step))
+        key = None if None in kinds else (key, *kinds)
 
     tokens, logprobs, top_ids, top_logprobs = call(
-        _sample_op,
-        logits, *_filter_arguments(temperature, top_k, top_p, min_p), *split_per_row(seed, int),
-        *split_per_row(step, int), return_logprobs, num_logprobs, backend,
+        _sample_op, _execute_sample, key,
+        logits, _as(temperature, float), _as(top_k, int), _as(top_p, float), _as(min_p, float),
+        _as(seed, int), _as(step, int), return_logprobs, num_logprobs, backend,
+        schema=_sample_schema,
     )
     tokens = into_out(tokens, out)
     if return_logprobs:
         return SampleOutput(tokens, logprobs, top_ids, top_logprobs)
     return tokens
-
-
-def _joined(**pairs):
-    """({name: parameter}, {name: rows or None}) from the custom ops' (scalar, rows) pairs."""
-    return ({name: join_per_row(*pair) for name, pair in pairs.items()},
-            {name: rows for name, (_, rows) in pairs.items()})
 
 
 @torch.library.custom_op("fmkernels::filter_logits", mutates_args=())
@@ -215,10 +259,17 @@ def _filter_logits_op(
     backend: str,
 ) -> torch.Tensor:
     """Each ``<name>_rows`` tensor, when given, replaces the scalar ``<name>``."""
-    parameters, rows = _joined(temperature=(temperature, temperature_rows), top_k=(top_k, top_k_rows),
-                               top_p=(top_p, top_p_rows), min_p=(min_p, min_p_rows))
-    _require_values(logits, rows)
-    return run("filter_logits", backend, dict(logits=logits, **parameters)).contiguous()
+    return _execute_filter_logits(
+        logits, join_per_row(temperature, temperature_rows), join_per_row(top_k, top_k_rows),
+        join_per_row(top_p, top_p_rows), join_per_row(min_p, min_p_rows), backend,
+    )
+
+
+def _execute_filter_logits(logits, temperature, top_k, top_p, min_p, backend, key=None) -> torch.Tensor:
+    """The implementation of filter_logits (``key``: the call's signature, see ``_library.call``)."""
+    parameters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    _require_values(logits, parameters)
+    return run("filter_logits", backend, dict(logits=logits, **parameters), key).contiguous()
 
 
 @_filter_logits_op.register_fake
@@ -241,18 +292,30 @@ def _sample_op(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens, logprobs, top_ids, top_logprobs); without ``return_logprobs`` logprobs is
     empty (0,) and the top alternatives (batch, 0)."""
-    parameters, rows = _joined(temperature=(temperature, temperature_rows), top_k=(top_k, top_k_rows),
-                               top_p=(top_p, top_p_rows), min_p=(min_p, min_p_rows), seed=(seed, seed_rows),
-                               step=(step, step_rows))
-    _require_values(logits, rows)
+    result = _execute_sample(
+        logits, join_per_row(temperature, temperature_rows), join_per_row(top_k, top_k_rows),
+        join_per_row(top_p, top_p_rows), join_per_row(min_p, min_p_rows), join_per_row(seed, seed_rows),
+        join_per_row(step, step_rows), return_logprobs, num_logprobs, backend,
+    )
+    if return_logprobs:
+        return result
+    batch = logits.shape[0]
+    return (result[0], logits.new_empty((0,), dtype=torch.float32),
+            logits.new_empty((batch, 0), dtype=torch.int64), logits.new_empty((batch, 0), dtype=torch.float32))
+
+
+def _execute_sample(logits, temperature, top_k, top_p, min_p, seed, step, return_logprobs, num_logprobs, backend,
+                    key=None):
+    """The implementation of sample (``key``: the call's signature, see ``_library.call``):
+    (tokens, logprobs, top_ids, top_logprobs), the last three None without ``return_logprobs``."""
+    parameters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, step=step)
+    _require_values(logits, parameters)
     result = run("sample", backend, dict(
         logits=logits, **parameters, return_logprobs=return_logprobs, num_logprobs=num_logprobs,
-    ))
+    ), key)
     if return_logprobs:
         return tuple(tensor.contiguous() for tensor in result)
-    batch = logits.shape[0]
-    return (result.contiguous(), logits.new_empty((0,), dtype=torch.float32),
-            logits.new_empty((batch, 0), dtype=torch.int64), logits.new_empty((batch, 0), dtype=torch.float32))
+    return result.contiguous(), None, None, None
 
 
 @_sample_op.register_fake
