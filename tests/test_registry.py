@@ -17,6 +17,7 @@ def restore_registry():
     for op, impls in registry._REGISTRY.items():
         impls.clear()
         impls.update(saved[op])
+    registry.forget_selections()
 
 
 @pytest.fixture

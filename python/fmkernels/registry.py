@@ -166,6 +166,8 @@ def select(op: str, backend: str, case: Dict[str, Any], *, key: Optional[Hashabl
     else:
         key = (op, key)
     chosen = _SELECTED.get(key)
+    if isinstance(chosen, Impl) and _REGISTRY[op].get(chosen.name) is not chosen:
+        chosen = None  # the registry changed under the map (its dicts edited directly)
     if chosen is None:
         try:
             chosen = _select(op, backend, case)
