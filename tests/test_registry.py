@@ -9,15 +9,8 @@ import fmkernels
 from fmkernels import peer_libraries, platform, reference, registry
 
 
-@pytest.fixture(autouse=True)
-def restore_registry():
-    """Every test leaves the registry as it found it, even when it fails half-way."""
-    saved = {op: dict(impls) for op, impls in registry._REGISTRY.items()}
-    yield
-    for op, impls in registry._REGISTRY.items():
-        impls.clear()
-        impls.update(saved[op])
-    registry.forget_selections()
+# Every test leaves the registry as it found it.
+pytestmark = pytest.mark.usefixtures("restore_registry")
 
 
 @pytest.fixture
