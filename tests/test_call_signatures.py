@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fmkernels
-from fmkernels import _signature, registry
+from fmkernels import _signature
 from fmkernels._signature import SignatureCache, check_once, signature
 
 
