@@ -51,8 +51,10 @@ how many of the batch x new-tokens tokens match before each prompt's first diffe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import os
 import shlex
@@ -64,7 +66,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from fmkernels import benchmark, ops, testing
+from fmkernels import benchmark, ops, registry, testing
 from fmkernels.model import ModelConfig, Transformer
 
 #: The ~100M-parameter Llama-style configuration (no tied embeddings).
@@ -114,6 +116,10 @@ class Breakdown:
     sampling_ms: float
     other_ops_ms: float
     rest_ms: float
+    # Per public fmkernels op, timed around each call without the profiler (which sends the
+    # ops through torch's dispatcher): calls per step and milliseconds per step.
+    op_calls: Dict[str, float] = dataclasses.field(default_factory=dict)
+    op_ms: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def parameter_count(config: ModelConfig) -> int:
@@ -298,6 +304,9 @@ def decode_breakdown(model: Transformer, prompts: torch.Tensor, steps: int) -> D
         cache, tokens = fresh()
         with profile() as prof:
             run(cache, tokens, steps)
+        cache, tokens = fresh()
+        with _timed_ops() as op_seconds:
+            run(cache, tokens, steps)
     parts = dict(matmul=0.0, attention=0.0, sampling=0.0, self_total=0.0)
     for event in prof.key_averages():
         parts["self_total"] += event.self_cpu_time_total
@@ -314,7 +323,35 @@ def decode_breakdown(model: Transformer, prompts: torch.Tensor, steps: int) -> D
     other = max(0.0, per_step["self_total"] - named)
     return dict(step_ms=step * 1e3, matmul_ms=per_step["matmul"], attention_ms=per_step["attention"],
                 sampling_ms=per_step["sampling"], other_ops_ms=other,
-                rest_ms=max(0.0, step * 1e3 - named - other))
+                rest_ms=max(0.0, step * 1e3 - named - other),
+                op_calls={op: len(times) / steps for op, times in op_seconds.items() if times},
+                op_ms={op: sum(times) * 1e3 / steps for op, times in op_seconds.items() if times})
+
+
+@contextlib.contextmanager
+def _timed_ops():
+    """{op: [seconds of each call]} for the public ops fmkernels.ops exposes, timed around each
+    call while the block runs (the model calls them as ``ops.<op>``)."""
+    seconds: Dict[str, List[float]] = {op: [] for op in registry.OPS}
+    originals = {op: getattr(ops, op) for op in registry.OPS}
+
+    def timed(op, function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[op].append(time.perf_counter() - start)
+        return wrapper
+
+    for op, function in originals.items():
+        setattr(ops, op, timed(op, function))
+    try:
+        yield seconds
+    finally:
+        for op, function in originals.items():
+            setattr(ops, op, function)
 
 
 def run_config(name: str, args, device: torch.device, peaks: benchmark.Peaks):
@@ -438,7 +475,14 @@ def print_tables(rows: List[Row], breakdowns: List[Breakdown], peaks: benchmark.
         _print("fmkernels decode step, ms (share of the step)", headers, lines)
         print("matmuls: aten::mm/addmm/bmm; attention: fmkernels append_kv + decode_attention; sampling: "
               "fmkernels sample; other ops: the other torch ops (norms, RoPE, SiLU, adds, embedding); "
-              "rest: the step without the profiler minus those (Python and dispatch)")
+              "rest: the step without the profiler minus those (Python and dispatch). Under the profiler "
+              "the fmkernels ops go through torch's dispatcher; the split below is timed without it.")
+        headers = ["config", "batch", "threads", "dtype", "op", "calls/step", "us/call", "ms/step", "of step"]
+        lines = [[b.config, str(b.batch), str(b.threads), b.dtype, op, f"{b.op_calls[op]:g}",
+                  f"{b.op_ms[op] * 1e3 / b.op_calls[op]:.1f}", f"{b.op_ms[op]:.2f}", f"{b.op_ms[op] / b.step_ms:.0%}"]
+                 for b in breakdowns for op in sorted(b.op_ms, key=b.op_ms.get, reverse=True)]
+        if lines:
+            _print("fmkernels public ops in a decode step (wall clock around each call, no profiler)", headers, lines)
 
 
 def _list(kind):

@@ -42,3 +42,8 @@ def test_tiny_run_agrees_with_transformers_and_writes_json(tmp_path):
         named = p["matmul_ms"] + p["attention_ms"] + p["sampling_ms"] + p["other_ops_ms"] + p["rest_ms"]
         assert p["matmul_ms"] > 0 and p["attention_ms"] > 0 and p["sampling_ms"] > 0
         assert named >= p["step_ms"] * 0.999
+        # The public ops timed around each call: the tiny model's 2 layers append and attend once
+        # each per step, and the step samples once; their time is a part of the step's.
+        assert p["op_calls"]["append_kv"] == p["op_calls"]["decode_attention"] == 2
+        assert p["op_calls"]["sample"] == 1
+        assert 0 < sum(p["op_ms"].values()) < p["step_ms"] * 1.5
