@@ -183,6 +183,16 @@ def _paged_cache(batch, blocks_per_sequence, block_size, kv_heads, head_dim, dty
     return _randn(shape, dtype, device, generator), _randn(shape, dtype, device, generator), block_table
 
 
+def _kv_cache(batch, positions, block_size, kv_heads, head_dim, dtype, device, generator):
+    """Random k and v caches of ``positions`` per sequence: contiguous (block_table None) when
+    ``block_size`` is None, else paged."""
+    if block_size is not None:
+        return _paged_cache(batch, -(-positions // block_size), block_size, kv_heads, head_dim, dtype, device,
+                            generator)
+    shape = (batch, positions, kv_heads, head_dim)
+    return _randn(shape, dtype, device, generator), _randn(shape, dtype, device, generator), None
+
+
 def _attention_case(device, dtype, batch, seqlen, q_heads, kv_heads, head_dim, causal=True) -> BenchCase:
     def make_kwargs() -> Kwargs:
         generator = _generator(device)
@@ -196,20 +206,21 @@ def _attention_case(device, dtype, batch, seqlen, q_heads, kv_heads, head_dim, c
     return BenchCase("attention", shape, dtype, device, make_kwargs, flops, None)
 
 
-def _decode_case(device, dtype, batch, seqlen, q_heads, kv_heads, head_dim, block_size=None) -> BenchCase:
-    """One new token per sequence against ``seqlen`` cached ones; paged when ``block_size`` is given."""
+def _decode_case(device, dtype, batch, seqlen, q_heads, kv_heads, head_dim, block_size=None,
+                 capacity=None) -> BenchCase:
+    """One new token per sequence against ``seqlen`` cached ones; paged when ``block_size`` is given.
+
+    The cache holds ``capacity`` positions per sequence (default ``seqlen``: full), of which
+    the first ``seqlen`` are attended to.
+    """
+    positions = seqlen if capacity is None else capacity
 
     def make_kwargs() -> Kwargs:
         generator = _generator(device)
         q = _randn((batch, 1, q_heads, head_dim), dtype, device, generator)
-        if block_size is None:
-            k_cache = _randn((batch, seqlen, kv_heads, head_dim), dtype, device, generator)
-            v_cache = _randn((batch, seqlen, kv_heads, head_dim), dtype, device, generator)
-            block_table = None
-        else:
-            k_cache, v_cache, block_table = _paged_cache(
-                batch, -(-seqlen // block_size), block_size, kv_heads, head_dim, dtype, device, generator
-            )
+        k_cache, v_cache, block_table = _kv_cache(
+            batch, positions, block_size, kv_heads, head_dim, dtype, device, generator
+        )
         cache_seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
         return dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table)
 
@@ -217,18 +228,23 @@ def _decode_case(device, dtype, batch, seqlen, q_heads, kv_heads, head_dim, bloc
     q_and_out = 2 * batch * q_heads * head_dim
     keys_and_values = 2 * batch * seqlen * kv_heads * head_dim
     layout = "contiguous" if block_size is None else f"paged/{block_size}"
-    shape = f"b={batch} cache={seqlen} {layout} h={q_heads}/{kv_heads} d={head_dim}"
+    filled = seqlen if capacity is None else f"{seqlen}/{capacity}"
+    shape = f"b={batch} cache={filled} {layout} h={q_heads}/{kv_heads} d={head_dim}"
     return BenchCase("decode_attention", shape, dtype, device, make_kwargs, flops,
                      (q_and_out + keys_and_values) * _itemsize(dtype))
 
 
-def _append_kv_case(device, dtype, batch, seqlen, n_new, kv_heads, head_dim, block_size) -> BenchCase:
-    blocks_per_sequence = -(-(seqlen + n_new) // block_size)
+def _append_kv_case(device, dtype, batch, seqlen, n_new, kv_heads, head_dim, block_size,
+                    capacity=None) -> BenchCase:
+    """``n_new`` tokens per sequence written after ``seqlen`` cached ones, into a paged cache
+    (``block_size``) or a contiguous one (``block_size`` None) of ``capacity`` positions per
+    sequence (default: just enough)."""
+    positions = seqlen + n_new if capacity is None else capacity
 
     def make_kwargs() -> Kwargs:
         generator = _generator(device)
-        k_cache, v_cache, block_table = _paged_cache(
-            batch, blocks_per_sequence, block_size, kv_heads, head_dim, dtype, device, generator
+        k_cache, v_cache, block_table = _kv_cache(
+            batch, positions, block_size, kv_heads, head_dim, dtype, device, generator
         )
         k = _randn((batch, n_new, kv_heads, head_dim), dtype, device, generator)
         v = _randn((batch, n_new, kv_heads, head_dim), dtype, device, generator)
@@ -236,24 +252,30 @@ def _append_kv_case(device, dtype, batch, seqlen, n_new, kv_heads, head_dim, blo
         return dict(k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table)
 
     new_elements = 2 * batch * n_new * kv_heads * head_dim  # k and v
-    shape = f"b={batch} new={n_new} at {seqlen} paged/{block_size} kv_heads={kv_heads} d={head_dim}"
+    layout = "contiguous" if block_size is None else f"paged/{block_size}"
+    at = seqlen if capacity is None else f"{seqlen}/{capacity}"
+    shape = f"b={batch} new={n_new} at {at} {layout} kv_heads={kv_heads} d={head_dim}"
     return BenchCase("append_kv", shape, dtype, device, make_kwargs, None, 2 * new_elements * _itemsize(dtype))
 
 
 _SAMPLING_PARAMS = dict(temperature=0.7, top_k=50, top_p=0.9)
 
 
-def _sampling_case(op, device, dtype, batch, vocab) -> BenchCase:
+def _sampling_case(op, device, dtype, batch, vocab, params=None) -> BenchCase:
+    """Logits of ``batch`` rows over ``vocab``, filtered or sampled with ``params`` (default
+    temperature 0.7, top-k 50, top-p 0.9); ``sample`` draws with seed 0."""
+    params = _SAMPLING_PARAMS if params is None else params
+
     def make_kwargs() -> Kwargs:
         logits = _randn((batch, vocab), dtype, device, _generator(device)) * 3
-        kwargs = dict(logits=logits, **_SAMPLING_PARAMS)
+        kwargs = dict(logits=logits, **params)
         if op == "sample":
             kwargs["seed"] = 0
         return kwargs
 
     logits_bytes = batch * vocab * _itemsize(dtype)
     written = logits_bytes if op == "filter_logits" else batch * 8  # filtered logits, or int64 tokens
-    options = " ".join(f"{key}={value}" for key, value in _SAMPLING_PARAMS.items())
+    options = " ".join(f"{key}={value}" for key, value in params.items())
     return BenchCase(op, f"b={batch} vocab={vocab} {options}", dtype, device, make_kwargs, None,
                      logits_bytes + written)
 
@@ -746,3 +768,4 @@ def write_json(path: str, rows: Sequence[BenchRow], meta: Dict[str, Any]) -> Non
     with open(path, "w") as file:
         json.dump({"metadata": meta, "rows": [dataclasses.asdict(row) for row in rows]}, file, indent=2)
         file.write("\n")
+
