@@ -18,6 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 Row = Dict[str, Any]
 
+#: What the metadata of an op-overhead file (``bench/op_overhead.py``) holds under "benchmark":
+#: its rows are not ``fmkernels bench`` rows.
+OVERHEAD_BENCHMARK = "overhead"
+
 #: Keys every row of a bench JSON file has.
 ROW_KEYS = ("op", "implementation", "kind", "shape", "dtype", "median_ms", "tflops", "gbps")
 
