@@ -1,14 +1,15 @@
-"""The per-call overhead benchmark: bench/op_overhead.py on a small workload, the output check that
-keeps a wrong path from being timed, the target's arithmetic."""
+"""The per-call overhead benchmark: bench/op_overhead.py and ``fmkernels bench --overhead`` on a
+small workload, the output check that keeps a wrong path from being timed, the target's arithmetic."""
 
 import json
 
 import pytest
 
 import fmkernels
-from fmkernels import benchmark, platform
+from fmkernels import benchmark, cli, platform
 
 import _bench_scripts
+from test_cli import run, table_rows
 
 pytestmark = pytest.mark.skipif(
     platform.unavailable_reason("cpu") is not None, reason=str(platform.unavailable_reason("cpu"))
@@ -96,3 +97,34 @@ def test_the_target_is_1_3_times_the_kernel_plus_15_us_for_decode_ops():
     # kernel, op, op - kernel, no device checks, - kernel, compiled, - kernel, target, verdict
     assert cells(140.0, True) == ["100.0/90.0", "140.0/140.0", "+40.0", "-", "-", "-", "-", "145.0", "PASS"]
     assert cells(150.0, False)[-1] == "FAIL"
+
+
+def test_cli_bench_overhead_prints_the_rows_and_writes_json(capsys, tmp_path):
+    out = tmp_path / "overhead.json"
+    status, printed = run(capsys, "bench", "--overhead", "append_kv", "--device", "cpu", "--calls", "2",
+                          "--repeats", "2", "--no-compile", "--json", str(out))
+    assert status == 0
+    rows = [row for row in table_rows(printed) if row[0]]
+    assert [row[0] for row in rows] == ["append_kv"] * len(benchmark.overhead_cases("append_kv", "cpu"))
+    assert all(row[1] == "cpu" and row[-2] in ("PASS", "FAIL") for row in rows)
+    data = json.loads(out.read_text())
+    assert data["metadata"]["command"].startswith("fmkernels bench --overhead append_kv")
+    assert data["metadata"]["samples"] == 2 and data["rows"][0]["calls"] == 2
+
+
+def test_compare_refuses_overhead_files(capsys, tmp_path):
+    path = tmp_path / "overhead.json"
+    benchmark.write_json(str(path), [], benchmark.overhead_metadata("cpu", "fmkernels bench --overhead", 1, 1))
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--compare", str(path), str(path)])
+    assert f"--compare: {path}: an op-overhead file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "linear", "--calls", "3"], "--calls: only with --overhead"),
+    (["bench", "--overhead", "--sweep"], "--overhead times the public ops and their kernels only: drop --sweep"),
+])
+def test_overhead_options_are_refused_where_they_do_not_apply(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert message in capsys.readouterr().err
