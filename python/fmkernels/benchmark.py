@@ -796,8 +796,8 @@ OVERHEAD_TARGET_RATIO = 1.3
 OVERHEAD_TARGET_US = 15.0
 
 #: Calls per timed sample and samples per way when --calls and --samples are not given.
-DEFAULT_OVERHEAD_CALLS = 50
-DEFAULT_OVERHEAD_SAMPLES = 15
+DEFAULT_OVERHEAD_CALLS = 100
+DEFAULT_OVERHEAD_SAMPLES = 21
 
 # SmolLM2-135M's decode step: 9 query / 3 KV heads of 64, hidden 576, vocabulary 49152, the
 # fused q/k/v projection (9 + 2 x 3) x 64 = 960 rows of its weight; a cache of 512 positions a
