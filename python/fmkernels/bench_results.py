@@ -18,6 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 Row = Dict[str, Any]
 
+#: What the metadata of an op-overhead file (``fmkernels bench --overhead``, ``bench/op_overhead.py``)
+#: holds under "benchmark": its rows are not ``fmkernels bench`` rows, and ``read_json`` refuses it.
+OVERHEAD_BENCHMARK = "overhead"
+
 #: Keys every row of a bench JSON file has.
 ROW_KEYS = ("op", "implementation", "kind", "shape", "dtype", "median_ms", "tflops", "gbps")
 
@@ -55,6 +59,10 @@ def read_json(path: str) -> Tuple[Dict[str, Any], List[Row]]:
     if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict) or not isinstance(data.get("rows"), list):
         raise ValueError(f"{path}: not a bench JSON file: expected an object with 'metadata' (an object) "
                          "and 'rows' (a list), as fmkernels bench --json writes")
+    if data["metadata"].get("benchmark") == OVERHEAD_BENCHMARK:
+        raise ValueError(f"{path}: an op-overhead file (fmkernels bench --overhead, bench/op_overhead.py), not "
+                         "fmkernels bench rows: its rows are µs per call of the ways an op is called, "
+                         "which --compare does not match")
     for index, row in enumerate(data["rows"]):
         missing = [key for key in ROW_KEYS if not isinstance(row, dict) or key not in row]
         if missing:

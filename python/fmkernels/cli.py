@@ -5,6 +5,7 @@
     fmkernels check [OP ...] [--device cpu|cuda] [--impl module:function] [--seed N]
     fmkernels bench [OP ...] [--device cpu|cuda] [--impl module:function] [--json PATH] [--plot PATH] [--repeats N]
     fmkernels bench --compare A.json B.json
+    fmkernels bench --overhead [OP ...] [--device cpu|cuda] [--calls N] [--repeats N] [--no-compile] [--json PATH]
     fmkernels backends
     fmkernels generate --model PATH|NAME (--prompt TEXT | --chat TEXT) [--max-new-tokens N] [sampling options]
     fmkernels info NAME|PATH [--dtype bf16] [--context N] [--batch N] [--device h100|h200|BW,TFLOPS] [--json]
@@ -203,6 +204,18 @@ def _parser() -> argparse.ArgumentParser:
         "--only", metavar="NAMES", type=lambda value: [name for name in value.split(",") if name],
         help="comma-separated implementation names to time (e.g. cuda,triton,sdpa_flash); default: all",
     )
+    bench.add_argument(
+        "--overhead", action="store_true",
+        help="time each public op's call at decode-sized inputs instead: the kernel through its binding, "
+        "the op, the op with device checks off and the op inside torch.compile, µs per call "
+        "(median/min of --repeats samples, default "
+        f"{benchmark.DEFAULT_OVERHEAD_SAMPLES}), with issue 18's target for append_kv, decode_attention and sample",
+    )
+    bench.add_argument(
+        "--calls", type=_integer_at_least(1),
+        help=f"with --overhead: calls timed together in one sample (default {benchmark.DEFAULT_OVERHEAD_CALLS})",
+    )
+    bench.add_argument("--no-compile", action="store_true", help="with --overhead: leave out the torch.compile'd op")
     bench.set_defaults(handler=_bench)
 
     listing = commands.add_parser("backends", help="which backends can run here, and why not")
@@ -388,6 +401,11 @@ def _bench_table(title: str, caption: str, numbers: Sequence[str]) -> Table:
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.compare:
         return _compare(args, parser)
+    if args.overhead:
+        return _bench_overhead(args, parser)
+    given = [name for name, value in (("--calls", args.calls), ("--no-compile", args.no_compile)) if value]
+    if given:
+        parser.error(f"{' and '.join(given)}: only with --overhead")
     if args.plot:
         try:
             bench_results.require_matplotlib()
@@ -451,6 +469,46 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 1 if any(row.error for row in rows) else 0
 
 
+def _bench_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    other = {"--impl": args.impl, "--plot": args.plot, "--sweep": args.sweep, "--only": args.only}
+    given = [name for name, value in other.items() if value]
+    if given:
+        parser.error(f"--overhead times the public ops and their kernels only: drop {', '.join(given)}")
+    device = _device(args, parser)
+    ops = list(dict.fromkeys(args.ops)) or list(registry.OPS)
+    calls = args.calls or benchmark.DEFAULT_OVERHEAD_CALLS
+    samples = args.repeats or benchmark.DEFAULT_OVERHEAD_SAMPLES
+    cases = [case for op in ops for case in benchmark.overhead_cases(op, device)]
+    rows = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=_console(stderr=True), transient=True) as progress:
+        task = progress.add_task("overhead", total=len(cases))
+        for case in cases:
+            progress.update(task, description=f"{case.op} · {case.shape}")
+            rows.append(benchmark.measure_overhead(case, calls, samples, compile_op=not args.no_compile))
+            progress.advance(task)
+    meta = benchmark.overhead_metadata(device, args.command_line, calls, samples)
+    table = _bench_table(
+        benchmark.overhead_title(meta),
+        f"a way's median - the kernel's; target: {meta['target']}",
+        benchmark.OVERHEAD_COLUMNS,
+    )
+    for row in rows:
+        if row.error:
+            note = Text(f"error: {row.error}", "bold red")
+        elif row.skipped and not row.median_us:
+            note = Text(f"skipped: {row.skipped['kernel']}", "yellow")
+        else:
+            note = Text("")
+        table.add_row(row.op, device.type, f"{row.shape} {row.dtype}", *benchmark.overhead_cells(row), note)
+    console = _console()
+    console.print(table)
+    if args.json:
+        benchmark.write_json(args.json, rows, meta)
+        console.print(f"wrote {args.json}")
+    return 1 if any(row.error for row in rows) else 0
+
+
 def _ratio_text(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -471,7 +529,8 @@ def _missing_text(row: Optional[dict], name: str) -> str:
 def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     timing_options = dict(OP=args.ops, **{"--impl": args.impl, "--json": args.json, "--plot": args.plot,
                                           "--sweep": args.sweep, "--only": args.only, "--repeats": args.repeats,
-                                          "--device": args.device})
+                                          "--device": args.device, "--overhead": args.overhead,
+                                          "--calls": args.calls, "--no-compile": args.no_compile})
     given = [name for name, value in timing_options.items() if value]
     if given:
         parser.error(f"--compare reads two files and times nothing: drop {', '.join(given)}")
