@@ -2,6 +2,9 @@
 that remembering never skips a check that a call's values need: a repeated signature with a
 bad value is refused exactly as a first call would be."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -188,6 +191,20 @@ def test_a_refusal_is_remembered_and_repeated():
     for _ in range(2):
         with pytest.raises(ValueError, match="backend 'picky' cannot run this filter_logits call: never"):
             fmkernels.filter_logits(logits, backend="picky")
+
+
+def test_what_is_remembered_keeps_no_tensor_alive():
+    """The maps hold signatures, numbers, implementations and messages, never a call's tensors
+    (a remembered exception's traceback would hold them)."""
+    fmkernels.register_impl("filter_logits", "picky", lambda **_: None, lambda **_: "never")
+    logits = torch.randn(2, 10)
+    alive = weakref.ref(logits)
+    with pytest.raises(ValueError, match="never"):
+        fmkernels.filter_logits(logits, backend="picky")
+    fmkernels.filter_logits(logits, backend="cpu")
+    del logits
+    gc.collect()
+    assert alive() is None
 
 
 def test_direct_and_dispatched_calls_agree():

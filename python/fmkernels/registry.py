@@ -73,8 +73,8 @@ class Impl:
 
 _REGISTRY: Dict[str, Dict[str, Impl]] = {op: {} for op in OPS}
 
-# select()'s answers by (op, backend, the case's signature): which implementation runs it, or
-# the error that says why none can. Registering or removing an implementation forgets them.
+# select()'s answers by (op, the call's signature): which implementation runs it, or the
+# message of the error that says why none can. Registering or removing an implementation forgets them.
 _SELECTED = SignatureCache(capacity=1024)
 
 
@@ -172,10 +172,10 @@ def select(op: str, backend: str, case: Dict[str, Any], *, key: Optional[Hashabl
         try:
             chosen = _select(op, backend, case)
         except ValueError as error:
-            chosen = error
+            chosen = str(error)  # the message alone: an exception's traceback would keep the call's tensors alive
         _SELECTED.put(key, chosen)
-    if isinstance(chosen, ValueError):
-        raise ValueError(str(chosen))
+    if isinstance(chosen, str):
+        raise ValueError(chosen)
     return chosen
 
 
