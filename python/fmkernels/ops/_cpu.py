@@ -2,12 +2,14 @@
 
 Each function takes the reference's arguments (already validated by the public op),
 allocates the outputs, and hands the kernels tensor views. Kernels use
-``torch.get_num_threads()`` OpenMP threads, so ``torch.set_num_threads`` governs both.
+``torch.get_num_threads()`` OpenMP threads, so ``torch.set_num_threads`` governs both;
+in a child made by ``os.fork``, one (see ``_after_fork_in_child``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy
 import torch
@@ -25,6 +27,31 @@ MAX_LINEAR_ROWS = 16
 
 def _module():
     return platform.cpu_module()
+
+
+# OpenMP's thread pool does not survive os.fork: in the child, the first parallel region of
+# more than one thread waits for the parent's threads, which are not there, and never returns
+# (torch's own CPU ops hang the same way). Whether the parent's pool has started cannot be
+# asked, so every forked child runs on one thread.
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    """Runs in the child of every os.fork (multiprocessing's "fork" start method included):
+    torch's ops go single-threaded, and the kernels here stay on one thread in this process
+    whatever torch is set to later (more than one there would hang)."""
+    global _forked_child
+    _forked_child = True
+    torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _threads() -> int:
+    """The kernels' OpenMP threads: torch's setting, or one in a forked child."""
+    return 1 if _forked_child else torch.get_num_threads()
 
 
 def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
@@ -65,7 +92,7 @@ def attention(q, k, v, *, causal=False, scale=None, cu_seqlens_q=None, cu_seqlen
     _module().attention(
         tensor_view(q), tensor_view(k), tensor_view(v), tensor_view(out), tensor_view(lse),
         tensor_view(cu_seqlens_q), tensor_view(cu_seqlens_k), bool(causal), _scale(q, scale),
-        torch.get_num_threads(),
+        _threads(),
     )
     return (out, lse) if return_lse else out
 
@@ -77,7 +104,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, sc
     _module().decode_attention(
         tensor_view(q), tensor_view(k_cache), tensor_view(v_cache), tensor_view(cache_seqlens),
         tensor_view(block_table), tensor_view(out), tensor_view(lse), _scale(q, scale),
-        torch.get_num_threads(),
+        _threads(),
     )
     return (out, lse) if return_lse else out
 
@@ -94,7 +121,7 @@ def linear(x, weight):
     x_rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     x_rows, weight = _unit_stride(x_rows), _unit_stride(weight)
     out = torch.empty((x_rows.shape[0], weight.shape[0]), dtype=x.dtype)
-    _module().linear(tensor_view(x_rows), tensor_view(weight), tensor_view(out), torch.get_num_threads())
+    _module().linear(tensor_view(x_rows), tensor_view(weight), tensor_view(out), _threads())
     return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -146,7 +173,7 @@ def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     out = _empty_like(logits)
     keep = []
     parameters = _filter_views(logits.shape[0], temperature, top_k, top_p, min_p, keep)
-    _module().filter_logits(tensor_view(logits), tensor_view(out), *parameters, torch.get_num_threads())
+    _module().filter_logits(tensor_view(logits), tensor_view(out), *parameters, _threads())
     return out
 
 
@@ -166,7 +193,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
         top_logprobs = torch.empty((batch, num_logprobs), dtype=torch.float32)
     _module().sample(
         tensor_view(logits), tensor_view(tokens), *parameters, tensor_view(seeds), tensor_view(steps),
-        tensor_view(logprobs), tensor_view(top_ids), tensor_view(top_logprobs), torch.get_num_threads(),
+        tensor_view(logprobs), tensor_view(top_ids), tensor_view(top_logprobs), _threads(),
     )
     if return_logprobs:
         return reference.SampleOutput(tokens, logprobs, top_ids, top_logprobs)
