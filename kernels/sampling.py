@@ -244,8 +244,11 @@ def _sample_kernel(
     Logits_ptr,  # (batch, vocab) fp32/fp16/bf16
     Tokens_ptr,  # (batch,) int64: the drawn tokens
     Logprobs_ptr,  # (batch,) fp32: the drawn token's log-probability; written if RETURN_LOGPROBS
-    Lse_ptr,  # (batch,) fp32: m + log(sum over kept of exp(x - m)); written if RETURN_LOGPROBS
-    Filtered_ptr,  # (batch, vocab) fp32: x where kept, -inf elsewhere; written if WRITE_FILTERED
+    Log_mass_ptr,  # (batch,) fp32: log(sum over kept of exp(x - m)); written if RETURN_LOGPROBS
+    # (batch, vocab) fp32: x - m where kept, -inf elsewhere; written if WRITE_FILTERED. Shifted by
+    # the max, as log_softmax computes, so (x - m) - log_mass keeps fp32's precision where x is
+    # large (a small temperature): x - (m + log_mass) would round m + log_mass at x's scale.
+    Filtered_ptr,
     Temperature_ptr,  # (batch,) fp32; 0 means greedy
     Top_k_ptr,  # (batch,) int64; 0 means off
     Top_p_ptr,  # (batch,) fp32; 1 means off
@@ -298,14 +301,14 @@ def _sample_kernel(
         if RETURN_LOGPROBS:
             kept_mass += tl.sum(tl.where(keep, tl.exp(x - m), 0.0), axis=0)
         if WRITE_FILTERED:
-            tl.store(Filtered_ptr + row * vocab + offs, tl.where(keep, x, float("-inf")), mask=offs < vocab)
+            tl.store(Filtered_ptr + row * vocab + offs, tl.where(keep, x - m, float("-inf")), mask=offs < vocab)
     tl.store(Tokens_ptr + row, best_id.to(tl.int64))
     if RETURN_LOGPROBS:
         x_best = tl.math.div_rn(tl.load(Logits_ptr + best_id.to(tl.int64) * logits_stride_vocab).to(tl.float32),
                                 divisor)
         log_mass = tl.log(kept_mass)
         tl.store(Logprobs_ptr + row, (x_best - m) - log_mass)
-        tl.store(Lse_ptr + row, m + log_mass)
+        tl.store(Log_mass_ptr + row, log_mass)
 
 
 def _block(vocab: int) -> int:
@@ -376,13 +379,13 @@ def sample(
     temperature, top_k, top_p, min_p = reference.filter_parameters(batch, device, temperature, top_k, top_p, min_p)
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     logprobs = torch.empty(batch if return_logprobs else 0, dtype=torch.float32, device=device)
-    lse = torch.empty_like(logprobs)
+    log_mass = torch.empty_like(logprobs)
     write_filtered = return_logprobs and num_logprobs > 0
     filtered = torch.empty((batch, vocab) if write_filtered else (0,), dtype=torch.float32, device=device)
     if batch > 0:
         block = _block(vocab)
         _sample_kernel[(batch,)](
-            logits, tokens, logprobs, lse, filtered,
+            logits, tokens, logprobs, log_mass, filtered,
             temperature, top_k, top_p, min_p, seeds, steps,
             logits.stride(0), logits.stride(1), vocab,
             RETURN_LOGPROBS=return_logprobs, WRITE_FILTERED=write_filtered,
@@ -390,5 +393,6 @@ def sample(
         )
     if not return_logprobs:
         return tokens
-    top_ids, top_logprobs = top_alternatives(filtered if write_filtered else None, lse, batch, num_logprobs, device)
+    top_ids, top_logprobs = top_alternatives(filtered if write_filtered else None, log_mass, batch, num_logprobs,
+                                             device)
     return reference.SampleOutput(tokens, logprobs, top_ids, top_logprobs)
