@@ -11,7 +11,7 @@ BUILD_SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/
 INSTALLED := $(VENV)/.fmkernels-installed
 BUILD_TOOLS := $(VENV)/.build-tools
 
-.PHONY: run test check bench install test-sanitize clean
+.PHONY: run test check bench install fuzz test-sanitize clean
 
 run: $(INSTALLED)
 	$(VENV)/bin/fmkernels check
@@ -19,6 +19,13 @@ run: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q
+
+# `make fuzz [EXAMPLES=N]`: the long search of the property-based tests (tests/test_fuzz.py),
+# N examples per test (default 500), a fresh random seed each run; a failing example is printed
+# with the decorator that replays it.
+EXAMPLES ?= 500
+fuzz: $(INSTALLED)
+	FMKERNELS_HYPOTHESIS_PROFILE=fuzz FMKERNELS_FUZZ_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
 
 check: $(INSTALLED)
 	$(VENV)/bin/fmkernels check
