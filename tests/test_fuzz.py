@@ -3,7 +3,9 @@ ratios, layouts, parameters at their extremes) and holds every backend that can 
 machine to the reference by ``fmkernels.testing.check_impl``'s rules (float64 truth and
 plain-PyTorch tolerances for attention and linear, exact caches for append_kv, exact kept sets
 for filter_logits, the same tokens for sample), with poisoned outputs and NaN past every
-sequence's length. A backend may refuse a call only by saying it cannot run it.
+sequence's length. A backend may refuse a call only by saying it cannot run it. Invalid calls
+(a valid one with one thing made wrong: a length past the cache, a block outside the pool, a
+NaN logit, a parameter out of range) are refused by every backend before anything is written.
 
 In CI the search is deterministic and small (the "ci" profile). ``make fuzz`` runs the long
 search (the "fuzz" profile: FMKERNELS_FUZZ_EXAMPLES examples per test, a fresh random seed each
@@ -18,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fmkernels
 from fmkernels import registry, testing
 
 _COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -146,3 +149,77 @@ REGRESSIONS = [
 @pytest.mark.parametrize("op, shape, dtype, seed", REGRESSIONS)
 def test_regressions_the_search_found(op, shape, dtype, seed):
     _hold_every_backend_to_the_reference(testing._sampling_case(op, shape, dtype, seed, "cpu"))
+
+
+# Invalid calls: a valid call drawn as above, then one thing made wrong. Every backend that
+# runs here refuses it with ValueError or TypeError before writing anything: the caches and a
+# caller's out= buffer keep their bits.
+
+def _refused_untouched(op: str, kwargs, written) -> None:
+    for impl in _backends(op):
+        before = [testing._bits(t).clone() for t in written]
+        with pytest.raises((ValueError, TypeError)):
+            getattr(fmkernels, op)(**kwargs, backend=impl.name)
+        for tensor, bits in zip(written, before):
+            assert torch.equal(testing._bits(tensor), bits), f"{impl.name} wrote before refusing"
+
+
+@given(data=st.data(), head_dim=HEAD_DIMS, seed=SEEDS)
+def test_invalid_cache_positions_are_refused_before_writing(data, head_dim, seed):
+    batch = data.draw(st.integers(1, 4), label="batch")
+    n_new = data.draw(st.integers(1, 3), label="n_new")
+    lengths = tuple(data.draw(st.lists(st.integers(n_new, 40), min_size=batch, max_size=batch), label="lengths"))
+    block_size = data.draw(st.sampled_from([None, 4, 16]), label="block_size")
+    shape = testing._DecodeShape(lengths, n_new, 4, 2, head_dim, block_size)
+    kwargs = testing._decode_case(shape, torch.float32, seed, "cpu").make_kwargs()
+    row = data.draw(st.integers(0, batch - 1), label="row")
+    capacity = (kwargs["k_cache"].shape[1] if block_size is None
+                else block_size * kwargs["block_table"].shape[1])
+    wrong = data.draw(st.sampled_from(["past capacity", "negative", "block outside the pool"]
+                                      if block_size else ["past capacity", "negative"]), label="wrong")
+    seqlens = kwargs["cache_seqlens"].clone()
+    table = kwargs["block_table"]
+    if wrong == "past capacity":
+        seqlens[row] = capacity + data.draw(st.integers(1, 5), label="excess")
+    elif wrong == "negative":
+        seqlens[row] = -data.draw(st.integers(1, 5), label="below")
+    else:
+        # The block of the row's last position: decode reads it and the append writes it.
+        table = table.clone()
+        table[row, (lengths[row] - 1) // block_size] = \
+            data.draw(st.sampled_from([-1, kwargs["k_cache"].shape[0], 10**6]), label="entry")
+    out = torch.full_like(kwargs["q"], 7.0)
+    _refused_untouched("decode_attention", dict(q=kwargs["q"], k_cache=kwargs["k_cache"], v_cache=kwargs["v_cache"],
+                                                cache_seqlens=seqlens, block_table=table, out=out), [out])
+    new = torch.ones(batch, n_new, 2, head_dim)
+    append = dict(k_cache=kwargs["k_cache"], v_cache=kwargs["v_cache"], k=new, v=new,
+                  cache_seqlens=seqlens - n_new, block_table=table)
+    _refused_untouched("append_kv", append, [kwargs["k_cache"], kwargs["v_cache"]])
+
+
+@given(data=st.data(), dtype=DTYPES, seed=SEEDS)
+def test_invalid_sampling_values_are_refused_before_writing(data, dtype, seed):
+    shape = data.draw(_sampling_shape("sample"), label="shape")
+    kwargs = testing._sampling_case("sample", shape, dtype, seed, "cpu").make_kwargs()
+    logits = kwargs["logits"].clone()
+    row = data.draw(st.integers(0, shape.batch - 1), label="row")
+    wrong = data.draw(st.sampled_from(["nan", "+inf", "all -inf", "temperature", "top_p", "min_p"]), label="wrong")
+    if wrong in ("nan", "+inf"):
+        logits[row, data.draw(st.integers(0, shape.vocab - 1), label="col")] = float(wrong)
+    elif wrong == "all -inf":
+        logits[row] = float("-inf")
+    else:
+        bad = {"temperature": -1e-3, "top_p": 0.0, "min_p": 1.5}[wrong]
+        rows = torch.tensor([0.5 if wrong != "temperature" else 1.0] * shape.batch)
+        rows[row] = bad
+        kwargs[wrong] = rows
+    kwargs["logits"] = logits
+    for op in ("filter_logits", "sample"):
+        call = {key: value for key, value in kwargs.items()
+                if op == "sample" or key in ("logits", "temperature", "top_k", "top_p", "min_p")}
+        if op == "sample" and call.get("return_logprobs"):
+            call.pop("num_logprobs", None)
+            call.pop("return_logprobs")
+        out = (torch.full((shape.batch,), -7, dtype=torch.int64) if op == "sample"
+               else torch.full_like(logits, 7.0))
+        _refused_untouched(op, dict(call, out=out), [out])
