@@ -20,12 +20,18 @@ run: $(INSTALLED)
 test: $(INSTALLED)
 	$(PY) -m pytest -q
 
-# `make fuzz [EXAMPLES=N]`: the long search of the property-based tests (tests/test_fuzz.py),
-# N examples per test (default 500), a fresh random seed each run; a failing example is printed
-# with the decorator that replays it.
+# `make fuzz [EXAMPLES=N] [MINUTES=M]`: the long search of the property-based tests
+# (tests/test_fuzz.py), N examples per test (default 500) with a fresh random seed, run again
+# until M minutes have passed (default 0: once); it stops at the first failure, printed with
+# the decorator that replays it.
 EXAMPLES ?= 500
+MINUTES ?= 0
 fuzz: $(INSTALLED)
-	FMKERNELS_HYPOTHESIS_PROFILE=fuzz FMKERNELS_FUZZ_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+	end=$$(( $$(date +%s) + 60 * $(MINUTES) )); \
+	while :; do \
+		FMKERNELS_HYPOTHESIS_PROFILE=fuzz FMKERNELS_FUZZ_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py || exit 1; \
+		[ $$(date +%s) -lt $$end ] || break; \
+	done
 
 check: $(INSTALLED)
 	$(VENV)/bin/fmkernels check

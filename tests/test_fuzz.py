@@ -2,8 +2,8 @@
 ratios, layouts, parameters at their extremes) and holds every backend that can run on this
 machine to the reference by ``fmkernels.testing.check_impl``'s rules (float64 truth and
 plain-PyTorch tolerances for attention and linear, exact caches for append_kv, exact kept sets
-for filter_logits, the same tokens for sample), with poisoned outputs and NaN past every
-sequence's length. A backend may refuse a call only by saying it cannot run it. Invalid calls
+for filter_logits, the same tokens for sample), with poisoned outputs, NaN past every
+sequence's length, and contiguous tensors or sliced views of padded ones. A backend may refuse a call only by saying it cannot run it. Invalid calls
 (a valid one with one thing made wrong: a length past the cache, a block outside the pool, a
 NaN logit, a parameter out of range) are refused by every backend before anything is written.
 
@@ -39,6 +39,33 @@ def _backends(op: str):
             if impl.kind == "backend" and testing.skip_reason(impl, "cpu") is None]
 
 
+def _padded_view(tensor: torch.Tensor, pad: int) -> torch.Tensor:
+    """The same values as a sliced view: rows of the last dimension ``pad`` elements apart more
+    than their length (unit stride inside a row, as the kernels read them), junk between."""
+    base = torch.full((*tensor.shape[:-1], tensor.shape[-1] + pad), float("nan"), dtype=tensor.dtype)
+    view = base[..., : tensor.shape[-1]]
+    view.copy_(tensor)
+    return view
+
+
+def _with_views(case: testing.Case, pad: int, names) -> testing.Case:
+    """``case`` with the floating-point tensors among ``names`` passed as padded views."""
+    if pad == 0:
+        return case
+
+    def make_kwargs():
+        kwargs = case.make_kwargs()
+        for name in names:
+            if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].is_floating_point():
+                kwargs[name] = _padded_view(kwargs[name], pad)
+        return kwargs
+
+    return testing.Case(case.op, f"{case.name} views+{pad}", make_kwargs)
+
+
+PADS = st.sampled_from([0, 0, 1, 8])
+
+
 def _hold_every_backend_to_the_reference(case: testing.Case) -> None:
     for impl in _backends(case.op):
         try:
@@ -64,7 +91,9 @@ def test_decode_attention_matches_the_reference(data, dtype, head_dim, seed):
     block_size = data.draw(st.sampled_from([None, 1, 4, 16]), label="block_size")
     shape = testing._DecodeShape(lengths, n_new, q_heads, kv_heads, head_dim, block_size,
                                  return_lse=data.draw(st.booleans(), label="return_lse"))
-    _hold_every_backend_to_the_reference(testing._decode_case(shape, dtype, seed, "cpu"))
+    case = _with_views(testing._decode_case(shape, dtype, seed, "cpu"), data.draw(PADS, label="pad"),
+                       ("q", "k_cache", "v_cache"))
+    _hold_every_backend_to_the_reference(case)
 
 
 @given(data=st.data(), dtype=DTYPES, head_dim=HEAD_DIMS, seed=SEEDS)
@@ -74,7 +103,9 @@ def test_append_kv_matches_the_reference(data, dtype, head_dim, seed):
     shape = testing._AppendShape(lengths, data.draw(st.integers(1, 5), label="n_new"),
                                  data.draw(st.integers(1, 3), label="kv_heads"), head_dim,
                                  data.draw(st.sampled_from([None, 1, 4, 16]), label="block_size"))
-    _hold_every_backend_to_the_reference(testing._append_case(shape, dtype, seed, "cpu"))
+    case = _with_views(testing._append_case(shape, dtype, seed, "cpu"), data.draw(PADS, label="pad"),
+                       ("k_cache", "v_cache", "k", "v"))
+    _hold_every_backend_to_the_reference(case)
 
 
 @given(data=st.data(), dtype=DTYPES, head_dim=HEAD_DIMS, seed=SEEDS)
@@ -91,7 +122,9 @@ def test_attention_matches_the_reference(data, dtype, head_dim, seed):
     shape = testing._AttentionShape(seqlens_q, seqlens_k, q_heads, kv_heads, head_dim,
                                     causal=data.draw(st.booleans(), label="causal"),
                                     return_lse=data.draw(st.booleans(), label="return_lse"), packed=packed)
-    _hold_every_backend_to_the_reference(testing._attention_case(shape, dtype, seed, "cpu"))
+    case = _with_views(testing._attention_case(shape, dtype, seed, "cpu"), data.draw(PADS, label="pad"),
+                       ("q", "k", "v"))
+    _hold_every_backend_to_the_reference(case)
 
 
 @given(data=st.data(), dtype=DTYPES, seed=SEEDS)
@@ -133,7 +166,9 @@ def _sampling_shape(draw, op):
 @given(data=st.data(), dtype=DTYPES, seed=SEEDS)
 def test_sampling_matches_the_reference(op, data, dtype, seed):
     shape = data.draw(_sampling_shape(op), label="shape")
-    _hold_every_backend_to_the_reference(testing._sampling_case(op, shape, dtype, seed, "cpu"))
+    case = _with_views(testing._sampling_case(op, shape, dtype, seed, "cpu"), data.draw(PADS, label="pad"),
+                       ("logits",))
+    _hold_every_backend_to_the_reference(case)
 
 
 # Failures the search has found, kept as plain cases.
