@@ -184,7 +184,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
     keep = []
     parameters = _filter_views(batch, temperature, top_k, top_p, min_p, keep)
     seeds = _row_seeds(seed, batch)
-    steps = step.to(torch.int64).contiguous() if isinstance(step, torch.Tensor) else torch.full((batch,), step, dtype=torch.int64)
+    steps = reference.per_row(step, batch, torch.int64, "cpu").contiguous()
     tokens = torch.empty(batch, dtype=torch.int64)
     logprobs = top_ids = top_logprobs = None
     if return_logprobs:

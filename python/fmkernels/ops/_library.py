@@ -19,6 +19,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .._signature import _PLAIN_TENSORS, _SCALARS
+
 PerRow = Union[int, float, torch.Tensor]
 
 
@@ -42,8 +44,6 @@ def join_per_row(scalar: Optional[Union[int, float]], rows: Optional[torch.Tenso
 _FUNCTION_MODE = getattr(torch._C, "_is_torch_function_mode_enabled", None)
 _DISPATCH_DEPTH = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _PROFILER = torch.autograd.profiler
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-_SCALARS = (int, float, bool, str, type(None))
 
 
 def _intercepted(args) -> bool:

@@ -107,7 +107,6 @@ def _require_arguments(q, k_cache, v_cache, cache_seqlens, block_table, scale, r
     require_backend(backend)
 
 
-
 def require_cache_seqlens_values(cache_seqlens: torch.Tensor, n_new: int, k_cache, block_table) -> None:
     """n_new <= cache_seqlens[b] <= capacity, and the blocks holding them inside the pool
     (one read of the lengths, on the host)."""

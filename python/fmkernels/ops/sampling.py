@@ -58,10 +58,11 @@ def _validate(logits, temperature, top_k, top_p, min_p, backend) -> None:
 
 
 def _require_values(logits: torch.Tensor, parameters) -> None:
-    """Per-row parameter tensors (among ``parameters``, by name) in their ranges, and logits finite or -inf with something to keep in every row, for each
-    tensor ``checks_values`` allows. Where it does not (GPU tensors with device checks off,
-    or a CUDA graph capture), an out-of-range parameter or a NaN or +inf logit is not
-    reported, and the kernels, which index by the shapes alone, still stay inside their tensors.
+    """Per-row parameter tensors (among ``parameters``, by name) in their ranges, and logits
+    finite or -inf with something to keep in every row, for each tensor ``checks_values``
+    allows. Where it does not (GPU tensors with device checks off, or a CUDA graph capture),
+    an out-of-range parameter or a NaN or +inf logit is not reported, and the kernels, which
+    index by the shapes alone, still stay inside their tensors.
     """
     for name, value in parameters.items():
         if isinstance(value, torch.Tensor) and check.checks_values(value):
