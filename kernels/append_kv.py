@@ -28,7 +28,7 @@ def _append_kv_kernel(
     BLOCK_DIM: tl.constexpr,
 ):
     # One program per (sequence, new token): reads and writes kv_heads x head_dim elements of k and of v.
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit: k and v may hold more than 2^31 elements
     b = pid // n_new
     t = pid % n_new
     start = tl.load(Seqlens_ptr + b * seqlens_stride).to(tl.int64)

@@ -85,7 +85,8 @@ def _decode_attention_split_kernel(
     dim_valid = offs_d < head_dim
 
     b64 = b.to(tl.int64)
-    q = tl.load(Q_ptr + b64 * q_stride_batch + token[:, None] * q_stride_token + head[:, None] * q_stride_head
+    token64 = token.to(tl.int64)  # 64-bit: one sequence's q and out may span more than 2^31 elements
+    q = tl.load(Q_ptr + b64 * q_stride_batch + token64[:, None] * q_stride_token + head[:, None] * q_stride_head
                 + offs_d[None, :] * q_stride_dim, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -135,7 +136,7 @@ def _decode_attention_split_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # x ln 2
     out_base = Out_ptr + b64 * out_stride_batch + split.to(tl.int64) * out_stride_split
-    tl.store(out_base + token[:, None] * out_stride_token + head[:, None] * out_stride_head
+    tl.store(out_base + token64[:, None] * out_stride_token + head[:, None] * out_stride_head
              + offs_d[None, :] * out_stride_dim, out, mask=row_valid[:, None] & dim_valid[None, :])
     lse_base = Lse_ptr + b64 * lse_stride_batch + split.to(tl.int64) * lse_stride_split
     tl.store(lse_base + head * lse_stride_head + token * lse_stride_token, lse, mask=row_valid)
@@ -157,8 +158,8 @@ def _decode_attention_merge_kernel(
 ):
     # One program per (sequence, new token, query head): reads splits x (head_dim + 1) fp32
     # elements, writes head_dim + 1.
-    pid = tl.program_id(0)
-    b = (pid // (n_new * q_heads)).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit: the scratch may hold more than 2^31 elements
+    b = pid // (n_new * q_heads)
     token = (pid // q_heads) % n_new
     head = pid % q_heads
     offs_d = tl.arange(0, BLOCK_D)
@@ -172,8 +173,9 @@ def _decode_attention_merge_kernel(
     for s0 in range(0, num_splits, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         split_valid = offs_s < num_splits
-        lse_s = tl.load(part_lse + offs_s * part_lse_stride_split, mask=split_valid, other=float("-inf"))
-        out_s = tl.load(part_out + offs_s[:, None] * part_out_stride_split + offs_d[None, :] * part_out_stride_dim,
+        lse_s = tl.load(part_lse + offs_s.to(tl.int64) * part_lse_stride_split, mask=split_valid, other=float("-inf"))
+        out_s = tl.load(part_out + offs_s[:, None].to(tl.int64) * part_out_stride_split
+                        + offs_d[None, :] * part_out_stride_dim,
                         mask=split_valid[:, None] & dim_valid[None, :], other=0.0)
         m_new = tl.maximum(m, tl.max(lse_s, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
