@@ -143,7 +143,8 @@ def _attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < len_q
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(Q_base + offs_m[:, None] * q_stride_token + offs_d[None, :] * q_stride_dim,
+    # 64-bit: one sequence's rows may span more than 2^31 elements
+    q = tl.load(Q_base + offs_m[:, None].to(tl.int64) * q_stride_token + offs_d[None, :] * q_stride_dim,
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -175,7 +176,7 @@ def _attention_kernel(
     # A row that saw no key has l = 0: its output is 0 and its log-sum-exp -inf.
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(O_base + offs_m[:, None] * o_stride_token + offs_d[None, :] * o_stride_dim,
+    tl.store(O_base + offs_m[:, None].to(tl.int64) * o_stride_token + offs_d[None, :] * o_stride_dim,
              out.to(Out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     if RETURN_LSE:
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))  # x ln 2
