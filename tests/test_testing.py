@@ -222,7 +222,7 @@ def near_tie_case():
     """One row whose two best Gumbel scores are 1e-6 apart (relative): token 3 wins, token 5 is second."""
     def make_kwargs():
         logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
-        gumbel_noise = testing._filtered_and_gumbel(dict(logits=logits, seed=5))[1] - logits
+        gumbel_noise = testing._filtered_and_gumbel(dict(logits=logits, seed=5))[2]
         logits[0, 3] = 20.0
         winning_score = logits[0, 3] + gumbel_noise[0, 3]
         logits[0, 5] = winning_score * (1 - 1e-6) - gumbel_noise[0, 5]
@@ -244,6 +244,59 @@ def test_a_near_tie_may_go_either_way_but_a_clear_loss_may_not(register):
     result = testing.check_impl(register("sample", second_best), case)
     assert result.passed and "near ties" in result.detail
     assert not testing.check_impl(register("sample", clear_loser), case).passed
+
+
+def top_p_boundary_case(op):
+    """Four tokens tied at the top, each of probability 1/4 (exact in fp32), and top_p 0.5: two
+    reach p exactly, so whether the third is kept is fp32 rounding's choice; the fourth (0.75
+    before it) is removed whatever the rounding."""
+    def make_kwargs():
+        logits = torch.full((1, 40), -30.0)
+        logits[0, [3, 9, 20, 31]] = 5.0
+        kwargs = dict(logits=logits, top_p=0.5)
+        if op == "sample":
+            kwargs.update(seed=11, return_logprobs=True, num_logprobs=3)
+        return kwargs
+
+    return testing.Case(op, "top-p boundary", make_kwargs)
+
+
+def test_a_token_on_the_top_p_boundary_may_go_either_way_but_no_other(register):
+    case = top_p_boundary_case("filter_logits")
+    assert torch.isfinite(reference.filter_logits(**case.make_kwargs())[0]).nonzero().flatten().tolist() == [3, 9]
+
+    def keeping(ids):
+        def filter_keeping(logits, **params):
+            out = torch.full_like(logits, float("-inf"))
+            out[0, ids] = logits[0, ids]
+            return out
+        filter_keeping.__name__ += "_".join(map(str, ids))
+        return filter_keeping
+
+    result = testing.check_impl(register("filter_logits", keeping([3, 9, 20])), case)
+    assert result.passed and "top-p boundary" in result.detail
+    assert not testing.check_impl(register("filter_logits", keeping([3, 9, 20, 31])), case).passed
+    assert not testing.check_impl(register("filter_logits", keeping([3])), case).passed
+
+
+def test_a_sample_on_the_top_p_boundary_is_held_to_the_distribution_it_drew_from(register):
+    case = top_p_boundary_case("sample")
+    kwargs = case.make_kwargs()
+    _, _, noise = testing._filtered_and_gumbel(kwargs)
+    three = [3, 9, 20]
+    token = three[int(noise[0, three].argmax())]  # the draw among three kept tokens
+
+    def draw_among(logprob):
+        def sample_among_three(logits, **kwargs):
+            ids = torch.tensor([three])
+            return reference.SampleOutput(torch.tensor([token]), torch.tensor([logprob]), ids,
+                                          torch.full((1, 3), logprob))
+        sample_among_three.__name__ += f"_{logprob:.3f}"
+        return sample_among_three
+
+    assert testing.check_impl(register("sample", draw_among(-math.log(3))), case).passed
+    # the token of three with the log-probabilities of two: neither distribution
+    assert not testing.check_impl(register("sample", draw_among(-math.log(2))), case).passed
 
 
 def test_check_impl_needs_a_registered_impl_of_the_cases_op():
