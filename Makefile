@@ -23,13 +23,13 @@ test: $(INSTALLED)
 # `make fuzz [EXAMPLES=N] [MINUTES=M]`: the long search of the property-based tests
 # (tests/test_fuzz.py), N examples per test (default 500) with a fresh random seed, run again
 # until M minutes have passed (default 0: once); it stops at the first failure, printed with
-# the decorator that replays it.
+# the decorator that replays it. Each run prints hypothesis' statistics: examples per test.
 EXAMPLES ?= 500
 MINUTES ?= 0
 fuzz: $(INSTALLED)
 	end=$$(( $$(date +%s) + 60 * $(MINUTES) )); \
 	while :; do \
-		FMKERNELS_HYPOTHESIS_PROFILE=fuzz FMKERNELS_FUZZ_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py || exit 1; \
+		FMKERNELS_HYPOTHESIS_PROFILE=fuzz FMKERNELS_FUZZ_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q --hypothesis-show-statistics tests/test_fuzz.py || exit 1; \
 		[ $$(date +%s) -lt $$end ] || break; \
 	done
 
