@@ -55,17 +55,21 @@ $(INSTALLED): $(BUILD_TOOLS) $(BUILD_SOURCES)
 
 # The C++ CPU kernels built with AddressSanitizer and UndefinedBehaviorSanitizer, in a
 # venv of their own (a regular, non-editable install), and the tests that reach them.
+# `make test-sanitize`: the C++ built with AddressSanitizer and UndefinedBehaviorSanitizer
+# into its own virtualenv, and the tests that reach it (the property-based tests at their CI
+# budget among them); the first error fails the run. .ci/run runs it after `make test`.
 SANITIZE_VENV := .venv-sanitize
 SANITIZE_RUNTIME = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)
+SANITIZE_TESTS := test_append_kv.py test_validation.py test_cpu_attention.py test_cpu_decode_attention.py \
+	test_cpu_linear.py test_cpu_sampling.py test_fuzz.py test_huge_tensors.py
 
 test-sanitize:
 	test -x $(SANITIZE_VENV)/bin/python || $(PYTHON) -m venv $(SANITIZE_VENV)
-	$(SANITIZE_VENV)/bin/python -m pip install -q -c $(CONSTRAINTS) scikit-build-core pybind11 torch triton numpy rich pytest
+	$(SANITIZE_VENV)/bin/python -m pip install -q -c $(CONSTRAINTS) scikit-build-core pybind11 torch triton numpy rich pytest hypothesis
 	FMKERNELS_SANITIZE=ON FMKERNELS_CUDA=OFF $(SANITIZE_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps \
 		--config-settings=build-dir=build/sanitize .
-	cd tests && ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(SANITIZE_RUNTIME)" \
-		../$(SANITIZE_VENV)/bin/python -m pytest -q -p no:cacheprovider test_append_kv.py test_validation.py \
-			test_cpu_attention.py test_cpu_decode_attention.py test_cpu_linear.py test_cpu_sampling.py
+	cd tests && ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		LD_PRELOAD="$(SANITIZE_RUNTIME)" ../$(SANITIZE_VENV)/bin/python -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS)
 
 clean:
 	rm -rf build $(VENV) $(SANITIZE_VENV)

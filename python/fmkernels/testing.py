@@ -10,14 +10,19 @@
   call, and every element of it, untouched ones included, must equal the reference's bit
   for bit afterwards.
 * filter_logits: the kept tokens (those not -inf) are the reference's exactly, and kept
-  values are within ``value_tolerance`` of the reference's.
+  values are within ``value_tolerance`` of the reference's. The one exception is a token on
+  the top-p boundary: the probability mass before it (float64) within 1e-5 of top_p, as when
+  p splits a run of tied tokens exactly, so that rounding, not the rule, decides; it may be
+  kept or removed (``TOP_P_BOUNDARY``).
 * linear: attention's rule. The truth is the reference run on float64 inputs, and an
   implementation may err twice as much as ``torch.nn.functional.linear`` in the input dtype
   (``plain_linear``), plus 1e-5.
 * sample: tokens equal the reference's for the same seeds and steps. A different token is
   accepted only when its Gumbel score and the reference token's are within 1e-5 of each
   other, relatively (a near tie the two computations may break differently). The
-  log-probabilities are within 1e-4 (relative above 1).
+  log-probabilities are within 1e-4 (relative above 1). A row with a token on the top-p
+  boundary is held to whichever of the two filtered distributions (with the token or
+  without) its token and log-probabilities are nearer.
 
 Outputs go into ``out=`` buffers poisoned beforehand (NaN, or -1 for token ids), so an
 element an implementation leaves unwritten fails. Inputs are random, never zeros, and their
