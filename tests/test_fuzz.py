@@ -211,21 +211,26 @@ def test_sampling_matches_the_reference(op, data, dtype, seed):
 REGRESSIONS = [
     # Triton's top log-probabilities were x - (m + log mass): at temperature 1e-4 the sum rounds
     # at x's scale (~4e4), 2e-4 off the reference's log_softmax.
-    ("sample", testing._SamplingShape(2, 4, dict(temperature=0.0001, top_k=(0, 0), top_p=(1.0, 1.0), min_p=0.0,
-                                                 seed="per-row", step=0, return_logprobs=True, num_logprobs=1),
-                                      ties=True), torch.float32, 0),
+    testing._sampling_case("sample", testing._SamplingShape(
+        2, 4, dict(temperature=0.0001, top_k=(0, 0), top_p=(1.0, 1.0), min_p=0.0, seed="per-row", step=0,
+                   return_logprobs=True, num_logprobs=1), ties=True), torch.float32, 0, "cpu"),
     # 198 tokens tied at the top and top_p 0.5: 99 of them reach p exactly, and whether the
     # 100th is kept is fp32 rounding's choice (the reference's cumulative sum keeps it, Triton's
     # count of ties does not). The check accepts either for a token on the top-p boundary.
-    *((op, testing._SamplingShape(1, 1729, dict(temperature=(0.0001,), top_k=(0,), top_p=(0.5,), min_p=(0.0,)) | extra,
-                                  ties=True), torch.float32, 1_700_496_716)
+    *(testing._sampling_case(op, testing._SamplingShape(
+        1, 1729, dict(temperature=(0.0001,), top_k=(0,), top_p=(0.5,), min_p=(0.0,)) | extra, ties=True),
+        torch.float32, 1_700_496_716, "cpu")
       for op, extra in (("sample", dict(seed=0, step=0, return_logprobs=True, num_logprobs=0)), ("filter_logits", {}))),
+    # An empty v with every other element: torch calls an empty tensor contiguous, so the cpu
+    # backend passed it on with stride 2 along head_dim, and its kernel refused the call.
+    _with_layouts(testing._attention_case(testing._AttentionShape((0,), (0,), 1, 1, 8, packed=True),
+                                          torch.float32, 0, "cpu"), {"v": ("every other", None)}),
 ]
 
 
-@pytest.mark.parametrize("op, shape, dtype, seed", REGRESSIONS)
-def test_regressions_the_search_found(op, shape, dtype, seed):
-    _hold_every_backend_to_the_reference(testing._sampling_case(op, shape, dtype, seed, "cpu"))
+@pytest.mark.parametrize("case", REGRESSIONS, ids=lambda case: f"{case.op} {case.name}")
+def test_regressions_the_search_found(case):
+    _hold_every_backend_to_the_reference(case)
 
 
 # Invalid calls: a valid call drawn as above, then one thing made wrong. Every backend that

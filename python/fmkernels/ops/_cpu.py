@@ -56,7 +56,11 @@ def _threads() -> int:
 
 def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
     """The kernels read rows of head_dim (or vocab) elements at unit stride."""
-    return tensor if tensor.is_contiguous() or tensor.stride(-1) == 1 else tensor.contiguous()
+    if tensor.stride(-1) == 1:
+        return tensor
+    if tensor.is_contiguous():  # empty, or a last dimension of one: contiguous() keeps its strides
+        return torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
+    return tensor.contiguous()
 
 
 def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
