@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis): each test draws whole calls of one op (shapes, dtypes, GQA
-ratios, layouts, parameters at their extremes) and holds every backend that can run on this
-machine to the reference by ``fmkernels.testing.check_impl``'s rules (float64 truth and
+ratios, layouts, parameters at their extremes, empty batches and sequences) and holds every
+backend that can run on this machine to the reference by ``fmkernels.testing.check_impl``'s rules (float64 truth and
 plain-PyTorch tolerances for attention and linear, exact caches for append_kv, exact kept sets
 for filter_logits, the same tokens for sample), with poisoned outputs, NaN past every
 sequence's length, shuffled and shared block tables, and each tensor contiguous, a sliced view
@@ -114,14 +114,14 @@ def _gqa(draw):
 
 @given(data=st.data(), dtype=DTYPES, head_dim=HEAD_DIMS, seed=SEEDS)
 def test_decode_attention_matches_the_reference(data, dtype, head_dim, seed):
-    batch = data.draw(st.integers(1, 4), label="batch")
+    batch = data.draw(st.integers(0, 4), label="batch")
     n_new = data.draw(st.integers(1, 3), label="n_new")
     lengths = tuple(data.draw(st.lists(st.integers(n_new, 70), min_size=batch, max_size=batch), label="lengths"))
     q_heads, kv_heads = data.draw(_gqa(), label="heads")
     block_size = data.draw(st.sampled_from([None, 1, 4, 16]), label="block_size")
     # Reading blocks other sequences also read is any paged decode's right: share any number
     # of the leading blocks (the decode case's capacity is the longest length + 7).
-    shared = (0 if block_size is None or batch == 1
+    shared = (0 if block_size is None or batch <= 1
               else data.draw(st.integers(0, -(-(max(lengths) + 7) // block_size)), label="shared_blocks"))
     shape = testing._DecodeShape(lengths, n_new, q_heads, kv_heads, head_dim, block_size,
                                  return_lse=data.draw(st.booleans(), label="return_lse"), shared_blocks=shared)
@@ -132,12 +132,12 @@ def test_decode_attention_matches_the_reference(data, dtype, head_dim, seed):
 
 @given(data=st.data(), dtype=DTYPES, head_dim=HEAD_DIMS, seed=SEEDS)
 def test_append_kv_matches_the_reference(data, dtype, head_dim, seed):
-    batch = data.draw(st.integers(1, 4), label="batch")
+    batch = data.draw(st.integers(0, 4), label="batch")
     lengths = tuple(data.draw(st.lists(st.integers(0, 70), min_size=batch, max_size=batch), label="lengths"))
     block_size = data.draw(st.sampled_from([None, 1, 4, 16]), label="block_size")
     # The new tokens go after every sequence's own length: only blocks every sequence has
     # filled can be shared, or two sequences would write the same slots.
-    shared = (0 if block_size is None or batch == 1
+    shared = (0 if block_size is None or batch <= 1
               else data.draw(st.integers(0, min(lengths) // block_size), label="shared_blocks"))
     shape = testing._AppendShape(lengths, data.draw(st.integers(1, 5), label="n_new"),
                                  data.draw(st.integers(1, 3), label="kv_heads"), head_dim, block_size, shared)
@@ -155,8 +155,8 @@ def test_attention_matches_the_reference(data, dtype, head_dim, seed):
         seqlens_q = tuple(data.draw(st.lists(st.integers(0, 40), min_size=batch, max_size=batch), label="seqlens_q"))
         seqlens_k = tuple(data.draw(st.lists(st.integers(0, 40), min_size=batch, max_size=batch), label="seqlens_k"))
     else:  # Sq above and below Sk
-        seqlens_q = (data.draw(st.integers(1, 40), label="seqlen_q"),) * batch
-        seqlens_k = (data.draw(st.integers(1, 40), label="seqlen_k"),) * batch
+        seqlens_q = (data.draw(st.integers(0, 40), label="seqlen_q"),) * batch
+        seqlens_k = (data.draw(st.integers(0, 40), label="seqlen_k"),) * batch
     shape = testing._AttentionShape(seqlens_q, seqlens_k, q_heads, kv_heads, head_dim,
                                     causal=data.draw(st.booleans(), label="causal"),
                                     return_lse=data.draw(st.booleans(), label="return_lse"), packed=packed)
@@ -166,9 +166,9 @@ def test_attention_matches_the_reference(data, dtype, head_dim, seed):
 
 @given(data=st.data(), dtype=DTYPES, seed=SEEDS)
 def test_linear_matches_the_reference(data, dtype, seed):
-    leading = tuple(data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=3), label="leading"))
+    leading = tuple(data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=3), label="leading"))
     shape = testing._LinearShape(leading, data.draw(st.integers(1, 80), label="n"),
-                                 data.draw(st.integers(1, 200), label="k"),
+                                 data.draw(st.integers(0, 200), label="k"),
                                  transposed=data.draw(st.booleans(), label="transposed"))
     _hold_every_backend_to_the_reference(testing._linear_case(shape, dtype, seed, "cpu"))
 
@@ -182,8 +182,8 @@ def _per_row_or_scalar(draw, values, batch):
 
 
 @st.composite
-def _sampling_shape(draw, op):
-    batch, vocab = draw(st.integers(1, 4)), draw(st.integers(1, 3000))
+def _sampling_shape(draw, op, min_batch=0):
+    batch, vocab = draw(st.integers(min_batch, 4)), draw(st.integers(1, 3000))
     params = dict(
         temperature=draw(_per_row_or_scalar([0.0, 1e-4, 0.3, 1.0, 1e4], batch)),
         top_k=draw(_per_row_or_scalar([0, 1, 2, 7, vocab, vocab + 3], batch)),
@@ -281,7 +281,7 @@ def test_invalid_cache_positions_are_refused_before_writing(data, head_dim, seed
 
 @given(data=st.data(), dtype=DTYPES, seed=SEEDS)
 def test_invalid_sampling_values_are_refused_before_writing(data, dtype, seed):
-    shape = data.draw(_sampling_shape("sample"), label="shape")
+    shape = data.draw(_sampling_shape("sample", min_batch=1), label="shape")
     kwargs = testing._sampling_case("sample", shape, dtype, seed, "cpu").make_kwargs()
     logits = kwargs["logits"].clone()
     row = data.draw(st.integers(0, shape.batch - 1), label="row")

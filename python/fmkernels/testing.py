@@ -323,7 +323,11 @@ def plain_decode_attention(
         out_b, lse_b = _plain_dense(q[b : b + 1], keys, values, True, scale)
         outs.append(out_b)
         lses.append(lse_b)
-    out, lse = torch.cat(outs), torch.cat(lses)
+    if not outs:  # an empty batch
+        out = torch.empty_like(q)
+        lse = torch.empty((0, q.shape[2], q.shape[1]), dtype=q.dtype, device=q.device)
+    else:
+        out, lse = torch.cat(outs), torch.cat(lses)
     return (out, lse) if return_lse else out
 
 
@@ -509,7 +513,8 @@ def _kv_caches(generator, lengths, capacity, kv_heads, head_dim, dtype, device, 
         num_blocks = batch * blocks_per_sequence + 2  # two spare blocks no sequence owns
         order = torch.randperm(num_blocks, generator=generator)[: batch * blocks_per_sequence]
         block_table = order.view(batch, blocks_per_sequence).to(torch.int32)
-        block_table[1:, :shared_blocks] = block_table[0, :shared_blocks]
+        if shared_blocks:
+            block_table[1:, :shared_blocks] = block_table[0, :shared_blocks]
         shape = (num_blocks, block_size, kv_heads, head_dim)
     caches = []
     for _ in ("k", "v"):
@@ -556,7 +561,7 @@ def _attention_case(shape: _AttentionShape, dtype, seed: int, device) -> Case:
 
 
 def _decode_case(shape: _DecodeShape, dtype, seed: int, device) -> Case:
-    capacity = max(shape.cache_seqlens) + 7  # free slots after the longest sequence too
+    capacity = max(shape.cache_seqlens, default=0) + 7  # free slots after the longest sequence too
 
     def make_kwargs() -> Kwargs:
         generator = torch.Generator().manual_seed(seed)
@@ -581,7 +586,7 @@ def _decode_case(shape: _DecodeShape, dtype, seed: int, device) -> Case:
 
 
 def _append_case(shape: _AppendShape, dtype, seed: int, device) -> Case:
-    capacity = max(shape.cache_seqlens) + shape.n_new + 7
+    capacity = max(shape.cache_seqlens, default=0) + shape.n_new + 7
 
     def make_kwargs() -> Kwargs:
         generator = torch.Generator().manual_seed(seed)
@@ -614,7 +619,7 @@ def _linear_case(shape: _LinearShape, dtype, seed: int, device) -> Case:
         else:
             x = _randn(generator, (*shape.leading, shape.k), dtype, device)
         # nn.Linear's scale: outputs of order 1 whatever K
-        weight = _randn(generator, (shape.n, shape.k), dtype, device, scale=1.0 / math.sqrt(shape.k))
+        weight = _randn(generator, (shape.n, shape.k), dtype, device, scale=1.0 / math.sqrt(max(shape.k, 1)))
         return dict(x=x, weight=weight)
 
     sizes = f"x=({','.join(map(str, shape.leading + (shape.k,)))}) w=({shape.n},{shape.k})"
@@ -1010,7 +1015,9 @@ def _check_sample(impl: registry.Impl, case: Case) -> CheckResult:
     best = torch.stack([best for _, _, best in alternatives]).gather(0, chosen)[0]
     measures = [_token_measure(tokens, best, gaps.gather(0, chosen)[0])]
     if logprobs_asked:
-        measures.append(_Measure.within("logprobs", float(errors.gather(0, chosen).max()), LOGPROB_TOLERANCE))
+        row_errors = errors.gather(0, chosen)
+        measures.append(_Measure.within("logprobs", float(row_errors.max()) if row_errors.numel() else 0.0,
+                                        LOGPROB_TOLERANCE))
     return _verdict(measures)
 
 
