@@ -281,6 +281,24 @@ def _assert_rejected(module_name, case, views, match):
     assert torch.equal(case["k_cache"], before[0]) and torch.equal(case["v_cache"], before[1])
 
 
+def test_cuda_supports_refuses_grids_and_counters_past_their_limits():
+    """The cuda kernel's grid holds at most 65535 sequences, and its copy loop counts a token's
+    elements in int: larger calls are refused before the launch, so ``auto`` passes them on."""
+    from fmkernels.ops import _cuda
+
+    def expanded(shape):
+        return torch.zeros((1,) * len(shape), dtype=torch.float16).expand(shape)
+
+    cache = expanded((4, 8, 1, 64))
+    assert _cuda.append_kv_supports(k_cache=cache, v_cache=cache, k=expanded((65535, 1, 1, 64)), v=cache) is None
+    reason = _cuda.append_kv_supports(k_cache=cache, v_cache=cache, k=expanded((65536, 1, 1, 64)), v=cache)
+    assert "got batch 65536" in reason
+    largest = _cuda.APPEND_KV_MAX_TOKEN_ELEMENTS
+    assert _cuda.append_kv_supports(k_cache=cache, v_cache=cache, k=expanded((1, 1, 1, largest)), v=cache) is None
+    reason = _cuda.append_kv_supports(k_cache=cache, v_cache=cache, k=expanded((1, 1, 1, largest + 1)), v=cache)
+    assert f"got {largest + 1}" in reason
+
+
 @pytest.mark.parametrize("module_name", COMPILED_MODULES)
 @pytest.mark.parametrize("paged, change, match", SHAPE_ERRORS)
 def test_compiled_module_rejects_inconsistent_shapes(module_name, paged, change, match):

@@ -104,6 +104,18 @@ def test_supports_refuses_grids_past_cuda_limits():
     assert f"got {rows}" in _cuda.attention_supports(q=long_q, k=k, v=v, cu_seqlens_q=too_many_sequences[:2])
 
 
+def test_supports_refuses_key_rows_past_32_bits():
+    q = torch.empty(1, 1, 64, dtype=torch.float16).expand(2, 1, 64)
+    cu_seqlens = torch.tensor([0, 1, 2], dtype=torch.int32)
+    keys = _cuda.ATTENTION_MAX_KEYS
+    k = torch.empty(1, 1, 64, dtype=torch.float16).expand(keys, 1, 64)
+    assert _cuda.attention_supports(q=q, k=k, v=k, cu_seqlens_q=cu_seqlens) is None
+    k = torch.empty(1, 1, 64, dtype=torch.float16).expand(keys + 1, 1, 64)
+    assert f"got {keys + 1}" in _cuda.attention_supports(q=q, k=k, v=k, cu_seqlens_q=cu_seqlens)
+    many_heads = torch.empty(1, 1, 64, dtype=torch.float16).expand(2, 2**31, 64)
+    assert "heads" in _cuda.attention_supports(q=many_heads, k=q, v=q, cu_seqlens_q=cu_seqlens)
+
+
 def test_aligned_rows_keeps_aligned_views_and_copies_the_rest():
     B, S, Hq, Hkv, D = 2, 5, 4, 2, 64
     qkv = torch.randn(B, S, Hq + 2 * Hkv, D).half()

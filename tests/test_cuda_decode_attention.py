@@ -120,6 +120,36 @@ def test_supports_names_what_it_cannot_do():
     assert reason is not None and "aligned" in reason
 
 
+def _expanded(shape):
+    """A float16 tensor of ``shape`` that takes one row of memory (unit stride along the last
+    dimension, stride 0 along the others)."""
+    return torch.zeros(shape[-1], dtype=torch.float16).expand(shape)
+
+
+def test_supports_refuses_what_the_kernels_count_in_32_bits():
+    """Sizes whose counts the kernels keep in int (positions, query rows, CTAs) are refused with
+    the limit, before the launch, so ``auto`` passes them on; the largest allowed pass."""
+    q, cache = _expanded((1, 1, 8, 64)), _expanded((1, 2**30 - 1, 8, 64))
+    assert _cuda.decode_attention_supports(q=q, k_cache=cache, v_cache=cache) is None
+    cache = _expanded((1, 2**30, 8, 64))
+    assert "got 1073741824" in _cuda.decode_attention_supports(q=q, k_cache=cache, v_cache=cache)
+    pool, table = _expanded((4, 16, 8, 64)), torch.zeros(1, 1, dtype=torch.int32).expand(1, 2**26)
+    assert "positions" in _cuda.decode_attention_supports(q=q, k_cache=pool, v_cache=pool, block_table=table)
+    assert _cuda.decode_attention_supports(q=q, k_cache=pool, v_cache=pool, block_table=table[:, 1:]) is None
+
+    cache = _expanded((1, 64, 1, 64))
+    rows = _cuda.DECODE_MAX_QUERY_ROWS
+    assert _cuda.decode_attention_supports(q=_expanded((1, 1, rows, 64)), k_cache=cache, v_cache=cache) is None
+    reason = _cuda.decode_attention_supports(q=_expanded((1, 1, rows + 1, 64)), k_cache=cache, v_cache=cache)
+    assert f"got {rows + 1}" in reason
+
+    # batch x n_new x q_heads merge CTAs past 2^31 - 1
+    cache = _expanded((2**24, 64, 8, 64))
+    reason = _cuda.decode_attention_supports(q=_expanded((2**24, 1, 128, 64)), k_cache=cache, v_cache=cache)
+    assert "CTAs" in reason
+    assert _cuda.decode_attention_supports(q=_expanded((2**23, 1, 128, 64)), k_cache=cache, v_cache=cache) is None
+
+
 # ---------------------------------------------------------------------------
 # On a GPU
 # ---------------------------------------------------------------------------

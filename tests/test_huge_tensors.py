@@ -28,43 +28,43 @@ def _backends(op: str):
             if impl.kind == "backend" and testing.skip_reason(impl, "cpu") is None]
 
 
-def _empty(shape, dtype=DTYPE):
+def _empty(shape, dtype=DTYPE, device="cpu"):
     try:
-        return torch.empty(shape, dtype=dtype)
-    except RuntimeError as error:  # the OS refused the address space
-        pytest.skip(f"cannot reserve a {shape} bf16 tensor here: {error}")
+        return torch.empty(shape, dtype=dtype, device=device)
+    except (RuntimeError, torch.OutOfMemoryError) as error:  # the OS (or the GPU) refused the memory
+        pytest.skip(f"cannot reserve a {shape} {dtype} tensor on {device} here: {error}")
 
 
-def _contiguous(batch, max_seqlen):
+def _contiguous(batch, max_seqlen, device="cpu"):
     """(k_cache, v_cache, None, cache_seqlens): every row's positions [0, CAPACITY) written; the
     first and last sequences 37 and 23 tokens long, any between 5."""
-    k_cache, v_cache = (_empty((batch, max_seqlen, KV_HEADS, HEAD_DIM)) for _ in "kv")
+    k_cache, v_cache = (_empty((batch, max_seqlen, KV_HEADS, HEAD_DIM), device=device) for _ in "kv")
     assert k_cache.numel() > 2**31 and k_cache.stride(0) * (batch - 1) >= 2**31
     generator = torch.Generator().manual_seed(0)
     for cache in (k_cache, v_cache):
-        cache[:, :CAPACITY] = torch.randn((batch, CAPACITY, KV_HEADS, HEAD_DIM), generator=generator).to(DTYPE)
-    return k_cache, v_cache, None, _lengths(batch)
+        cache[:, :CAPACITY] = torch.randn((batch, CAPACITY, KV_HEADS, HEAD_DIM), generator=generator).to(device, DTYPE)
+    return k_cache, v_cache, None, _lengths(batch, device)
 
 
-def _lengths(batch):
-    return torch.tensor([37] + [5] * (batch - 2) + [23], dtype=torch.int32)
+def _lengths(batch, device):
+    return torch.tensor([37] + [5] * (batch - 2) + [23], dtype=torch.int32, device=device)
 
 
-def _paged_caches():
+def _paged_caches(device="cpu"):
     """(k_cache, v_cache, block_table, cache_seqlens): a pool of 2^20 + 8 blocks of 16 (2^31 + 2^14 elements).
     Sequence 0's blocks are at the pool's start, sequence 1's among its last ones, out of order."""
     block_size = 16
     num_blocks = 2**31 // (block_size * KV_HEADS * HEAD_DIM) + 8
-    k_cache, v_cache = (_empty((num_blocks, block_size, KV_HEADS, HEAD_DIM)) for _ in "kv")
+    k_cache, v_cache = (_empty((num_blocks, block_size, KV_HEADS, HEAD_DIM), device=device) for _ in "kv")
     assert k_cache.numel() > 2**31
     blocks = CAPACITY // block_size
     far = [num_blocks - 1 - 2 * i for i in range(blocks)]  # the last of them past 2^31 elements
-    block_table = torch.tensor([list(range(blocks)), far], dtype=torch.int32)
+    block_table = torch.tensor([list(range(blocks)), far], dtype=torch.int32, device=device)
     generator = torch.Generator().manual_seed(0)
     for cache in (k_cache, v_cache):
         cache[block_table.flatten().long()] = torch.randn(
-            (2 * blocks, block_size, KV_HEADS, HEAD_DIM), generator=generator).to(DTYPE)
-    return k_cache, v_cache, block_table, _lengths(2)
+            (2 * blocks, block_size, KV_HEADS, HEAD_DIM), generator=generator).to(device, DTYPE)
+    return k_cache, v_cache, block_table, _lengths(2, device)
 
 
 def _slices(k_cache, v_cache, block_table, batch):
@@ -76,15 +76,15 @@ def _slices(k_cache, v_cache, block_table, batch):
 
 
 CACHES = {
-    "contiguous, row stride past 2^31": lambda: _contiguous(2, 2**24 + 8),
-    "contiguous, row index x row stride past 2^31": lambda: _contiguous(3, 2**23 + 8),
+    "contiguous, row stride past 2^31": lambda device: _contiguous(2, 2**24 + 8, device),
+    "contiguous, row index x row stride past 2^31": lambda device: _contiguous(3, 2**23 + 8, device),
     "paged": _paged_caches,
 }
 
 
 @pytest.fixture(scope="module", params=list(CACHES))
 def caches(request):
-    made = CACHES[request.param]()
+    made = CACHES[request.param]("cpu")
     yield made
     del made
 
@@ -92,9 +92,14 @@ def caches(request):
 @pytest.mark.parametrize("n_new", [1, 3])
 @pytest.mark.parametrize("backend", _backends("decode_attention"))
 def test_decode_attention_reads_the_far_end(caches, backend, n_new):
+    _check_decode_attention_at_the_far_end(caches, backend, n_new)
+
+
+def _check_decode_attention_at_the_far_end(caches, backend, n_new):
     k_cache, v_cache, block_table, cache_seqlens = caches
     batch = len(cache_seqlens)
-    q = torch.randn((batch, n_new, Q_HEADS, HEAD_DIM), generator=torch.Generator().manual_seed(1)).to(DTYPE)
+    q = torch.randn((batch, n_new, Q_HEADS, HEAD_DIM), generator=torch.Generator().manual_seed(1))
+    q = q.to(k_cache.device, DTYPE)
     out, lse = fmkernels.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table=block_table,
                                           return_lse=True, backend=backend)
     k_small, v_small = _slices(k_cache, v_cache, block_table, batch)
@@ -107,10 +112,15 @@ def test_decode_attention_reads_the_far_end(caches, backend, n_new):
 
 @pytest.mark.parametrize("backend", _backends("append_kv"))
 def test_append_kv_writes_the_far_end(caches, backend):
+    _check_append_kv_at_the_far_end(caches, backend)
+
+
+def _check_append_kv_at_the_far_end(caches, backend):
     k_cache, v_cache, block_table, cache_seqlens = caches
     batch, n_new = len(cache_seqlens), 5
     generator = torch.Generator().manual_seed(2)
-    k, v = (torch.randn((batch, n_new, KV_HEADS, HEAD_DIM), generator=generator).to(DTYPE) for _ in "kv")
+    k, v = (torch.randn((batch, n_new, KV_HEADS, HEAD_DIM), generator=generator).to(k_cache.device, DTYPE)
+            for _ in "kv")
     k_small, v_small = _slices(k_cache, v_cache, block_table, batch)
     reference.append_kv(k_small, v_small, k, v, cache_seqlens)
     fmkernels.append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=block_table, backend=backend)
@@ -170,3 +180,19 @@ def test_append_kv_rows_far_apart(backend):
     fmkernels.append_kv(k_cache, v_cache, k, v, torch.tensor([5], dtype=torch.int32), backend=backend)
     assert torch.equal(k_cache[:, 5:5 + ROWS], k) and torch.equal(v_cache[:, 5:5 + ROWS], v)
     assert k_cache[:, :5].isnan().all() and k_cache[:, 5 + ROWS:].isnan().all()
+
+
+# On a GPU: the same caches in device memory (4 to 8 GiB each, allocated for real), for the
+# cuda and triton kernels, whose offsets csrc/cuda and kernels/ compute in 64 bits.
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_kind", list(CACHES))
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_decode_attention_and_append_kv_at_the_far_end(cache_kind, backend):
+    caches = CACHES[cache_kind]("cuda")
+    try:
+        for n_new in (1, 3):
+            _check_decode_attention_at_the_far_end(caches, backend, n_new)
+        _check_append_kv_at_the_far_end(caches, backend)
+    finally:
+        del caches
+        torch.cuda.empty_cache()

@@ -92,7 +92,8 @@ cudaError_t append_kv(const TensorView& k_cache, const TensorView& v_cache, cons
                       const TensorView* block_table, cudaStream_t stream) {
   const int64_t batch = k.sizes[0], n_new = k.sizes[1];
   if (batch == 0 || n_new == 0 || k.sizes[2] * k.sizes[3] == 0) return cudaSuccess;
-  if (batch > 65535 || n_new > INT32_MAX || k.sizes[2] * k.sizes[3] > INT32_MAX)
+  // The copy loop's int counter steps past its last word by up to a block (256 threads).
+  if (batch > 65535 || n_new > INT32_MAX || k.sizes[2] * k.sizes[3] > INT32_MAX - 256)
     return cudaErrorInvalidConfiguration;
   // The copy moves bits, so the element width is all that matters.
   const int64_t size = element_size(k.dtype), vector_elements = 16 / size;

@@ -543,8 +543,10 @@ const char* check_decode_attention_launch(const TensorView& q, const TensorView&
   if (k_cache.sizes[1] >= kMaxPositions || max_blocks >= kMaxPositions ||
       k_cache.sizes[1] * max_blocks >= kMaxPositions)
     return "decode_attention (cuda): a sequence must hold fewer than 2^30 positions";
-  if (q.sizes[1] * q.sizes[2] > INT32_MAX)
-    return "decode_attention (cuda): n_new x q_heads must fit in 32 bits";
+  // Query rows (group x n_new, at most n_new x q_heads) are counted in int, rounded up to
+  // whole blocks of 8.
+  if (q.sizes[1] * q.sizes[2] > INT32_MAX - 8)
+    return "decode_attention (cuda): n_new x q_heads must be below 2^31 - 8";
   if (q.sizes[3] % vec != 0)
     return "decode_attention (cuda): head_dim must be a multiple of 8 (float16, bfloat16) or 4 (float32)";
   for (const TensorView* cache : {&k_cache, &v_cache}) {
@@ -570,7 +572,7 @@ cudaError_t decode_attention(const TensorView& q, const TensorView& k_cache,
                              const TensorView* partial_out, const TensorView* partial_lse,
                              int variant, cudaStream_t stream) {
   const int64_t batch = q.sizes[0];
-  if (batch == 0) return cudaSuccess;
+  if (batch == 0 || q.sizes[2] == 0) return cudaSuccess;  // no query row: nothing to launch
   DecodeParams p{};
   p.q = q.data;
   p.k_cache = k_cache.data;

@@ -90,8 +90,29 @@ def decode_variant() -> int:
         return -1
 
 
-def decode_attention_supports(q, k_cache, v_cache, **_) -> str | None:
-    head_dim, vector = q.shape[-1], 16 // q.element_size()
+#: Positions a sequence may hold: the decode kernels count them in 32 bits.
+DECODE_MAX_POSITIONS = 2**30 - 1
+#: The most n_new x q_heads query rows a decode call may have: the kernels count rows in int,
+#: rounded up to whole blocks of 8.
+DECODE_MAX_QUERY_ROWS = 2**31 - 9
+_INT32_MAX = 2**31 - 1
+
+
+def decode_attention_supports(q, k_cache, v_cache, *, block_table=None, **_) -> str | None:
+    batch, n_new, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    capacity = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+    if capacity > DECODE_MAX_POSITIONS:
+        return (f"cuda decode_attention holds at most {DECODE_MAX_POSITIONS} positions a sequence "
+                f"(32-bit positions); got {capacity}")
+    if n_new * q_heads > DECODE_MAX_QUERY_ROWS:
+        return f"cuda decode_attention takes at most {DECODE_MAX_QUERY_ROWS} n_new x q_heads rows; got {n_new * q_heads}"
+    rows = q_heads // kv_heads * n_new
+    # One split at the least; decode_num_splits adds splits only while the grid is small.
+    ctas = batch * kv_heads * -(-rows // decode_rows_per_cta(rows))
+    if max(ctas, batch * n_new * q_heads) > _INT32_MAX:
+        return f"cuda decode_attention launches at most {_INT32_MAX} CTAs; this call needs more"
+    vector = 16 // q.element_size()
     if head_dim > DECODE_MAX_HEAD_DIM:
         return f"cuda decode_attention supports head_dim <= {DECODE_MAX_HEAD_DIM}, got {head_dim}"
     if head_dim % vector != 0:
@@ -134,6 +155,23 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, block_table=None, sc
     return (out, lse) if return_lse else out
 
 
+#: append_kv's grid is (n_new, batch): CUDA bounds y.
+APPEND_KV_MAX_BATCH = 65535
+#: The most kv_heads x head_dim elements of a token: the copy loop's int counter steps past the
+#: last one by up to a block of 256 threads.
+APPEND_KV_MAX_TOKEN_ELEMENTS = 2**31 - 1 - 256
+
+
+def append_kv_supports(k_cache, v_cache, k, v, **_) -> str | None:
+    batch, _n_new, kv_heads, head_dim = k.shape
+    if batch > APPEND_KV_MAX_BATCH:
+        return f"cuda append_kv launches at most {APPEND_KV_MAX_BATCH} sequences; got batch {batch}"
+    if kv_heads * head_dim > APPEND_KV_MAX_TOKEN_ELEMENTS:
+        return (f"cuda append_kv copies at most {APPEND_KV_MAX_TOKEN_ELEMENTS} kv_heads x head_dim elements "
+                f"a token; got {kv_heads * head_dim}")
+    return None
+
+
 def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None) -> None:
     with torch.cuda.device(k_cache.device):
         _module().append_kv(
@@ -148,6 +186,8 @@ ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 #: Its grid is (q_heads, batch, query tiles of ATTENTION_BLOCK_M rows); CUDA bounds y and z.
 ATTENTION_BLOCK_M = 128
 _MAX_GRID_YZ = 65535
+#: Key rows (seqlen_k, or total_k when packed) the kernel's int tile arithmetic can count.
+ATTENTION_MAX_KEYS = 2**31 - 1 - ATTENTION_BLOCK_M
 #: The attention kernel's schedules (csrc/cuda/attention.cuh), by the number
 #: FMKERNELS_CUDA_ATTENTION_VARIANT selects; every one computes the same result.
 ATTENTION_VARIANTS = {
@@ -175,6 +215,11 @@ def attention_supports(q, k, v, *, cu_seqlens_q=None, **_) -> str | None:
     rows = q.shape[-3]  # seqlen_q, or total_q (which bounds every packed sequence)
     if rows > _MAX_GRID_YZ * ATTENTION_BLOCK_M:
         return f"cuda attention launches at most {_MAX_GRID_YZ * ATTENTION_BLOCK_M} query rows per sequence; got {rows}"
+    if q.shape[-2] > _INT32_MAX:
+        return f"cuda attention launches at most {_INT32_MAX} heads; got {q.shape[-2]}"
+    keys = k.shape[-3]  # seqlen_k, or total_k
+    if keys > ATTENTION_MAX_KEYS:
+        return f"cuda attention counts key rows in 32 bits: at most {ATTENTION_MAX_KEYS}; got {keys}"
     if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
         return "cuda attention needs compute capability 8.0 or newer (mma.sync m16n8k16 in float16/bfloat16)"
     return None
