@@ -75,8 +75,9 @@ def test_check_passes_a_correct_user_implementation_and_unregisters_it(capsys):
 
 def test_bench_prints_rows_writes_json_and_plots(capsys, tmp_path):
     path, plot_path = tmp_path / "results" / "bench.json", tmp_path / "plots" / "bench.png"
+    # Triton left out: under the test suite's interpreter it takes minutes over a 128256-token vocabulary.
     status, out = run(capsys, "bench", "append_kv", "filter_logits", "--device", "cpu", "--repeats", "2",
-                      "--json", str(path), "--plot", str(plot_path))
+                      "--only", "reference,cpu,cuda", "--json", str(path), "--plot", str(plot_path))
     assert status == 0, out
     image = plot_path.read_bytes()
     assert image[:8] == b"\x89PNG\r\n\x1a\n" and len(image) > 10_000
@@ -93,6 +94,7 @@ def test_bench_prints_rows_writes_json_and_plots(capsys, tmp_path):
     assert rows[("append_kv", "reference")]["speedup"] == 1.0
     assert rows[("append_kv", "cpu")]["median_ms"] > 0 and rows[("append_kv", "cpu")]["gbps"] > 0
     assert rows[("append_kv", "cuda")]["skipped"]
+    assert not any(implementation == "triton" for _, implementation in rows)
 
 
 def test_backends_lists_all_four(capsys):
