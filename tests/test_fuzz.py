@@ -13,6 +13,10 @@ In CI the search is deterministic and small (the "ci" profile). ``make fuzz`` ru
 search (the "fuzz" profile: FMKERNELS_FUZZ_EXAMPLES examples per test, a fresh random seed each
 run), and hypothesis prints any failing example with the decorator that replays it
 (``@reproduce_failure``); keep it here as a regression test (``@example``).
+
+Every tensor is made on the device FMKERNELS_FUZZ_DEVICE names ("cpu" by default): on a GPU,
+``FMKERNELS_FUZZ_DEVICE=cuda`` draws the same calls on CUDA tensors and holds the backends that
+run on them to the reference (``bench/gpu_check.sh fuzz`` runs it under compute-sanitizer memcheck).
 """
 
 import os
@@ -30,15 +34,21 @@ settings.register_profile("ci", max_examples=20, derandomize=True, **_COMMON)
 settings.register_profile("fuzz", max_examples=int(os.environ.get("FMKERNELS_FUZZ_EXAMPLES", "500")), **_COMMON)
 settings.load_profile(os.environ.get("FMKERNELS_HYPOTHESIS_PROFILE", "ci"))
 
+DEVICE = torch.device(os.environ.get("FMKERNELS_FUZZ_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    pytest.skip(f"FMKERNELS_FUZZ_DEVICE={DEVICE} needs a CUDA GPU, and there is none here", allow_module_level=True)
+if DEVICE.type == "cuda":
+    pytestmark = pytest.mark.gpu  # the suite's GPU tests hand back GPU memory after each test
+
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 HEAD_DIMS = st.sampled_from([8, 16, 24, 32, 64, 72, 128, 256])
 SEEDS = st.integers(0, 2**31 - 1)
 
 
 def _backends(op: str):
-    """The backends (not peers or users' implementations) that can run on CPU tensors here."""
+    """The backends (not peers or users' implementations) that can run on DEVICE's tensors here."""
     return [impl for impl in registry.implementations(op)
-            if impl.kind == "backend" and testing.skip_reason(impl, "cpu") is None]
+            if impl.kind == "backend" and testing.skip_reason(impl, DEVICE) is None]
 
 
 @st.composite
@@ -60,15 +70,15 @@ def _laid_out(tensor: torch.Tensor, layout) -> torch.Tensor:
     kind, argument = layout
     if kind == "contiguous":
         return tensor
-    nan = float("nan")
+    nan, like = float("nan"), dict(dtype=tensor.dtype, device=tensor.device)
     if kind == "padded":
-        view = torch.full((*tensor.shape[:-1], tensor.shape[-1] + argument), nan, dtype=tensor.dtype)
+        view = torch.full((*tensor.shape[:-1], tensor.shape[-1] + argument), nan, **like)
         view = view[..., : tensor.shape[-1]]
     elif kind == "every other":
-        view = torch.full((*tensor.shape[:-1], 2 * tensor.shape[-1]), nan, dtype=tensor.dtype)[..., ::2]
+        view = torch.full((*tensor.shape[:-1], 2 * tensor.shape[-1]), nan, **like)[..., ::2]
     else:  # the dimensions in storage order, outermost first
         order = [dim for dim in argument if dim < tensor.dim()]
-        stored = torch.full([tensor.shape[dim] for dim in order], nan, dtype=tensor.dtype)
+        stored = torch.full([tensor.shape[dim] for dim in order], nan, **like)
         view = stored.permute([order.index(dim) for dim in range(tensor.dim())])
     view.copy_(tensor)
     return view
@@ -125,7 +135,7 @@ def test_decode_attention_matches_the_reference(data, dtype, head_dim, seed):
               else data.draw(st.integers(0, -(-(max(lengths) + 7) // block_size)), label="shared_blocks"))
     shape = testing._DecodeShape(lengths, n_new, q_heads, kv_heads, head_dim, block_size,
                                  return_lse=data.draw(st.booleans(), label="return_lse"), shared_blocks=shared)
-    case = _with_layouts(testing._decode_case(shape, dtype, seed, "cpu"),
+    case = _with_layouts(testing._decode_case(shape, dtype, seed, DEVICE),
                          _draw_layouts(data, ("q", "k_cache", "v_cache")))
     _hold_every_backend_to_the_reference(case)
 
@@ -141,7 +151,7 @@ def test_append_kv_matches_the_reference(data, dtype, head_dim, seed):
               else data.draw(st.integers(0, min(lengths) // block_size), label="shared_blocks"))
     shape = testing._AppendShape(lengths, data.draw(st.integers(1, 5), label="n_new"),
                                  data.draw(st.integers(1, 3), label="kv_heads"), head_dim, block_size, shared)
-    case = _with_layouts(testing._append_case(shape, dtype, seed, "cpu"),
+    case = _with_layouts(testing._append_case(shape, dtype, seed, DEVICE),
                          _draw_layouts(data, ("k_cache", "v_cache", "k", "v")))
     _hold_every_backend_to_the_reference(case)
 
@@ -160,7 +170,7 @@ def test_attention_matches_the_reference(data, dtype, head_dim, seed):
     shape = testing._AttentionShape(seqlens_q, seqlens_k, q_heads, kv_heads, head_dim,
                                     causal=data.draw(st.booleans(), label="causal"),
                                     return_lse=data.draw(st.booleans(), label="return_lse"), packed=packed)
-    case = _with_layouts(testing._attention_case(shape, dtype, seed, "cpu"), _draw_layouts(data, ("q", "k", "v")))
+    case = _with_layouts(testing._attention_case(shape, dtype, seed, DEVICE), _draw_layouts(data, ("q", "k", "v")))
     _hold_every_backend_to_the_reference(case)
 
 
@@ -170,7 +180,7 @@ def test_linear_matches_the_reference(data, dtype, seed):
     shape = testing._LinearShape(leading, data.draw(st.integers(1, 80), label="n"),
                                  data.draw(st.integers(0, 200), label="k"),
                                  transposed=data.draw(st.booleans(), label="transposed"))
-    _hold_every_backend_to_the_reference(testing._linear_case(shape, dtype, seed, "cpu"))
+    _hold_every_backend_to_the_reference(testing._linear_case(shape, dtype, seed, DEVICE))
 
 
 @st.composite
@@ -203,7 +213,7 @@ def _sampling_shape(draw, op, min_batch=0):
 @given(data=st.data(), dtype=DTYPES, seed=SEEDS)
 def test_sampling_matches_the_reference(op, data, dtype, seed):
     shape = data.draw(_sampling_shape(op), label="shape")
-    case = _with_layouts(testing._sampling_case(op, shape, dtype, seed, "cpu"), _draw_layouts(data, ("logits",)))
+    case = _with_layouts(testing._sampling_case(op, shape, dtype, seed, DEVICE), _draw_layouts(data, ("logits",)))
     _hold_every_backend_to_the_reference(case)
 
 
@@ -213,18 +223,18 @@ REGRESSIONS = [
     # at x's scale (~4e4), 2e-4 off the reference's log_softmax.
     testing._sampling_case("sample", testing._SamplingShape(
         2, 4, dict(temperature=0.0001, top_k=(0, 0), top_p=(1.0, 1.0), min_p=0.0, seed="per-row", step=0,
-                   return_logprobs=True, num_logprobs=1), ties=True), torch.float32, 0, "cpu"),
+                   return_logprobs=True, num_logprobs=1), ties=True), torch.float32, 0, DEVICE),
     # 198 tokens tied at the top and top_p 0.5: 99 of them reach p exactly, and whether the
     # 100th is kept is fp32 rounding's choice (the reference's cumulative sum keeps it, Triton's
     # count of ties does not). The check accepts either for a token on the top-p boundary.
     *(testing._sampling_case(op, testing._SamplingShape(
         1, 1729, dict(temperature=(0.0001,), top_k=(0,), top_p=(0.5,), min_p=(0.0,)) | extra, ties=True),
-        torch.float32, 1_700_496_716, "cpu")
+        torch.float32, 1_700_496_716, DEVICE)
       for op, extra in (("sample", dict(seed=0, step=0, return_logprobs=True, num_logprobs=0)), ("filter_logits", {}))),
     # An empty v with every other element: torch calls an empty tensor contiguous, so the cpu
     # backend passed it on with stride 2 along head_dim, and its kernel refused the call.
     _with_layouts(testing._attention_case(testing._AttentionShape((0,), (0,), 1, 1, 8, packed=True),
-                                          torch.float32, 0, "cpu"), {"v": ("every other", None)}),
+                                          torch.float32, 0, DEVICE), {"v": ("every other", None)}),
 ]
 
 
@@ -253,7 +263,7 @@ def test_invalid_cache_positions_are_refused_before_writing(data, head_dim, seed
     lengths = tuple(data.draw(st.lists(st.integers(n_new, 40), min_size=batch, max_size=batch), label="lengths"))
     block_size = data.draw(st.sampled_from([None, 4, 16]), label="block_size")
     shape = testing._DecodeShape(lengths, n_new, 4, 2, head_dim, block_size)
-    kwargs = testing._decode_case(shape, torch.float32, seed, "cpu").make_kwargs()
+    kwargs = testing._decode_case(shape, torch.float32, seed, DEVICE).make_kwargs()
     row = data.draw(st.integers(0, batch - 1), label="row")
     capacity = (kwargs["k_cache"].shape[1] if block_size is None
                 else block_size * kwargs["block_table"].shape[1])
@@ -273,7 +283,7 @@ def test_invalid_cache_positions_are_refused_before_writing(data, head_dim, seed
     out = torch.full_like(kwargs["q"], 7.0)
     _refused_untouched("decode_attention", dict(q=kwargs["q"], k_cache=kwargs["k_cache"], v_cache=kwargs["v_cache"],
                                                 cache_seqlens=seqlens, block_table=table, out=out), [out])
-    new = torch.ones(batch, n_new, 2, head_dim)
+    new = torch.ones(batch, n_new, 2, head_dim, device=DEVICE)
     append = dict(k_cache=kwargs["k_cache"], v_cache=kwargs["v_cache"], k=new, v=new,
                   cache_seqlens=seqlens - n_new, block_table=table)
     _refused_untouched("append_kv", append, [kwargs["k_cache"], kwargs["v_cache"]])
@@ -282,7 +292,7 @@ def test_invalid_cache_positions_are_refused_before_writing(data, head_dim, seed
 @given(data=st.data(), dtype=DTYPES, seed=SEEDS)
 def test_invalid_sampling_values_are_refused_before_writing(data, dtype, seed):
     shape = data.draw(_sampling_shape("sample", min_batch=1), label="shape")
-    kwargs = testing._sampling_case("sample", shape, dtype, seed, "cpu").make_kwargs()
+    kwargs = testing._sampling_case("sample", shape, dtype, seed, DEVICE).make_kwargs()
     logits = kwargs["logits"].clone()
     row = data.draw(st.integers(0, shape.batch - 1), label="row")
     wrong = data.draw(st.sampled_from(["nan", "+inf", "all -inf", "temperature", "top_p", "min_p"]), label="wrong")
@@ -292,7 +302,7 @@ def test_invalid_sampling_values_are_refused_before_writing(data, dtype, seed):
         logits[row] = float("-inf")
     else:
         bad = {"temperature": -1e-3, "top_p": 0.0, "min_p": 1.5}[wrong]
-        rows = torch.tensor([0.5 if wrong != "temperature" else 1.0] * shape.batch)
+        rows = torch.tensor([0.5 if wrong != "temperature" else 1.0] * shape.batch, device=DEVICE)
         rows[row] = bad
         kwargs[wrong] = rows
     kwargs["logits"] = logits
@@ -302,6 +312,6 @@ def test_invalid_sampling_values_are_refused_before_writing(data, dtype, seed):
         if op == "sample" and call.get("return_logprobs"):
             call.pop("num_logprobs", None)
             call.pop("return_logprobs")
-        out = (torch.full((shape.batch,), -7, dtype=torch.int64) if op == "sample"
+        out = (torch.full((shape.batch,), -7, dtype=torch.int64, device=DEVICE) if op == "sample"
                else torch.full_like(logits, 7.0))
         _refused_untouched(op, dict(call, out=out), [out])
