@@ -10,6 +10,8 @@
 #   test      pytest -m gpu over $TESTS (default: tests)
 #   memcheck  the CUDA backend's GPU tests under compute-sanitizer memcheck
 #   racecheck the CUDA kernels' GPU tests ($RACECHECK_FILTER) under compute-sanitizer racecheck
+#   fuzz      tests/test_fuzz.py's search on CUDA tensors under compute-sanitizer memcheck
+#             ($FUZZ_EXAMPLES examples per test, 25 by default; a fresh random seed each run)
 #   variants  bench/cuda_attention_variants.py and bench/cuda_decode_variants.py
 #   check     fmkernels check --device cuda
 #   bench     fmkernels bench --device cuda (one default shape per op, every implementation)
@@ -102,6 +104,16 @@ for stage in "${stages[@]}"; do
       rc=$?
       grep -m 20 -E "hazard|RACECHECK SUMMARY" "$LOGS/racecheck.log"
       note racecheck $rc "$(grep -E 'RACECHECK SUMMARY' "$LOGS/racecheck.log" | tail -1) $(tail -1 "$LOGS/racecheck.log")"
+      ;;
+    fuzz)
+      # The property-based tests' calls drawn on CUDA tensors: every backend that runs on them held
+      # to the reference, and invalid calls refused before anything is written.
+      FMKERNELS_FUZZ_DEVICE=cuda FMKERNELS_HYPOTHESIS_PROFILE=fuzz FMKERNELS_FUZZ_EXAMPLES=${FUZZ_EXAMPLES:-25} \
+        timeout ${FUZZ_TIMEOUT:-900} compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+        $PYTHON -m pytest -q -p no:cacheprovider tests/test_fuzz.py > "$LOGS/fuzz-memcheck.log" 2>&1
+      rc=$?
+      grep -m 20 -E "Invalid|out of bounds|^(FAILED|ERROR)" "$LOGS/fuzz-memcheck.log"
+      note fuzz $rc "$(grep -E 'ERROR SUMMARY' "$LOGS/fuzz-memcheck.log" | tail -1) $(tail -1 "$LOGS/fuzz-memcheck.log")"
       ;;
     variants)
       # The CUDA kernels' schedules side by side (each script prints one compact table).
