@@ -3,7 +3,7 @@ ratios, layouts, parameters at their extremes, empty batches and sequences) and 
 backend that can run on this machine to the reference by ``fmkernels.testing.check_impl``'s rules (float64 truth and
 plain-PyTorch tolerances for attention and linear, exact caches for append_kv, exact kept sets
 for filter_logits, the same tokens for sample), with poisoned outputs, NaN past every
-sequence's length, shuffled and shared block tables, and each tensor contiguous, a sliced view
+sequence's length, logits with -inf entries (some, or all but one of a row), shuffled and shared block tables, and each tensor contiguous, a sliced view
 of a padded one, every other element of a wider one, or stored with its dimensions in another
 order. A backend may refuse a call only by saying it cannot run it. Invalid calls
 (a valid one with one thing made wrong: a length past the cache, a block outside the pool, a
@@ -209,11 +209,35 @@ def _sampling_shape(draw, op, min_batch=0):
     return testing._SamplingShape(batch, vocab, params, ties=draw(st.booleans()))
 
 
+def _with_removed_tokens(case: testing.Case, removed: str, seed: int) -> testing.Case:
+    """``case`` with logits set to -inf (tokens an earlier step removed): none; "some" (each
+    token with probability 1/2, one token of every row kept finite); or "all but one" (one
+    finite logit a row)."""
+    if removed == "none":
+        return case
+
+    def make_kwargs():
+        kwargs = case.make_kwargs()
+        logits = kwargs["logits"]
+        generator = torch.Generator().manual_seed(seed)
+        batch, vocab = logits.shape
+        survivor = torch.randint(0, vocab, (batch,), generator=generator)
+        gone = torch.ones(batch, vocab, dtype=torch.bool) if removed == "all but one" \
+            else torch.rand(batch, vocab, generator=generator) < 0.5
+        gone[torch.arange(batch), survivor] = False
+        kwargs["logits"] = logits.masked_fill(gone.to(logits.device), float("-inf"))
+        return kwargs
+
+    return testing.Case(case.op, f"{case.name} -inf:{removed}", make_kwargs)
+
+
 @pytest.mark.parametrize("op", ["filter_logits", "sample"])
 @given(data=st.data(), dtype=DTYPES, seed=SEEDS)
 def test_sampling_matches_the_reference(op, data, dtype, seed):
     shape = data.draw(_sampling_shape(op), label="shape")
-    case = _with_layouts(testing._sampling_case(op, shape, dtype, seed, DEVICE), _draw_layouts(data, ("logits",)))
+    removed = data.draw(st.sampled_from(["none", "none", "some", "all but one"]), label="-inf logits")
+    case = _with_removed_tokens(testing._sampling_case(op, shape, dtype, seed, DEVICE), removed, seed)
+    case = _with_layouts(case, _draw_layouts(data, ("logits",)))
     _hold_every_backend_to_the_reference(case)
 
 
