@@ -83,13 +83,12 @@ def project(layer: nn.Linear, x: torch.Tensor, backend: str) -> torch.Tensor:
     """``layer(x)`` (no bias). A decode step's few rows on the CPU (at most the cpu kernel's
     ``MAX_LINEAR_ROWS``) go through ``fmkernels.linear``'s C++ kernel, which streams the weight
     once for all rows, with ``backend`` "auto" or "cpu"; everything else (prefill, the GPU, the
-    reference backend) through torch's matmul, the faster call there. One fp32 row stays with
-    torch too: its BLAS gemv outran the kernel in the model's decode step (SmolLM2-135M shape,
-    1 thread: 42 against 58 ms of matmuls a step), while at 8 fp32 rows, and in bf16 at 1
-    row, the kernel took 0.6-0.8x torch's time."""
+    reference backend) through torch's matmul, the faster call there. One fp32 row included:
+    on a quiet 2-core AMD EPYC (bench/results/amd-epyc/) the kernel reads SmolLM2-135M's
+    weights 1.4-2.7x faster than torch's gemv (AVX-512 and AVX2 alike), and decode went from
+    14.6 to 21.1 tokens/s at 1 thread."""
     rows = x.numel() // x.shape[-1]
-    if (backend in ("auto", "cpu") and x.device.type == "cpu" and rows <= MAX_LINEAR_ROWS
-            and not (rows == 1 and x.dtype == torch.float32)):
+    if backend in ("auto", "cpu") and x.device.type == "cpu" and rows <= MAX_LINEAR_ROWS:
         return ops.linear(x, layer.weight, backend="cpu")
     return layer(x)
 
