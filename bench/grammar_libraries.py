@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import re
 import statistics
 import sys
 import time
@@ -80,6 +81,11 @@ def _grown_tokenizer_json(tokenizer_json: str, vocab_size: int) -> str:
     return json.dumps(data)
 
 
+def _requirement_name(requirement: str) -> str:
+    """The distribution a requirement line names ("torch>=1.10; ..." -> "torch")."""
+    return re.match(r"\s*([A-Za-z0-9._-]+)", requirement).group(1)
+
+
 def _installed_mb(distribution: str, own: set) -> float:
     """MB of ``distribution``'s files and of the requirements it brings that are not in ``own``."""
     seen, pending, total = set(), [distribution], 0
@@ -97,8 +103,7 @@ def _installed_mb(distribution: str, own: set) -> float:
         for requirement in dist.requires or ():
             if "extra ==" in requirement:
                 continue
-            pending.append(requirement.split(";")[0].split("[")[0].split("<")[0].split(">")[0]
-                           .split("=")[0].split("!")[0].split("~")[0].strip())
+            pending.append(_requirement_name(requirement))
     return total / 1e6
 
 
@@ -115,8 +120,7 @@ def _fmkernels_requirements() -> set:
             requires = importlib.metadata.distribution(name).requires or ()
         except importlib.metadata.PackageNotFoundError:
             continue
-        pending += [r.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].split("!")[0].strip()
-                    for r in requires if "extra ==" not in r]
+        pending += [_requirement_name(r) for r in requires if "extra ==" not in r]
     return seen
 
 
