@@ -21,6 +21,12 @@ Each bisection step is one pass; its bounds move to token keys (``_bisection_pas
 is exact and ends after at most 32 steps, usually far fewer. Ties at a threshold are ranked
 per block with a prefix sum plus a running count, so the lowest ids win. Passes per row: 2
 without top-k and top-p; 3 + steps with top-k; 4 + steps with top-p; up to 4 + 64 with both.
+
+With ``allowed`` (a packed int32 token bitmask, see ``fmkernels.reference.unpack_allowed``),
+every pass loads the mask words of its block beside the logits and makes the tokens they do
+not allow -inf as it loads them (``_scaled_block``), so every filter, the draw and the
+log-probabilities see the allowed distribution, with no extra pass and no copy of the row.
+The ``HAS_ALLOWED=False`` specialization loads no mask.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fmkernels import reference
+from fmkernels import platform, reference
 from fmkernels.ops._top_tokens import top_alternatives
 
 PerRow = Union[int, float, torch.Tensor]
@@ -41,14 +47,27 @@ _KEY_NEG_INF = tl.constexpr(-2139095041)  # key(-inf)
 _KEY_PAST_END = tl.constexpr(-2147483648)  # lanes past the vocabulary: below every token
 _KEY_TOP = tl.constexpr(2147483647)  # above every key
 _MAX_BLOCK = 4096
+_MASKED_NOT_RUN = "the masked (allowed=) Triton sampling path has not yet run on a GPU"
 
 
 @triton.jit
-def _scaled_block(Logits_ptr, logits_stride_vocab, offs, vocab, divisor):
-    """x = logit / divisor in fp32 (rounded as torch divides) and its int32 order key."""
+def _allowed_bits(Allowed_ptr, allowed_stride_word, offs, vocab):
+    """Whether ``allowed`` (one row of int32 words) allows tokens offs: bit offs % 32 of word
+    offs // 32 (bit 31 is the sign bit); False past the vocabulary."""
+    word = tl.load(Allowed_ptr + (offs // 32).to(tl.int64) * allowed_stride_word, mask=offs < vocab, other=0)
+    return ((word >> (offs % 32)) & 1) != 0
+
+
+@triton.jit
+def _scaled_block(Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, offs, vocab, divisor,
+                  HAS_ALLOWED: tl.constexpr):
+    """x = logit / divisor in fp32 (rounded as torch divides) and its int32 order key; -inf
+    where ``allowed`` (if HAS_ALLOWED) does not allow the token."""
     valid = offs < vocab
     x = tl.load(Logits_ptr + offs.to(tl.int64) * logits_stride_vocab, mask=valid,
                 other=float("-inf")).to(tl.float32)
+    if HAS_ALLOWED:
+        x = tl.where(_allowed_bits(Allowed_ptr, allowed_stride_word, offs, vocab), x, float("-inf"))
     x = tl.math.div_rn(x, divisor)
     x = tl.where(x == 0.0, 0.0, x)  # -0 ranks with +0, as in the reference's sort
     bits = x.to(tl.int32, bitcast=True)
@@ -58,8 +77,8 @@ def _scaled_block(Logits_ptr, logits_stride_vocab, offs, vocab, divisor):
 
 
 @triton.jit
-def _bisection_pass(Logits_ptr, logits_stride_vocab, vocab, divisor, m, mid,
-                    MASS: tl.constexpr, BLOCK: tl.constexpr):
+def _bisection_pass(Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, vocab, divisor, m, mid,
+                    MASS: tl.constexpr, BLOCK: tl.constexpr, HAS_ALLOWED: tl.constexpr):
     """One bisection step's pass over the row: the count of keys >= mid, their mass
     sum exp(x - m) (if MASS, else 0), the smallest key >= mid and the largest key < mid.
 
@@ -73,7 +92,8 @@ def _bisection_pass(Logits_ptr, logits_stride_vocab, vocab, divisor, m, mid,
     key_down = tl.full([], _KEY_PAST_END, tl.int32)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        x, key = _scaled_block(Logits_ptr, logits_stride_vocab, offs, vocab, divisor)
+        x, key = _scaled_block(Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, offs, vocab,
+                               divisor, HAS_ALLOWED)
         at_or_above = key >= mid
         count += tl.sum(at_or_above.to(tl.int32), axis=0)
         if MASS:
@@ -85,9 +105,9 @@ def _bisection_pass(Logits_ptr, logits_stride_vocab, vocab, divisor, m, mid,
 
 @triton.jit
 def _row_thresholds(
-    Logits_ptr, logits_stride_vocab, vocab,
+    Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, vocab,
     temperature, top_k, top_p,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_ALLOWED: tl.constexpr,
 ):
     """The numbers that fix a row's kept set (passes 1-4 of the module docstring).
 
@@ -106,7 +126,8 @@ def _row_thresholds(
     greedy_id = tl.full([], 0, tl.int32)
     for start in range(0, vocab, BLOCK):
         offs = start + arange
-        x, key = _scaled_block(Logits_ptr, logits_stride_vocab, offs, vocab, divisor)
+        x, key = _scaled_block(Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, offs, vocab,
+                               divisor, HAS_ALLOWED)
         block_max = tl.max(x, axis=0)
         block_id = tl.min(tl.where((x == block_max) & (offs < vocab), offs, vocab), axis=0)
         greedy_id = tl.where(block_max > m, block_id, greedy_id)
@@ -124,7 +145,8 @@ def _row_thresholds(
         while lo < hi:
             mid = lo + ((hi - lo + 1) >> 1)
             count, mass, key_up, key_down = _bisection_pass(
-                Logits_ptr, logits_stride_vocab, vocab, divisor, m, mid.to(tl.int32), False, BLOCK)
+                Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, vocab, divisor, m,
+                mid.to(tl.int32), False, BLOCK, HAS_ALLOWED)
             enough = count.to(tl.int64) >= k
             lo = tl.where(enough, key_up.to(tl.int64), lo)
             hi = tl.where(enough, hi, tl.maximum(key_down.to(tl.int64), lo))
@@ -139,7 +161,8 @@ def _row_thresholds(
         x_tie = tl.full([], float("-inf"), tl.float32)
         for start in range(0, vocab, BLOCK):
             offs = start + arange
-            x, key = _scaled_block(Logits_ptr, logits_stride_vocab, offs, vocab, divisor)
+            x, key = _scaled_block(Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, offs, vocab,
+                                   divisor, HAS_ALLOWED)
             above = key > t_k
             count_above += tl.sum(above.to(tl.int32), axis=0)
             mass_above += tl.sum(tl.where(above, tl.exp(x - m), 0.0), axis=0)
@@ -158,7 +181,8 @@ def _row_thresholds(
         while lo_p < hi_p:
             mid = lo_p + ((hi_p - lo_p + 1) >> 1)
             count, mass, key_up, key_down = _bisection_pass(
-                Logits_ptr, logits_stride_vocab, vocab, divisor, m, mid.to(tl.int32), True, BLOCK)
+                Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, vocab, divisor, m,
+                mid.to(tl.int32), True, BLOCK, HAS_ALLOWED)
             enough = mass * inv_z >= top_p
             lo_p = tl.where(enough, key_up.to(tl.int64), lo_p)
             hi_p = tl.where(enough, hi_p, tl.maximum(key_down.to(tl.int64), lo_p))
@@ -167,7 +191,8 @@ def _row_thresholds(
         x_tie_p = tl.full([], float("-inf"), tl.float32)
         for start in range(0, vocab, BLOCK):
             offs = start + arange
-            x, key = _scaled_block(Logits_ptr, logits_stride_vocab, offs, vocab, divisor)
+            x, key = _scaled_block(Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, offs, vocab,
+                                   divisor, HAS_ALLOWED)
             mass_above_p += tl.sum(tl.where(key > t_p_key, tl.exp(x - m), 0.0), axis=0)
             x_tie_p = tl.maximum(x_tie_p, tl.max(tl.where(key == t_p_key, x, float("-inf")), axis=0))
         before_p = mass_above_p * inv_z
@@ -206,26 +231,32 @@ def _filter_logits_kernel(
     Top_k_ptr,  # (batch,) int64; 0 means off
     Top_p_ptr,  # (batch,) fp32; 1 means off
     Min_p_ptr,  # (batch,) fp32; 0 means off
+    Allowed_ptr,  # (batch, ceil(vocab / 32)) int32 token bitmask; read if HAS_ALLOWED
     logits_stride_row, logits_stride_vocab,
     out_stride_row, out_stride_vocab,
+    allowed_stride_row, allowed_stride_word,
     vocab,
     BLOCK: tl.constexpr,  # tokens per pass step
+    HAS_ALLOWED: tl.constexpr,
 ):
     # One program per row: reads the row 2 to 68 times (mostly from L2), writes it once.
     row = tl.program_id(0).to(tl.int64)
     Logits_ptr += row * logits_stride_row
+    if HAS_ALLOWED:
+        Allowed_ptr += row * allowed_stride_row
     Out_ptr += row * out_stride_row
     top_p = tl.load(Top_p_ptr + row)
     min_p = tl.load(Min_p_ptr + row)
     divisor, greedy, m, greedy_id, t_k, r_k, top_p_on, t_p, before_p, q_p = _row_thresholds(
-        Logits_ptr, logits_stride_vocab, vocab,
-        tl.load(Temperature_ptr + row), tl.load(Top_k_ptr + row), top_p, BLOCK,
+        Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, vocab,
+        tl.load(Temperature_ptr + row), tl.load(Top_k_ptr + row), top_p, BLOCK, HAS_ALLOWED,
     )
     ties_k = tl.full([], 0, tl.int32)
     ties_p = tl.full([], 0, tl.int32)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        x, key = _scaled_block(Logits_ptr, logits_stride_vocab, offs, vocab, divisor)
+        x, key = _scaled_block(Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, offs, vocab,
+                               divisor, HAS_ALLOWED)
         keep, ties_k, ties_p = _kept_block(
             x, key, offs, vocab, greedy, m, greedy_id, t_k, r_k, top_p_on, t_p, before_p, q_p,
             top_p, min_p, ties_k, ties_p,
@@ -255,22 +286,27 @@ def _sample_kernel(
     Min_p_ptr,  # (batch,) fp32; 0 means off
     Seed_ptr,  # (batch,) int64: Philox key (low, high words)
     Step_ptr,  # (batch,) int64: Philox counter words 1 and 2
+    Allowed_ptr,  # (batch, ceil(vocab / 32)) int32 token bitmask; read if HAS_ALLOWED
     logits_stride_row, logits_stride_vocab,
+    allowed_stride_row, allowed_stride_word,
     vocab,
     RETURN_LOGPROBS: tl.constexpr,
     WRITE_FILTERED: tl.constexpr,
     BLOCK: tl.constexpr,  # tokens per pass step
+    HAS_ALLOWED: tl.constexpr,
 ):
     # One program per row: reads the row 2 to 68 times (mostly from L2), writes one token.
     row = tl.program_id(0).to(tl.int64)
     Logits_ptr += row * logits_stride_row
+    if HAS_ALLOWED:
+        Allowed_ptr += row * allowed_stride_row
     top_p = tl.load(Top_p_ptr + row)
     min_p = tl.load(Min_p_ptr + row)
     seed = tl.load(Seed_ptr + row)
     step = tl.load(Step_ptr + row)
     divisor, greedy, m, greedy_id, t_k, r_k, top_p_on, t_p, before_p, q_p = _row_thresholds(
-        Logits_ptr, logits_stride_vocab, vocab,
-        tl.load(Temperature_ptr + row), tl.load(Top_k_ptr + row), top_p, BLOCK,
+        Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, vocab,
+        tl.load(Temperature_ptr + row), tl.load(Top_k_ptr + row), top_p, BLOCK, HAS_ALLOWED,
     )
     ties_k = tl.full([], 0, tl.int32)
     ties_p = tl.full([], 0, tl.int32)
@@ -284,7 +320,8 @@ def _sample_kernel(
     zero = tl.zeros([BLOCK], tl.uint32)
     for start in range(0, vocab, BLOCK):
         offs = start + arange
-        x, key = _scaled_block(Logits_ptr, logits_stride_vocab, offs, vocab, divisor)
+        x, key = _scaled_block(Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_word, offs, vocab,
+                               divisor, HAS_ALLOWED)
         keep, ties_k, ties_p = _kept_block(
             x, key, offs, vocab, greedy, m, greedy_id, t_k, r_k, top_p_on, t_p, before_p, q_p,
             top_p, min_p, ties_k, ties_p,
@@ -304,8 +341,11 @@ def _sample_kernel(
             tl.store(Filtered_ptr + row * vocab + offs, tl.where(keep, x - m, float("-inf")), mask=offs < vocab)
     tl.store(Tokens_ptr + row, best_id.to(tl.int64))
     if RETURN_LOGPROBS:
-        x_best = tl.math.div_rn(tl.load(Logits_ptr + best_id.to(tl.int64) * logits_stride_vocab).to(tl.float32),
-                                divisor)
+        x_best = tl.load(Logits_ptr + best_id.to(tl.int64) * logits_stride_vocab).to(tl.float32)
+        if HAS_ALLOWED:
+            x_best = tl.where(_allowed_bits(Allowed_ptr, allowed_stride_word, best_id, vocab), x_best,
+                              float("-inf"))
+        x_best = tl.math.div_rn(x_best, divisor)
         log_mass = tl.log(kept_mass)
         tl.store(Logprobs_ptr + row, (x_best - m) - log_mass)
         tl.store(Log_mass_ptr + row, log_mass)
@@ -319,18 +359,29 @@ def _warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-def _supports(logits: torch.Tensor) -> Optional[str]:
+def _supports(logits: torch.Tensor, allowed: Optional[torch.Tensor]) -> Optional[str]:
     if logits.shape[1] >= 2**31:
         return f"vocab must be < 2**31 (int32 token ids), got {logits.shape[1]}"
+    if allowed is not None and not platform.triton_interpreting():
+        # Tested under the interpreter only so far: "auto" takes another backend on a GPU.
+        return _MASKED_NOT_RUN
     return None
 
 
-def filter_logits_supports(*, logits: torch.Tensor, **_) -> Optional[str]:
-    return _supports(logits)
+def filter_logits_supports(*, logits: torch.Tensor, allowed: Optional[torch.Tensor] = None, **_) -> Optional[str]:
+    return _supports(logits, allowed)
 
 
-def sample_supports(*, logits: torch.Tensor, **_) -> Optional[str]:
-    return _supports(logits)
+def sample_supports(*, logits: torch.Tensor, allowed: Optional[torch.Tensor] = None, **_) -> Optional[str]:
+    return _supports(logits, allowed)
+
+
+def _allowed_arguments(logits: torch.Tensor, allowed: Optional[torch.Tensor]):
+    """(pointer, row stride, word stride) for the kernels' Allowed_ptr: logits stands in
+    (never read) without a mask."""
+    if allowed is None:
+        return logits, 0, 0
+    return allowed, allowed.stride(0), allowed.stride(1)
 
 
 def filter_logits(
@@ -340,19 +391,23 @@ def filter_logits(
     top_k: PerRow = 0,
     top_p: PerRow = 1.0,
     min_p: PerRow = 0.0,
+    allowed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch ``_filter_logits_kernel``, one program per row. Reads batch x vocab elements
-    2 to 68 times (L2-resident after the first) and writes batch x vocab."""
+    2 to 68 times (L2-resident after the first), with ``allowed`` its batch x vocab / 32
+    words as often, and writes batch x vocab."""
     batch, vocab = logits.shape
     out = torch.empty((batch, vocab), dtype=logits.dtype, device=logits.device)
     if batch == 0:
         return out
     temperature, top_k, top_p, min_p = reference.filter_parameters(batch, logits.device, temperature, top_k, top_p, min_p)
     block = _block(vocab)
+    allowed_ptr, allowed_stride_row, allowed_stride_word = _allowed_arguments(logits, allowed)
     _filter_logits_kernel[(batch,)](
-        logits, out, temperature, top_k, top_p, min_p,
+        logits, out, temperature, top_k, top_p, min_p, allowed_ptr,
         logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
-        vocab, BLOCK=block, num_warps=_warps(block),
+        allowed_stride_row, allowed_stride_word,
+        vocab, BLOCK=block, HAS_ALLOWED=allowed is not None, num_warps=_warps(block),
     )
     return out
 
@@ -368,10 +423,11 @@ def sample(
     step: PerRow = 0,
     return_logprobs: bool = False,
     num_logprobs: int = 0,
+    allowed: Optional[torch.Tensor] = None,
 ):
     """Launch ``_sample_kernel``, one program per row: reads batch x vocab elements 2 to 68
-    times and writes batch tokens; with ``num_logprobs`` also batch x vocab fp32 filtered
-    logits, from which the top ids are picked here."""
+    times (and ``allowed``'s words as often) and writes batch tokens; with ``num_logprobs``
+    also batch x vocab fp32 filtered logits, from which the top ids are picked here."""
     batch, vocab = logits.shape
     device = logits.device
     seeds = reference.row_seeds(seed, batch, device).contiguous()
@@ -384,12 +440,13 @@ def sample(
     filtered = torch.empty((batch, vocab) if write_filtered else (0,), dtype=torch.float32, device=device)
     if batch > 0:
         block = _block(vocab)
+        allowed_ptr, allowed_stride_row, allowed_stride_word = _allowed_arguments(logits, allowed)
         _sample_kernel[(batch,)](
             logits, tokens, logprobs, log_mass, filtered,
-            temperature, top_k, top_p, min_p, seeds, steps,
-            logits.stride(0), logits.stride(1), vocab,
+            temperature, top_k, top_p, min_p, seeds, steps, allowed_ptr,
+            logits.stride(0), logits.stride(1), allowed_stride_row, allowed_stride_word, vocab,
             RETURN_LOGPROBS=return_logprobs, WRITE_FILTERED=write_filtered,
-            BLOCK=block, num_warps=_warps(block),
+            BLOCK=block, HAS_ALLOWED=allowed is not None, num_warps=_warps(block),
         )
     if not return_logprobs:
         return tokens

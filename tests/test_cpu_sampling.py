@@ -176,20 +176,28 @@ def test_the_kernel_rejects_views_that_do_not_fit():
     params = [torch.ones(3), torch.zeros(3, dtype=torch.int64), torch.ones(3), torch.zeros(3)]
     views = [tensor_view(p) for p in params]
     with pytest.raises(ValueError, match="out"):
-        module.filter_logits(tensor_view(logits), tensor_view(out), *views, 1)
+        module.filter_logits(tensor_view(logits), tensor_view(out), *views, None, 1)
     views[1] = tensor_view(torch.zeros(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="top_k"):
-        module.filter_logits(tensor_view(logits), tensor_view(torch.empty(3, 10)), *views, 1)
+        module.filter_logits(tensor_view(logits), tensor_view(torch.empty(3, 10)), *views, None, 1)
     views[1] = tensor_view(params[1])
+    for allowed in (torch.zeros(3, 2, dtype=torch.int32), torch.zeros(3, 1, dtype=torch.int64),
+                    torch.zeros(2, 1, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="allowed"):
+            module.filter_logits(tensor_view(logits), tensor_view(torch.empty(3, 10)), *views,
+                                 tensor_view(allowed), 1)
     tokens = torch.empty(2, dtype=torch.int64)
     seeds = tensor_view(torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="tokens"):
-        module.sample(tensor_view(logits), tensor_view(tokens), *views, seeds, seeds, None, None, None, 1)
+        module.sample(tensor_view(logits), tensor_view(tokens), *views, seeds, seeds, None, None, None, None, 1)
     tokens = torch.empty(3, dtype=torch.int64)
     top_ids = tensor_view(torch.empty(3, 11, dtype=torch.int64))
     with pytest.raises(ValueError, match="top_ids"):
-        module.sample(tensor_view(logits), tensor_view(tokens), *views, seeds, seeds,
+        module.sample(tensor_view(logits), tensor_view(tokens), *views, seeds, seeds, None,
                       tensor_view(torch.empty(3)), top_ids, tensor_view(torch.empty(3, 11)), 1)
+    with pytest.raises(ValueError, match="allowed"):
+        module.sample(tensor_view(logits), tensor_view(tokens), *views, seeds, seeds,
+                      tensor_view(torch.zeros(3, 2, dtype=torch.int32)), None, None, None, 1)
 
 
 def test_empty_batch():

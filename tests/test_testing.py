@@ -206,7 +206,7 @@ def test_an_unwritten_cache_slot_fails(register):
 
 def test_ties_broken_the_wrong_way_fail(register):
     impl = register("filter_logits", filter_ties_by_higher_id)
-    assert testing.check_impl(impl, case_named("filter_logits", "top_k=50")).passed
+    assert testing.check_impl(impl, case_named("filter_logits", "vocab=1000 temperature=0.7 top_k=50")).passed
     result = testing.check_impl(impl, case_named("filter_logits", "tied-logits"))
     assert not result.passed
     assert "kept tokens differ" in result.detail

@@ -94,8 +94,18 @@ def sampling_inputs(device, seed=0):
 def test_opcheck_filter_logits(backend, device):
     require_backend("filter_logits", backend)
     logits, p = sampling_inputs(device)
-    args = (logits, 0.0, p["temperature"], 0, p["top_k"], 0.9, None, 0.0, p["min_p"], backend)
+    args = (logits, 0.0, p["temperature"], 0, p["top_k"], 0.9, None, 0.0, p["min_p"], None, backend)
     torch.library.opcheck(torch.ops.fmkernels.filter_logits.default, args)
+    allowed = half_allowed(logits)
+    masked = (logits, 0.7, None, 0, p["top_k"], 0.9, None, 0.0, p["min_p"], allowed, backend)
+    torch.library.opcheck(torch.ops.fmkernels.filter_logits.default, masked)
+
+
+def half_allowed(logits):
+    """A packed bitmask allowing a random half of each row's tokens and its largest logit."""
+    mask = torch.rand(logits.shape, generator=torch.Generator().manual_seed(2)).to(logits.device) < 0.5
+    mask |= logits == logits.amax(dim=1, keepdim=True)
+    return fmkernels.pack_allowed(mask)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -104,11 +114,12 @@ def test_opcheck_sample(backend, device, logprobs):
     require_backend("sample", backend)
     logits, p = sampling_inputs(device, seed=1)
     seeds = torch.tensor([7, 3, 2**40, 0, 11], device=device)
-    args = (logits, 0.0, p["temperature"], 0, p["top_k"], 0.0, p["top_p"], 0.05, None,
+    allowed = half_allowed(logits)
+    args = (logits, 0.0, p["temperature"], 0, p["top_k"], 0.0, p["top_p"], 0.05, None, allowed,
             None, seeds, 4, None, *logprobs, backend)
     torch.library.opcheck(torch.ops.fmkernels.sample.default, args)
-    scalar_args = (logits, 0.8, None, 20, None, 0.9, None, 0.0, None, 123, None, 0, torch.arange(5, device=device),
-                   *logprobs, backend)
+    scalar_args = (logits, 0.8, None, 20, None, 0.9, None, 0.0, None, None, 123, None, 0,
+                   torch.arange(5, device=device), *logprobs, backend)
     torch.library.opcheck(torch.ops.fmkernels.sample.default, scalar_args)
 
 

@@ -50,6 +50,19 @@ inline const char* check_sampling_parameters(int64_t batch, const TensorView& te
   return nullptr;
 }
 
+// The allowed bitmask, when given: int32 (batch, ceil(vocab / 32)), unit stride along the words.
+inline const char* check_allowed(const TensorView& logits, const TensorView* allowed) {
+  if (allowed == nullptr) return nullptr;
+  const int64_t batch = logits.sizes[0], words = (logits.sizes[1] + 31) / 32;
+  if (allowed->rank != 2 || allowed->dtype != DType::kInt32 || allowed->sizes[0] != batch ||
+      allowed->sizes[1] != words)
+    return "allowed must be int32 (batch, ceil(vocab / 32))";
+  if (allowed->data == nullptr && batch > 0) return "allowed has no data";
+  if ((words > 1 && allowed->strides[1] != 1) || (batch > 1 && allowed->strides[0] < 0))
+    return "allowed must have unit stride along its words and a non-negative row stride";
+  return nullptr;
+}
+
 // sample's tokens, seeds and steps: int64 (batch,).
 inline const char* check_sample_vectors(int64_t batch, const TensorView& tokens, const TensorView& seeds,
                                         const TensorView& steps) {

@@ -11,6 +11,8 @@
 //      arithmetic: probabilities exp(x - max) * (1 / sum) in fp32, the mass before a rank
 //      as fp32(double cumulative sum) - p, kept while < top_p;
 // or, with neither top-k nor top-p, no sort at all: min-p is a threshold on x.
+// With an allowed bitmask, a disallowed token's x is -inf wherever it is read (so every pass
+// filters the allowed distribution), and a block whose 64 bits are clear is skipped in pass 1.
 #include "cpu/sampling.h"
 
 #include <omp.h>
@@ -114,8 +116,19 @@ template <typename T>
 struct Row {
   const T* logits;
   int64_t vocab;
-  float temperature;  // 1 for greedy rows
-  float x(int64_t i) const { return to_float(logits[i]) / temperature; }
+  float temperature;        // 1 for greedy rows
+  const uint32_t* allowed;  // the row's bitmask words, or null (every token allowed)
+  bool allows(int64_t i) const { return allowed == nullptr || ((allowed[i >> 5] >> (i & 31)) & 1u) != 0; }
+  // The logit, -inf where disallowed.
+  float raw(int64_t i) const { return allows(i) ? to_float(logits[i]) : -kInf; }
+  float x(int64_t i) const { return allows(i) ? to_float(logits[i]) / temperature : -kInf; }
+  // The 64 allowed bits of block b (bit j: token b * kBlock + j), clear past the vocabulary.
+  uint64_t block_bits(int64_t b) const {
+    const int64_t begin = b * kBlock, n = std::min(kBlock, vocab - begin);
+    uint64_t bits = allowed[2 * b];
+    if (n > 32) bits |= static_cast<uint64_t>(allowed[2 * b + 1]) << 32;
+    return n == 64 ? bits : bits & ((uint64_t{1} << n) - 1);
+  }
 };
 
 template <typename T>
@@ -169,6 +182,21 @@ int64_t walk_prefix(const uint64_t* keys, int64_t c, const MinP& min_p, bool top
   return -1;
 }
 
+// The largest allowed logit of block b (-inf if it allows none).
+template <typename T>
+float allowed_block_maximum(const Row<T>& row, int64_t b) {
+  const int64_t begin = b * kBlock, n = std::min(kBlock, row.vocab - begin);
+  uint64_t bits = row.block_bits(b);
+  if (bits == 0) return -kInf;
+  if (bits == (n == 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1)) return block_maximum(row.logits + begin, n);
+  float m = -kInf;
+  for (; bits != 0; bits &= bits - 1) {
+    const float v = to_float(row.logits[begin + __builtin_ctzll(bits)]);
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
 template <typename T>
 Selection select_row(const Row<T>& row, const Params& params, Scratch& s) {
   const int64_t vocab = row.vocab;
@@ -177,7 +205,8 @@ Selection select_row(const Row<T>& row, const Params& params, Scratch& s) {
   float raw_max = -kInf;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t begin = b * kBlock;
-    const float m = block_maximum(row.logits + begin, std::min(kBlock, vocab - begin));
+    const float m = row.allowed == nullptr ? block_maximum(row.logits + begin, std::min(kBlock, vocab - begin))
+                                           : allowed_block_maximum(row, b);
     s.block_max[b] = m;
     raw_max = m > raw_max ? m : raw_max;
   }
@@ -190,7 +219,7 @@ Selection select_row(const Row<T>& row, const Params& params, Scratch& s) {
       int64_t b = 0;
       while (!(s.block_max[b] == raw_max)) ++b;
       id = b * kBlock;
-      while (!(to_float(row.logits[id]) == raw_max)) ++id;
+      while (!(row.raw(id) == raw_max)) ++id;
     }
     keys[0] = rank_key(row.x(id), id);
     sel.count = 1;
@@ -405,15 +434,16 @@ Params row_params(const TensorView& temperature, const TensorView& top_k, const 
 }
 
 template <typename T>
-Row<T> make_row(const TensorView& logits, int64_t b, const Params& params) {
+Row<T> make_row(const TensorView& logits, const TensorView* allowed, int64_t b, const Params& params) {
   return {static_cast<const T*>(logits.data) + b * logits.strides[0], logits.sizes[1],
-          params.temperature == 0.0f ? 1.0f : params.temperature};
+          params.temperature == 0.0f ? 1.0f : params.temperature,
+          allowed == nullptr ? nullptr : static_cast<const uint32_t*>(allowed->data) + b * allowed->strides[0]};
 }
 
 template <typename T>
 void filter_rows(const TensorView& logits, const TensorView& out, const TensorView& temperature,
                  const TensorView& top_k, const TensorView& top_p, const TensorView& min_p,
-                 int num_threads) {
+                 const TensorView* allowed, int num_threads) {
   const int64_t batch = logits.sizes[0], vocab = logits.sizes[1];
 #pragma omp parallel num_threads(num_threads)
   {
@@ -421,7 +451,7 @@ void filter_rows(const TensorView& logits, const TensorView& out, const TensorVi
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
       const Params params = row_params(temperature, top_k, top_p, min_p, b);
-      const Row<T> row = make_row<T>(logits, b, params);
+      const Row<T> row = make_row<T>(logits, allowed, b, params);
       const Selection sel = select_row(row, params, scratch);
       filter_row(row, sel, scratch.keys.data(), static_cast<T*>(out.data) + b * out.strides[0]);
     }
@@ -431,8 +461,9 @@ void filter_rows(const TensorView& logits, const TensorView& out, const TensorVi
 template <typename T>
 void sample_rows(const TensorView& logits, const TensorView& tokens, const TensorView& temperature,
                  const TensorView& top_k, const TensorView& top_p, const TensorView& min_p,
-                 const TensorView& seeds, const TensorView& steps, const TensorView* logprobs,
-                 const TensorView* top_ids, const TensorView* top_logprobs, int num_threads) {
+                 const TensorView& seeds, const TensorView& steps, const TensorView* allowed,
+                 const TensorView* logprobs, const TensorView* top_ids, const TensorView* top_logprobs,
+                 int num_threads) {
   const int64_t batch = logits.sizes[0], vocab = logits.sizes[1];
 #pragma omp parallel num_threads(num_threads)
   {
@@ -441,7 +472,7 @@ void sample_rows(const TensorView& logits, const TensorView& tokens, const Tenso
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
       const Params params = row_params(temperature, top_k, top_p, min_p, b);
-      const Row<T> row = make_row<T>(logits, b, params);
+      const Row<T> row = make_row<T>(logits, allowed, b, params);
       const Selection sel = select_row(row, params, scratch);
       const auto seed = static_cast<uint64_t>(static_cast<const int64_t*>(seeds.data)[b * seeds.strides[0]]);
       const auto step = static_cast<uint64_t>(static_cast<const int64_t*>(steps.data)[b * steps.strides[0]]);
@@ -463,22 +494,24 @@ void sample_rows(const TensorView& logits, const TensorView& tokens, const Tenso
 
 const char* filter_logits(const TensorView& logits, const TensorView& out,
                           const TensorView& temperature, const TensorView& top_k,
-                          const TensorView& top_p, const TensorView& min_p, int num_threads) {
+                          const TensorView& top_p, const TensorView& min_p, const TensorView* allowed,
+                          int num_threads) {
   if (const char* error = check_sampling_logits(logits)) return error;
   const int64_t batch = logits.sizes[0];
   if (const char* error = check_filtered_rows(logits, out)) return error;
   if (const char* error = check_sampling_parameters(batch, temperature, top_k, top_p, min_p)) return error;
+  if (const char* error = check_allowed(logits, allowed)) return error;
   if (batch == 0) return nullptr;
   num_threads = std::max(1, num_threads);
   switch (logits.dtype) {
     case DType::kFloat32:
-      filter_rows<float>(logits, out, temperature, top_k, top_p, min_p, num_threads);
+      filter_rows<float>(logits, out, temperature, top_k, top_p, min_p, allowed, num_threads);
       break;
     case DType::kFloat16:
-      filter_rows<Float16>(logits, out, temperature, top_k, top_p, min_p, num_threads);
+      filter_rows<Float16>(logits, out, temperature, top_k, top_p, min_p, allowed, num_threads);
       break;
     default:
-      filter_rows<BFloat16>(logits, out, temperature, top_k, top_p, min_p, num_threads);
+      filter_rows<BFloat16>(logits, out, temperature, top_k, top_p, min_p, allowed, num_threads);
       break;
   }
   return nullptr;
@@ -487,12 +520,13 @@ const char* filter_logits(const TensorView& logits, const TensorView& out,
 const char* sample(const TensorView& logits, const TensorView& tokens,
                    const TensorView& temperature, const TensorView& top_k,
                    const TensorView& top_p, const TensorView& min_p, const TensorView& seeds,
-                   const TensorView& steps, const TensorView* logprobs,
+                   const TensorView& steps, const TensorView* allowed, const TensorView* logprobs,
                    const TensorView* top_ids, const TensorView* top_logprobs, int num_threads) {
   if (const char* error = check_sampling_logits(logits)) return error;
   const int64_t batch = logits.sizes[0], vocab = logits.sizes[1];
   if (const char* error = check_sample_vectors(batch, tokens, seeds, steps)) return error;
   if (const char* error = check_sampling_parameters(batch, temperature, top_k, top_p, min_p)) return error;
+  if (const char* error = check_allowed(logits, allowed)) return error;
   if ((logprobs == nullptr) != (top_ids == nullptr) || (top_ids == nullptr) != (top_logprobs == nullptr))
     return "logprobs, top_ids and top_logprobs come together or not at all";
   if (logprobs != nullptr) {
@@ -513,15 +547,15 @@ const char* sample(const TensorView& logits, const TensorView& tokens,
   num_threads = std::max(1, num_threads);
   switch (logits.dtype) {
     case DType::kFloat32:
-      sample_rows<float>(logits, tokens, temperature, top_k, top_p, min_p, seeds, steps, logprobs,
+      sample_rows<float>(logits, tokens, temperature, top_k, top_p, min_p, seeds, steps, allowed, logprobs,
                          top_ids, top_logprobs, num_threads);
       break;
     case DType::kFloat16:
-      sample_rows<Float16>(logits, tokens, temperature, top_k, top_p, min_p, seeds, steps, logprobs,
+      sample_rows<Float16>(logits, tokens, temperature, top_k, top_p, min_p, seeds, steps, allowed, logprobs,
                            top_ids, top_logprobs, num_threads);
       break;
     default:
-      sample_rows<BFloat16>(logits, tokens, temperature, top_k, top_p, min_p, seeds, steps,
+      sample_rows<BFloat16>(logits, tokens, temperature, top_k, top_p, min_p, seeds, steps, allowed,
                             logprobs, top_ids, top_logprobs, num_threads);
       break;
   }

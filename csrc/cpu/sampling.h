@@ -12,13 +12,16 @@ namespace fmkernels::cpu {
 // Per-row parameters are (batch,) tensors: temperature, top_p, min_p float32, top_k int64.
 // logits: float32, float16 or bfloat16 with unit stride along the vocabulary.
 // Rows run in parallel on num_threads OpenMP threads; a row's result does not depend on
-// its batch or on the thread count. Each returns nullptr, or why the views do not fit
-// (nothing is written then).
+// its batch or on the thread count. allowed (null, or int32 (batch, ceil(vocab / 32)), unit
+// stride along the words): token i of row b is allowed when bit i % 32 of word i / 32 is set;
+// the others count as -inf before any filter. Each returns nullptr, or why the views do not
+// fit (nothing is written then).
 
 // out (batch, vocab), logits' dtype: x where kept, -inf elsewhere.
 const char* filter_logits(const TensorView& logits, const TensorView& out,
                           const TensorView& temperature, const TensorView& top_k,
-                          const TensorView& top_p, const TensorView& min_p, int num_threads);
+                          const TensorView& top_p, const TensorView& min_p, const TensorView* allowed,
+                          int num_threads);
 
 // tokens (batch,) int64: argmax over kept tokens of x_i - log(-log u_i), u_i from
 // Philox4x32-10 keyed by seeds[b] (int64), counter (i / 4, steps[b]), word i % 4
@@ -28,7 +31,7 @@ const char* filter_logits(const TensorView& logits, const TensorView& out,
 const char* sample(const TensorView& logits, const TensorView& tokens,
                    const TensorView& temperature, const TensorView& top_k,
                    const TensorView& top_p, const TensorView& min_p, const TensorView& seeds,
-                   const TensorView& steps, const TensorView* logprobs,
+                   const TensorView& steps, const TensorView* allowed, const TensorView* logprobs,
                    const TensorView* top_ids, const TensorView* top_logprobs, int num_threads);
 
 }  // namespace fmkernels::cpu

@@ -5,7 +5,7 @@ Every op has a PyTorch reference (``fmkernels.reference``) and compiled backends
 """
 
 from . import peers as _peers
-from .ops import append_kv, attention, decode_attention, filter_logits, linear, sample
+from .ops import append_kv, attention, decode_attention, filter_logits, linear, pack_allowed, sample
 from ._validation import device_checks, set_device_checks
 from .platform import BackendStatus, backends
 from .reference import SampleOutput
@@ -21,6 +21,7 @@ __all__ = [
     "append_kv",
     "filter_logits",
     "sample",
+    "pack_allowed",
     "linear",
     "SampleOutput",
     "backends",

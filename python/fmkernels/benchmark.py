@@ -918,12 +918,13 @@ def _cpu_kernel(op: str, kwargs: Kwargs) -> Callable[[], Any]:
         kwargs.get("min_p", 0.0))
     if op == "filter_logits":
         out = torch.empty(logits.shape, dtype=logits.dtype)
-        views = (view(logits), view(out), *map(view, parameters), threads)
+        views = (view(logits), view(out), *map(view, parameters), None, threads)
         return lambda: (module.filter_logits(*views), parameters, out)[-1]
     tokens = torch.empty(batch, dtype=torch.int64)
     seeds = reference.row_seeds(kwargs.get("seed"), batch, "cpu").contiguous()
     steps = reference.per_row(kwargs.get("step", 0), batch, torch.int64, "cpu").contiguous()
-    views = (view(logits), view(tokens), *map(view, parameters), view(seeds), view(steps), None, None, None, threads)
+    views = (view(logits), view(tokens), *map(view, parameters), view(seeds), view(steps), None, None, None, None,
+             threads)
     return lambda: (module.sample(*views), parameters, seeds, steps, tokens)[-1]
 
 

@@ -273,7 +273,7 @@ def _flashinfer_top_k(logits, temperature, top_k):
     return scaled, k.to(torch.int32)
 
 
-def flashinfer_filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+def flashinfer_filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, allowed=None):
     sampling = importlib.import_module("flashinfer.sampling")
     scaled, k = _flashinfer_top_k(logits, temperature, top_k)
     return sampling.top_k_mask_logits(scaled, k).to(logits.dtype)
@@ -285,7 +285,9 @@ def _is_off(value, off: float) -> bool:
     return value == off
 
 
-def flashinfer_filter_logits_supports(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, **_):
+def flashinfer_filter_logits_supports(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, allowed=None, **_):
+    if allowed is not None:
+        return "an allowed= token bitmask: flashinfer's top_k_mask_logits takes none"
     if not _is_off(top_p, 1.0) or not _is_off(min_p, 0.0):
         return ("top-p and min-p: flashinfer filters probabilities with a pivot search to a tolerance, "
                 "not the reference's exact kept set")

@@ -222,11 +222,39 @@ def filter_parameters(batch: int, device, temperature: PerRow, top_k: PerRow, to
     )
 
 
-def _filtered_logits_fp32(logits, temperature, top_k, top_p, min_p) -> torch.Tensor:
+def allowed_words(vocab: int) -> int:
+    """The int32 words of an ``allowed`` bitmask row over ``vocab`` tokens: ceil(vocab / 32)."""
+    return (vocab + 31) // 32
+
+
+def unpack_allowed(allowed: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The packed token bitmask ``allowed`` (batch, ceil(vocab / 32)) int32 as a bool mask
+    (batch, vocab): token t is allowed when bit t % 32 of word t // 32 is set (bits past the
+    vocabulary are ignored)."""
+    token = torch.arange(vocab, device=allowed.device)
+    words = allowed[:, token // 32].to(torch.int64)  # int64: bit 31 stays a plain bit
+    return ((words >> (token % 32)) & 1).bool()
+
+
+def pack_allowed(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask (batch, vocab) packed as ``allowed`` bitmask rows (batch, ceil(vocab / 32))
+    int32, the layout ``unpack_allowed`` reads (and llguidance and xgrammar write)."""
+    batch, vocab = mask.shape
+    words = allowed_words(vocab)
+    padded = torch.zeros((batch, words * 32), dtype=torch.int64, device=mask.device)
+    padded[:, :vocab] = mask
+    bits = (padded.view(batch, words, 32) << torch.arange(32, device=mask.device)).sum(dim=-1)
+    return (bits - ((bits >> 31) << 32)).to(torch.int32)  # two's complement: bit 31 is the sign
+
+
+def _filtered_logits_fp32(logits, temperature, top_k, top_p, min_p, allowed=None) -> torch.Tensor:
     """The DESIGN.md pipeline in fp32: (batch, vocab) scaled logits, -inf where removed."""
     batch, vocab = logits.shape
     device = logits.device
     temperature, top_k, top_p, min_p = filter_parameters(batch, device, temperature, top_k, top_p, min_p)
+    if allowed is not None:
+        # Disallowed tokens are -inf before any filter: every filter acts on the allowed ones.
+        logits = logits.float().masked_fill(~unpack_allowed(allowed, vocab), float("-inf"))
 
     greedy = temperature == 0
     scaled = logits.float() / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
@@ -265,16 +293,19 @@ def filter_logits(
     top_k: PerRow = 0,
     top_p: PerRow = 1.0,
     min_p: PerRow = 0.0,
+    allowed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Temperature-scaled logits (batch, vocab) with every token the filters remove set to -inf.
 
-    Order: logits / temperature -> top-k -> top-p -> min-p. top-k keeps exactly k tokens
+    Order: allowed -> logits / temperature -> top-k -> top-p -> min-p. ``allowed``, a packed
+    int32 token bitmask (batch, ceil(vocab / 32)) (see ``unpack_allowed``), sets the tokens it
+    does not allow to -inf first. top-k keeps exactly k tokens
     (ties by lower id); top-p keeps the smallest prefix by descending probability whose
     mass reaches p; min-p keeps tokens with probability >= min_p * the largest. Off values:
     top_k 0, top_p 1.0, min_p 0.0. Temperature 0 keeps only the argmax (unscaled).
     Each parameter is a scalar or a (batch,) tensor. Returned in logits' dtype.
     """
-    return _filtered_logits_fp32(logits, temperature, top_k, top_p, min_p).to(logits.dtype)
+    return _filtered_logits_fp32(logits, temperature, top_k, top_p, min_p, allowed).to(logits.dtype)
 
 
 _MASK32 = 0xFFFFFFFF
@@ -364,8 +395,9 @@ def sample(
     step: PerRow = 0,
     return_logprobs: bool = False,
     num_logprobs: int = 0,
+    allowed: Optional[torch.Tensor] = None,
 ):
-    """Draw one token per row of logits (batch, vocab) after ``filter_logits``.
+    """Draw one token per row of logits (batch, vocab) after ``filter_logits`` (with ``allowed``).
 
     Returns tokens (batch,) int64, or a ``SampleOutput`` with ``return_logprobs``.
     seed: a (batch,) int64 tensor of row seeds (a row's token then depends only on its
@@ -374,7 +406,7 @@ def sample(
     """
     batch, vocab = logits.shape
     device = logits.device
-    filtered = _filtered_logits_fp32(logits, temperature, top_k, top_p, min_p)
+    filtered = _filtered_logits_fp32(logits, temperature, top_k, top_p, min_p, allowed)
     seeds = row_seeds(seed, batch, device)
     steps = per_row(step, batch, torch.int64, device)
     u = uniform_draws(seeds, steps, vocab)

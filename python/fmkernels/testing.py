@@ -458,16 +458,21 @@ _FILTER_SHAPES = (
     _SamplingShape(4, 1000, dict(top_p=0.9)),
     _SamplingShape(4, 1000, _PER_ROW),
     _SamplingShape(3, 257, dict(top_k=10, top_p=0.9, min_p=0.2), ties=True),
+    _SamplingShape(5, 1001, dict(temperature=0.7, top_k=50, top_p=0.9, allowed="mixed")),
 )
 _FILTER_SHAPES_GPU = (
     _SamplingShape(64, 32000, dict(temperature=0.8, top_k=40, top_p=0.95)),
     _SamplingShape(64, 128256, dict(top_p=0.9, min_p=0.05)),
+    _SamplingShape(64, 128256, dict(temperature=0.7, top_k=50, top_p=0.9, allowed="mixed")),
 )
 _SAMPLE_SHAPES = (
     _SamplingShape(8, 1000, dict(seed="per-row", step=3, return_logprobs=True, num_logprobs=5)),
     _SamplingShape(4, 1000, dict(_PER_ROW, seed=1234, step=(0, 1, 2, 3))),
     _SamplingShape(4, 32000, dict(temperature=0.8, top_p=0.9, seed=7, return_logprobs=True, num_logprobs=3)),
     _SamplingShape(3, 257, dict(top_k=10, seed="per-row", return_logprobs=True, num_logprobs=4), ties=True),
+    _SamplingShape(5, 4099, dict(temperature=0.8, top_p=0.9, min_p=0.05, allowed="mixed", seed="per-row",
+                                 return_logprobs=True, num_logprobs=3)),
+    _SamplingShape(5, 1001, dict(temperature=0.0, allowed="mixed", seed=3)),
 )
 _SAMPLE_SHAPES_GPU = (
     _SamplingShape(64, 128256, dict(temperature=0.7, top_k=50, top_p=0.9, seed="per-row", step=17,
@@ -638,6 +643,9 @@ def _sampling_case(op: str, shape: _SamplingShape, dtype, seed: int, device) -> 
         for key, value in shape.params.items():
             if value == "per-row":  # only seeds: random row seeds below 2**62
                 value = tuple(torch.randint(0, 2**62, (shape.batch,), generator=generator).tolist())
+            if value == "mixed":  # only allowed
+                kwargs[key] = random_allowed(shape.batch, shape.vocab, generator).to(device)
+                continue
             if isinstance(value, tuple):
                 value = torch.tensor(value, dtype=_PARAM_DTYPES[key], device=device)
             kwargs[key] = value
@@ -647,6 +655,29 @@ def _sampling_case(op: str, shape: _SamplingShape, dtype, seed: int, device) -> 
     options = " ".join(f"{key}={'per-row' if isinstance(value, tuple) else value}" for key, value in shown.items())
     sizes = f"b={shape.batch} vocab={shape.vocab}" + (" tied-logits" if shape.ties else "")
     return Case(op, _name(sizes, options, "", dtype, seed), make_kwargs)
+
+
+def random_allowed(batch: int, vocab: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A packed ``allowed`` bitmask (batch, ceil(vocab / 32)) int32 that mixes the masks a
+    grammar produces: row 0 allows a random half of the tokens, row 1 all but one, row 2 a
+    single token, row 3 about 1% of them, and later rows a random half again; every row also
+    has its bits past the vocabulary set (which must be ignored)."""
+    mask = torch.rand((batch, vocab), generator=generator) < 0.5
+    if batch > 1:
+        mask[1] = True
+        mask[1, int(torch.randint(vocab, (1,), generator=generator))] = False
+    if batch > 2:
+        mask[2] = False
+        mask[2, int(torch.randint(vocab, (1,), generator=generator))] = True
+    if batch > 3:
+        mask[3] = torch.rand(vocab, generator=generator) < 0.01
+        mask[3, int(torch.randint(vocab, (1,), generator=generator))] = True
+    mask[:, 0] |= ~mask.any(dim=1)  # the random rows allow at least one token
+    allowed = reference.pack_allowed(mask)
+    tail = vocab % 32
+    if tail:
+        allowed[:, -1] |= torch.tensor(-1 << tail, dtype=torch.int32)
+    return allowed
 
 
 def _short_list(values: Sequence[int]) -> str:
@@ -892,7 +923,15 @@ def _check_filter_logits(impl: registry.Impl, case: Case) -> CheckResult:
     return _verdict([_Measure.within("logits", error, value_tolerance(logits.dtype), note)])
 
 
-_FILTER_PARAMS = ("temperature", "top_k", "top_p", "min_p")
+_FILTER_PARAMS = ("temperature", "top_k", "top_p", "min_p", "allowed")
+
+
+def _allowed_logits(kwargs: Kwargs) -> torch.Tensor:
+    """The case's logits with the tokens its ``allowed`` bitmask (if any) disallows at -inf."""
+    logits = kwargs["logits"]
+    if kwargs.get("allowed") is None:
+        return logits
+    return logits.masked_fill(~reference.unpack_allowed(kwargs["allowed"], logits.shape[1]), float("-inf"))
 
 
 def _filtered_and_gumbel(kwargs: Kwargs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -911,10 +950,10 @@ def _filtered_and_gumbel(kwargs: Kwargs) -> Tuple[torch.Tensor, torch.Tensor, to
 def _top_p_boundary(kwargs: Kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
     """(boundary, scaled): the tokens on the top-p boundary (``TOP_P_BOUNDARY``) that top-k and
     min-p keep, (batch, vocab) bool in token order, and the fp32 temperature-scaled logits."""
-    logits = kwargs["logits"]
+    logits = _allowed_logits(kwargs)
     batch, vocab = logits.shape
     temperature, top_k, top_p, min_p = reference.filter_parameters(
-        batch, logits.device, *(kwargs.get(key, default) for key, default in zip(_FILTER_PARAMS, (1.0, 0, 1.0, 0.0))))
+        batch, logits.device, *(kwargs.get(key, default) for key, default in zip(_FILTER_PARAMS[:4], (1.0, 0, 1.0, 0.0))))
     greedy = temperature == 0
     scaled = logits.float() / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     order = torch.sort(scaled, dim=-1, descending=True, stable=True).indices

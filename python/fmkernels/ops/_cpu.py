@@ -172,18 +172,20 @@ def _filter_views(batch: int, temperature, top_k, top_p, min_p, keep: list):
             _row_view(top_p, batch, torch.float32, keep), _row_view(min_p, batch, torch.float32, keep))
 
 
-def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, allowed=None):
     logits = _unit_stride(logits)
     out = _empty_like(logits)
     keep = []
     parameters = _filter_views(logits.shape[0], temperature, top_k, top_p, min_p, keep)
-    _module().filter_logits(tensor_view(logits), tensor_view(out), *parameters, _threads())
+    allowed = None if allowed is None else _unit_stride(allowed)
+    _module().filter_logits(tensor_view(logits), tensor_view(out), *parameters, tensor_view(allowed), _threads())
     return out
 
 
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, step=0,
-           return_logprobs=False, num_logprobs=0):
+           return_logprobs=False, num_logprobs=0, allowed=None):
     logits = _unit_stride(logits)
+    allowed = None if allowed is None else _unit_stride(allowed)
     batch = logits.shape[0]
     keep = []
     parameters = _filter_views(batch, temperature, top_k, top_p, min_p, keep)
@@ -197,7 +199,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
         top_logprobs = torch.empty((batch, num_logprobs), dtype=torch.float32)
     _module().sample(
         tensor_view(logits), tensor_view(tokens), *parameters, tensor_view(seeds), tensor_view(steps),
-        tensor_view(logprobs), tensor_view(top_ids), tensor_view(top_logprobs), _threads(),
+        tensor_view(allowed), tensor_view(logprobs), tensor_view(top_ids), tensor_view(top_logprobs), _threads(),
     )
     if return_logprobs:
         return reference.SampleOutput(tokens, logprobs, top_ids, top_logprobs)

@@ -292,7 +292,21 @@ def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+# The sampling kernels take no allowed bitmask yet: a masked call goes to another backend.
+_NO_ALLOWED = "the CUDA sampling kernels take no allowed= bitmask (not yet written and run on a GPU)"
+
+
+def filter_logits_supports(logits, *, allowed=None, **_) -> str | None:
+    return None if allowed is None else _NO_ALLOWED
+
+
+def sample_supports(logits, *, allowed=None, **_) -> str | None:
+    return None if allowed is None else _NO_ALLOWED
+
+
+def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, allowed=None):
+    if allowed is not None:
+        raise ValueError(_NO_ALLOWED)
     logits = _unit_stride(logits)
     with torch.cuda.device(logits.device):
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -304,7 +318,9 @@ def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
 
 
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, step=0,
-           return_logprobs=False, num_logprobs=0):
+           return_logprobs=False, num_logprobs=0, allowed=None):
+    if allowed is not None:
+        raise ValueError(_NO_ALLOWED)
     logits = _unit_stride(logits)
     batch, vocab = logits.shape
     device = logits.device

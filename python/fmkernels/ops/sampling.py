@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
+import numpy
 import torch
 
 from .. import _validation as check
+from .. import reference
 from ..reference import SampleOutput
 from ._dispatch import into_out, require_backend, run
 from .._signature import SignatureCache, check_once, signature
@@ -22,6 +24,13 @@ _PARAMETERS_DOC = """temperature : float or Tensor (batch,)
         reaches p (at least one token); in (0, 1], and 1 means off.
     min_p : float or Tensor (batch,)
         Keep tokens at least min_p times as likely as the most likely; in [0, 1], 0 means off.
+    allowed : Tensor (batch, ceil(vocab / 32)) int32, optional
+        A packed token bitmask (the layout llguidance and xgrammar fill): token t is allowed
+        when bit t % 32 of word t // 32 is set; bits past the vocabulary are ignored. The
+        tokens it does not allow are -inf before temperature, top-k, top-p and min-p, so the
+        filters act on the allowed distribution (and log-probabilities are under it). Every
+        row must allow a token whose logit is not -inf. ``fmkernels.pack_allowed`` makes one
+        from a bool mask.
     A tensor parameter's values are checked (on a GPU, at the cost of a host synchronisation,
     unless ``fmkernels.device_checks(False)`` is in effect or a CUDA graph is being captured)."""
 
@@ -44,7 +53,7 @@ def _require_parameter(name: str, value, batch: int, device) -> None:
     check.require_per_row(name, value, batch, device, integral=name in _INTEGRAL, **_BOUNDS[name])
 
 
-def _validate(logits, temperature, top_k, top_p, min_p, backend) -> None:
+def _validate(logits, temperature, top_k, top_p, min_p, allowed, backend) -> None:
     """What can be checked without reading a device tensor; ``_require_values`` does the rest."""
     check.require_tensor("logits", logits)
     check.require_dtype("logits", logits, check.FLOAT_DTYPES)
@@ -54,13 +63,19 @@ def _validate(logits, temperature, top_k, top_p, min_p, backend) -> None:
         raise ValueError(f"logits must have a non-empty vocabulary, got shape {tuple(logits.shape)}")
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
         _require_parameter(name, value, batch, logits.device)
+    if allowed is not None:
+        check.require_tensor("allowed", allowed)
+        check.require_dtype("allowed", allowed, (torch.int32,))
+        check.require_shape("allowed", allowed, (batch, reference.allowed_words(vocab)),
+                            f"(batch, ceil(vocab / 32)) for logits of shape {tuple(logits.shape)}")
+        check.require_same_device(("logits", "allowed"), (logits, allowed))
     require_backend(backend)
 
 
-def _require_values(logits: torch.Tensor, parameters) -> None:
+def _require_values(logits: torch.Tensor, parameters, allowed=None) -> None:
     """Per-row parameter tensors (among ``parameters``, by name) in their ranges, and logits
-    finite or -inf with something to keep in every row, for each tensor ``checks_values``
-    allows. Where it does not (GPU tensors with device checks off, or a CUDA graph capture),
+    finite or -inf with something to keep in every row (a token ``allowed`` allows, where it is
+    given), for each tensor ``checks_values`` allows. Where it does not (GPU tensors with device checks off, or a CUDA graph capture),
     an out-of-range parameter or a NaN or +inf logit is not reported, and the kernels, which
     index by the shapes alone, still stay inside their tensors.
     """
@@ -69,6 +84,9 @@ def _require_values(logits: torch.Tensor, parameters) -> None:
             check.require_row_values(name, value, **_BOUNDS[name])
     if logits.shape[0] == 0 or not check.checks_values(logits):
         return
+    vocab = logits.shape[1]
+    if allowed is not None:
+        _require_allowed_rows(allowed, vocab)
     # One pass in the common case: a finite sum means no NaN or inf anywhere (a -inf, or a sum
     # that overflows, takes the element-wise checks below).
     if math.isfinite(logits.sum(dtype=torch.float32).item()):
@@ -82,6 +100,34 @@ def _require_values(logits: torch.Tensor, parameters) -> None:
     if empty.any():
         row = int(empty.nonzero()[0, 0])
         raise ValueError(f"logits[{row}] is -inf everywhere: there is no token to keep")
+    if allowed is not None:
+        empty = (torch.isneginf(logits) | ~reference.unpack_allowed(allowed, vocab)).all(dim=1)
+        if empty.any():
+            row = int(empty.nonzero()[0, 0])
+            raise ValueError(f"logits[{row}] is -inf at every token allowed[{row}] allows: there is no token to keep")
+
+
+def _require_allowed_rows(allowed: torch.Tensor, vocab: int) -> None:
+    """Every row of the bitmask allows a token inside the vocabulary (its words are read, not unpacked)."""
+    if not check.checks_values(allowed):
+        return
+    tail = vocab % 32  # the last word's bits past the vocabulary do not count
+    if allowed.device.type == "cpu":
+        # NumPy's reductions cost a few µs where torch's cost tens (this runs at every decode step).
+        words = allowed.numpy()
+        if tail:
+            some = numpy.bitwise_or.reduce(words[:, :-1], axis=1) | (words[:, -1] & ((1 << tail) - 1))
+        else:
+            some = numpy.bitwise_or.reduce(words, axis=1)
+        if some.all():
+            return
+        empty = torch.from_numpy(some == 0)
+    else:
+        last = allowed[:, -1] & ((1 << tail) - 1 if tail else -1)
+        empty = (allowed[:, :-1] == 0).all(dim=1) & (last == 0)
+    if empty.any():
+        row = int(empty.nonzero()[0, 0])
+        raise ValueError(f"allowed[{row}] allows no token of the vocabulary ({vocab} tokens): there is nothing to sample")
 
 
 # Signatures of calls whose arguments passed ``_require_filter_arguments`` / ``_require_sample_arguments``.
@@ -89,17 +135,17 @@ _FILTER_CHECKED = SignatureCache()
 _SAMPLE_CHECKED = SignatureCache()
 
 
-def _require_filter_arguments(logits, temperature, top_k, top_p, min_p, backend, out) -> None:
+def _require_filter_arguments(logits, temperature, top_k, top_p, min_p, allowed, backend, out) -> None:
     """filter_logits' checks of what its arguments' metadata (and scalar parameters) say."""
-    _validate(logits, temperature, top_k, top_p, min_p, backend)
+    _validate(logits, temperature, top_k, top_p, min_p, allowed, backend)
     check.require_out(out, logits.shape, logits.dtype, logits.device)
 
 
-def _require_sample_arguments(logits, temperature, top_k, top_p, min_p, return_logprobs, num_logprobs,
+def _require_sample_arguments(logits, temperature, top_k, top_p, min_p, allowed, return_logprobs, num_logprobs,
                               backend, out) -> None:
     """sample's checks of what its arguments' metadata (and scalar parameters) say, but for
     the seed and the step."""
-    _validate(logits, temperature, top_k, top_p, min_p, backend)
+    _validate(logits, temperature, top_k, top_p, min_p, allowed, backend)
     batch, vocab = logits.shape
     check.require_bool("return_logprobs", return_logprobs)
     if isinstance(num_logprobs, bool) or not isinstance(num_logprobs, int):
@@ -123,15 +169,16 @@ def _as(value: Optional[PerRow], scalar_type):
     return value if value is None or isinstance(value, torch.Tensor) else scalar_type(value)
 
 
-def _filter_schema(logits, temperature, top_k, top_p, min_p, backend):
+def _filter_schema(logits, temperature, top_k, top_p, min_p, allowed, backend):
     """filter_logits' implementation arguments as its custom op's: each parameter a (scalar, rows) pair."""
     return (logits, *split_per_row(temperature, float), *split_per_row(top_k, int),
-            *split_per_row(top_p, float), *split_per_row(min_p, float), backend)
+            *split_per_row(top_p, float), *split_per_row(min_p, float), allowed, backend)
 
 
-def _sample_schema(logits, temperature, top_k, top_p, min_p, seed, step, return_logprobs, num_logprobs, backend):
+def _sample_schema(logits, temperature, top_k, top_p, min_p, allowed, seed, step, return_logprobs, num_logprobs,
+                   backend):
     """sample's implementation arguments as its custom op's: each parameter a (scalar, rows) pair."""
-    return (*_filter_schema(logits, temperature, top_k, top_p, min_p, backend)[:-1],
+    return (*_filter_schema(logits, temperature, top_k, top_p, min_p, allowed, backend)[:-1],
             *split_per_row(seed, int), *split_per_row(step, int), return_logprobs, num_logprobs, backend)
 
 
@@ -142,13 +189,14 @@ def filter_logits(
     top_k: PerRow = 0,
     top_p: PerRow = 1.0,
     min_p: PerRow = 0.0,
+    allowed: Optional[torch.Tensor] = None,
     backend: str = "auto",
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Temperature-scaled logits with every token the filters remove set to -inf.
 
-    In this order: logits / temperature -> top-k -> top-p -> min-p; each filter sees the
-    distribution the previous one left. softmax of the result is the distribution
+    In this order: allowed -> logits / temperature -> top-k -> top-p -> min-p; each filter
+    sees the distribution the previous one left. softmax of the result is the distribution
     ``sample`` draws from.
 
     Parameters
@@ -165,10 +213,11 @@ def filter_logits(
     -------
     Tensor (batch, vocab), logits' dtype.
     """
-    key = check_once(_FILTER_CHECKED, _require_filter_arguments, (logits, temperature, top_k, top_p, min_p, backend, out))
+    key = check_once(_FILTER_CHECKED, _require_filter_arguments,
+                     (logits, temperature, top_k, top_p, min_p, allowed, backend, out))
     result = call(
         _filter_logits_op, _execute_filter_logits, key,
-        logits, _as(temperature, float), _as(top_k, int), _as(top_p, float), _as(min_p, float), backend,
+        logits, _as(temperature, float), _as(top_k, int), _as(top_p, float), _as(min_p, float), allowed, backend,
         schema=_filter_schema,
     )
     return into_out(result, out)
@@ -181,6 +230,7 @@ def sample(
     top_k: PerRow = 0,
     top_p: PerRow = 1.0,
     min_p: PerRow = 0.0,
+    allowed: Optional[torch.Tensor] = None,
     seed: Optional[PerRow] = None,
     step: PerRow = 0,
     return_logprobs: bool = False,
@@ -224,7 +274,7 @@ def sample(
         top_logprobs (batch, num_logprobs) float32).
     """
     key = check_once(_SAMPLE_CHECKED, _require_sample_arguments,
-                     (logits, temperature, top_k, top_p, min_p, return_logprobs, num_logprobs, backend, out))
+                     (logits, temperature, top_k, top_p, min_p, allowed, return_logprobs, num_logprobs, backend, out))
     # The seed and the step change from call to call: checked every time, outside the signature.
     batch = logits.shape[0]
     if seed is not None and not (type(seed) is int and 0 <= seed <= _INT64_MAX - batch + 1):
@@ -240,7 +290,7 @@ def sample(
 
     tokens, logprobs, top_ids, top_logprobs = call(
         _sample_op, _execute_sample, key,
-        logits, _as(temperature, float), _as(top_k, int), _as(top_p, float), _as(min_p, float),
+        logits, _as(temperature, float), _as(top_k, int), _as(top_p, float), _as(min_p, float), allowed,
         _as(seed, int), _as(step, int), return_logprobs, num_logprobs, backend,
         schema=_sample_schema,
     )
@@ -257,24 +307,26 @@ def _filter_logits_op(
     top_k: int, top_k_rows: Optional[torch.Tensor],
     top_p: float, top_p_rows: Optional[torch.Tensor],
     min_p: float, min_p_rows: Optional[torch.Tensor],
+    allowed: Optional[torch.Tensor],
     backend: str,
 ) -> torch.Tensor:
     """Each ``<name>_rows`` tensor, when given, replaces the scalar ``<name>``."""
     return _execute_filter_logits(
         logits, join_per_row(temperature, temperature_rows), join_per_row(top_k, top_k_rows),
-        join_per_row(top_p, top_p_rows), join_per_row(min_p, min_p_rows), backend,
+        join_per_row(top_p, top_p_rows), join_per_row(min_p, min_p_rows), allowed, backend,
     )
 
 
-def _execute_filter_logits(logits, temperature, top_k, top_p, min_p, backend, key=None) -> torch.Tensor:
+def _execute_filter_logits(logits, temperature, top_k, top_p, min_p, allowed, backend, key=None) -> torch.Tensor:
     """The implementation of filter_logits (``key``: the call's signature, see ``_library.call``)."""
     parameters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    _require_values(logits, parameters)
-    return run("filter_logits", backend, dict(logits=logits, **parameters), key).contiguous()
+    _require_values(logits, parameters, allowed)
+    return run("filter_logits", backend, dict(logits=logits, **parameters, allowed=allowed), key).contiguous()
 
 
 @_filter_logits_op.register_fake
-def _(logits, temperature, temperature_rows, top_k, top_k_rows, top_p, top_p_rows, min_p, min_p_rows, backend):
+def _(logits, temperature, temperature_rows, top_k, top_k_rows, top_p, top_p_rows, min_p, min_p_rows, allowed,
+      backend):
     return logits.new_empty(logits.shape)
 
 
@@ -285,6 +337,7 @@ def _sample_op(
     top_k: int, top_k_rows: Optional[torch.Tensor],
     top_p: float, top_p_rows: Optional[torch.Tensor],
     min_p: float, min_p_rows: Optional[torch.Tensor],
+    allowed: Optional[torch.Tensor],
     seed: Optional[int], seed_rows: Optional[torch.Tensor],
     step: int, step_rows: Optional[torch.Tensor],
     return_logprobs: bool,
@@ -295,7 +348,7 @@ def _sample_op(
     empty (0,) and the top alternatives (batch, 0)."""
     result = _execute_sample(
         logits, join_per_row(temperature, temperature_rows), join_per_row(top_k, top_k_rows),
-        join_per_row(top_p, top_p_rows), join_per_row(min_p, min_p_rows), join_per_row(seed, seed_rows),
+        join_per_row(top_p, top_p_rows), join_per_row(min_p, min_p_rows), allowed, join_per_row(seed, seed_rows),
         join_per_row(step, step_rows), return_logprobs, num_logprobs, backend,
     )
     if return_logprobs:
@@ -305,14 +358,14 @@ def _sample_op(
             logits.new_empty((batch, 0), dtype=torch.int64), logits.new_empty((batch, 0), dtype=torch.float32))
 
 
-def _execute_sample(logits, temperature, top_k, top_p, min_p, seed, step, return_logprobs, num_logprobs, backend,
-                    key=None):
+def _execute_sample(logits, temperature, top_k, top_p, min_p, allowed, seed, step, return_logprobs, num_logprobs,
+                    backend, key=None):
     """The implementation of sample (``key``: the call's signature, see ``_library.call``):
     (tokens, logprobs, top_ids, top_logprobs), the last three None without ``return_logprobs``."""
     parameters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, step=step)
-    _require_values(logits, parameters)
+    _require_values(logits, parameters, allowed)
     result = run("sample", backend, dict(
-        logits=logits, **parameters, return_logprobs=return_logprobs, num_logprobs=num_logprobs,
+        logits=logits, **parameters, return_logprobs=return_logprobs, num_logprobs=num_logprobs, allowed=allowed,
     ), key)
     if return_logprobs:
         return tuple(tensor.contiguous() for tensor in result)
@@ -320,7 +373,7 @@ def _execute_sample(logits, temperature, top_k, top_p, min_p, seed, step, return
 
 
 @_sample_op.register_fake
-def _(logits, temperature, temperature_rows, top_k, top_k_rows, top_p, top_p_rows, min_p, min_p_rows,
+def _(logits, temperature, temperature_rows, top_k, top_k_rows, top_p, top_p_rows, min_p, min_p_rows, allowed,
       seed, seed_rows, step, step_rows, return_logprobs, num_logprobs, backend):
     batch = logits.shape[0]
     return (logits.new_empty((batch,), dtype=torch.int64),
@@ -331,3 +384,16 @@ def _(logits, temperature, temperature_rows, top_k, top_k_rows, top_p, top_p_row
 
 filter_logits.__doc__ = filter_logits.__doc__.format(params=_PARAMETERS_DOC)
 sample.__doc__ = sample.__doc__.format(params=_PARAMETERS_DOC)
+
+
+def pack_allowed(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask (batch, vocab) or (vocab,) of allowed tokens as the packed int32 bitmask
+    ``filter_logits`` and ``sample`` take as ``allowed``: (batch, ceil(vocab / 32)) (or
+    (ceil(vocab / 32),)), bit t % 32 of word t // 32 for token t, on the mask's device."""
+    check.require_tensor("mask", mask)
+    check.require_dtype("mask", mask, (torch.bool,))
+    if mask.dim() not in (1, 2):
+        raise ValueError(f"mask must be 1-D (vocab,) or 2-D (batch, vocab), got shape {tuple(mask.shape)}")
+    if mask.dim() == 1:
+        return reference.pack_allowed(mask[None])[0]
+    return reference.pack_allowed(mask)
