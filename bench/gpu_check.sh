@@ -13,7 +13,10 @@
 #   fuzz      tests/test_fuzz.py's search on CUDA tensors under compute-sanitizer memcheck
 #             ($FUZZ_EXAMPLES examples per test, 25 by default; a fresh random seed each run)
 #   variants  bench/cuda_attention_variants.py and bench/cuda_decode_variants.py
-#   check     fmkernels check --device cuda
+#   masked    the allowed= bitmask sampling path on CUDA tensors (tests/test_triton_allowed.py,
+#             tests/test_sampling_allowed.py, tests/test_triton_sampling.py), then
+#             bench/masked_sampling.py: masked against unmasked sample, vocab 128256, batch 1-256
+#   check     fmkernels check --device cuda ($CHECK_OPS: every op by default)
 #   bench     fmkernels bench --device cuda (one default shape per op, every implementation)
 #   sweep     fmkernels bench --device cuda --sweep: attention, decode and append_kv against the
 #             SDPA peers and triton; sampling against the sort-based reference and triton
@@ -125,8 +128,20 @@ for stage in "${stages[@]}"; do
       done
       note variants $rc "$OUT/$date-cuda_*_variants.json"
       ;;
+    masked)
+      timeout ${MASKED_TIMEOUT:-300} $PYTHON -m pytest -q -p no:cacheprovider tests/test_triton_allowed.py \
+        tests/test_sampling_allowed.py tests/test_triton_sampling.py > "$LOGS/masked-tests.log" 2>&1
+      rc=$?
+      grep -E "^(FAILED|ERROR)" "$LOGS/masked-tests.log" | head -20
+      note masked $rc "$(tail -1 "$LOGS/masked-tests.log")"
+      timeout ${MASKED_TIMEOUT:-300} $PYTHON bench/masked_sampling.py --device cuda --kernel-only \
+        --rounds "${MASKED_ROUNDS:-6}" --json "$OUT/$date-masked_sampling.json" > "$LOGS/masked-bench.log" 2>&1
+      rc=$?
+      cat "$LOGS/masked-bench.log"
+      note masked-bench $rc "$OUT/$date-masked_sampling.json"
+      ;;
     check)
-      timeout 600 $PYTHON -m fmkernels check --device cuda > "$LOGS/check.log" 2>&1
+      timeout 600 $PYTHON -m fmkernels check --device cuda ${CHECK_OPS:-} > "$LOGS/check.log" 2>&1
       rc=$?
       grep -E "fail|error" "$LOGS/check.log" | grep -v " pass " | head -20
       note check $rc "$(tail -1 "$LOGS/check.log")"
