@@ -108,7 +108,7 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
              return_result: bool = False, on_token: Optional[Callable[[int, int], None]] = None,
              kv_cache: str = "contiguous", block_size: int = 16, num_samples: int = 1, best_of: bool = False,
              num_beams: Optional[int] = None, length_penalty: float = 1.0,
-             allowed_tokens: Optional[search.AllowedTokens] = None):
+             allowed_tokens: Optional[search.AllowedTokens] = None, constraint=None):
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
     The prompts are prefilled together, in one packed forward (``Transformer.prefill``), into
@@ -163,6 +163,16 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
         constraint; the others get -inf logits before sampling, greedy or beam expansion, each
         step. Allowing nothing raises ValueError. ``search.choice_constraint(tokenizer, choices)``
         is a ready one (its ``eos_token_id`` also ends a sequence here).
+    constraint : structured output (``fmkernels.model.structured``): a constraint for every
+        prompt, or a list with one per prompt (None leaves a prompt free). ``json_schema(schema)``
+        (a plain dict is taken as one), ``json_object()``, ``regex(pattern)``, ``grammar(lark)``
+        and ``choices(options)``; the first four need llguidance (``pip install
+        'fmkernels[structured]'``) and a Hugging Face tokenizer (``tokenizer=``). Each sequence
+        has its own matcher, fed its own tokens (forked for samples and beams), that fills its row
+        of the token bitmask ``fmkernels.sample`` (or, for beams, ``filter_logits``) takes as
+        ``allowed``; EOS is allowed only where the output is complete, and a constrained sequence
+        ends at EOS even with ``ignore_eos``. A constraint that allows no token raises ValueError
+        naming the prompt. Not with ``allowed_tokens``.
 
     Returns
     -------
@@ -187,6 +197,9 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
         raise ValueError("num_logprobs > 0 needs return_logprobs=True")
     search.check_search_options(num_samples, best_of, num_beams, length_penalty, allowed_tokens, temperature,
                                 stop_strings, num_logprobs)
+    constraints = _prompt_constraints(constraint, len(lists))
+    if constraints is not None and allowed_tokens is not None:
+        raise ValueError("pass constraint or allowed_tokens, not both")
     if on_token is not None and not callable(on_token):
         raise TypeError(f"on_token must be callable as on_token(prompt_index, token_id), got {on_token!r}")
     longest = max(len(p) for p in lists)
@@ -206,8 +219,12 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
             eos.add(end_of_turn)
     if getattr(allowed_tokens, "eos_token_id", None) is not None:
         eos.add(int(allowed_tokens.eos_token_id))
+    matcher_of = _matcher_factory(constraints, allowed_tokens, tokenizer, config, eos)
+    if constraints is not None:
+        # A constrained sequence ends where its output is complete, even with ignore_eos.
+        eos |= set(_constraint_eos(tokenizer, config, eos))
     if num_beams is not None:
-        return _beam_result(model, lists, max_new_tokens, num_beams, length_penalty, eos, stop, allowed_tokens,
+        return _beam_result(model, lists, max_new_tokens, num_beams, length_penalty, eos, stop, matcher_of,
                             kv_cache, block_size, on_token, tokenizer, return_result or return_logprobs)
     prompts = lists
     prompt_of = [b for b in range(len(prompts)) for _ in range(num_samples)]  # the prompt each row samples for
@@ -260,6 +277,16 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
             cache.fork(slot, slot + j)
     logits = logits.repeat_interleave(num_samples, dim=0)  # [B, V]
 
+    # Each row's constraint state: the first sample of a prompt takes its matcher, the others fork it.
+    firsts = [matcher_of(b) for b in range(len(prompts))]
+    matchers = [None if firsts[p] is None else firsts[p] if b % num_samples == 0 else firsts[p].fork()
+                for b, p in enumerate(prompt_of)]
+    masks = None
+    if any(m is not None for m in matchers):
+        from .structured import RowMasks
+
+        masks = RowMasks(config.vocab_size)
+
     outputs: List[List[int]] = [[] for _ in lists]
     active = list(range(batch))  # prompt index of each decode row
     slots = list(range(batch))  # cache slot of each decode row
@@ -267,10 +294,12 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
         steps = torch.tensor([len(outputs[b]) for b in active], dtype=torch.int64)
         if scoring:
             own = search.model_logprobs(logits)  # [B', V]
-        logits = search.apply_allowed_tokens(logits, allowed_tokens, [prompt_of[b] for b in active],
-                                             [outputs[b] for b in active])
+        allowed = None
+        if masks is not None:
+            allowed = masks.fill([matchers[b] for b in active],
+                                 lambda r: f"prompt {prompt_of[active[r]]}, step {len(outputs[active[r]])}").to(device)
         sampled = ops.sample(
-            logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, allowed=allowed,
             seed=seeds[active].to(device), step=steps.to(device), backend=model.backend,
             return_logprobs=return_logprobs, num_logprobs=int(num_logprobs),
         )
@@ -289,6 +318,8 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
             if on_token is not None:
                 on_token(b, token)
             reasons[b] = finish(b, token)
+            if not reasons[b] and matchers[b] is not None:
+                matchers[b].consume(token)
             if reasons[b]:
                 if cache.paged:
                     cache.free(slots[row])
@@ -324,10 +355,57 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
     )
 
 
-def _beam_result(model, lists, max_new_tokens, num_beams, length_penalty, eos, stop, allowed_tokens, kv_cache,
+def _prompt_constraints(constraint, prompts: int):
+    """One constraint (or None) per prompt, or None where no prompt has one."""
+    from . import structured
+
+    if constraint is None:
+        return None
+    if isinstance(constraint, (list, tuple)):
+        if len(constraint) != prompts:
+            raise ValueError(f"constraint must be one constraint or a list of one per prompt ({prompts}), "
+                             f"got a list of {len(constraint)}")
+        constraints = [structured.as_constraint(c, f"constraint[{i}]") for i, c in enumerate(constraint)]
+    else:
+        constraints = [structured.as_constraint(constraint)] * prompts
+    return constraints if any(c is not None for c in constraints) else None
+
+
+def _constraint_eos(tokenizer, config, eos) -> List[int]:
+    """The tokens that end a constrained output: the run's EOS tokens, or (with ignore_eos) the
+    tokenizer's and the config's."""
+    if eos:
+        return sorted(eos)
+    ids = set(config.eos_token_ids)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def _matcher_factory(constraints, allowed_tokens, tokenizer, config, eos):
+    """``matcher_of(prompt_index)``: a fresh ``structured.Matcher`` for the prompt, or None. A
+    constraint is compiled once per generate call and prompt (the same constraint object for
+    several prompts once), and each prompt gets its own copy of the state."""
+    from . import structured
+
+    if allowed_tokens is not None:
+        return lambda p: structured.callback_matcher(allowed_tokens, p, config.vocab_size)
+    if constraints is None:
+        return lambda p: None
+    if tokenizer is None:
+        raise ValueError("constraint needs the tokenizer (tokenizer=...) to map its text to tokens")
+    eos_ids = _constraint_eos(tokenizer, config, eos)
+    compiled = {}
+    for c in constraints:
+        if c is not None and id(c) not in compiled:
+            compiled[id(c)] = c.compile(tokenizer, config.vocab_size, eos_ids)
+    return lambda p: None if constraints[p] is None else compiled[id(constraints[p])].fork()
+
+
+def _beam_result(model, lists, max_new_tokens, num_beams, length_penalty, eos, stop, matcher_of, kv_cache,
                  block_size, on_token, tokenizer, as_result):
     found = search.beam_search(model, lists, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                               length_penalty=length_penalty, eos=eos, stop=stop, allowed_tokens=allowed_tokens,
+                               length_penalty=length_penalty, eos=eos, stop=stop, matcher_of=matcher_of,
                                kv_cache=kv_cache, block_size=block_size, on_token=on_token)
     tokens = [beams[0][0] for beams in found]
     if not as_result:

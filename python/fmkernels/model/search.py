@@ -14,6 +14,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
+from .. import ops
+
 AllowedTokens = Callable[[int, List[int]], object]
 
 
@@ -64,19 +66,6 @@ def allowed_mask(allowed, vocab_size: int, prompt_index: int, step: int) -> Opti
     return mask
 
 
-def apply_allowed_tokens(logits: torch.Tensor, allowed_tokens: Optional[AllowedTokens],
-                         prompt_indices: Sequence[int], generated: Sequence[List[int]]) -> torch.Tensor:
-    """logits (rows, vocab) with every token the callback disallows set to -inf (a copy)."""
-    if allowed_tokens is None:
-        return logits
-    vocab = logits.shape[-1]
-    masks = [allowed_mask(allowed_tokens(p, list(g)), vocab, p, len(g)) for p, g in zip(prompt_indices, generated)]
-    if all(m is None for m in masks):
-        return logits
-    keep = torch.stack([torch.ones(vocab, dtype=torch.bool) if m is None else m for m in masks])
-    return logits.masked_fill(~keep.to(logits.device), float("-inf"))
-
-
 def model_logprobs(logits: torch.Tensor) -> torch.Tensor:
     """The model's own log-probabilities: fp32 log_softmax of the raw logits."""
     return torch.log_softmax(logits.float(), dim=-1)
@@ -119,16 +108,30 @@ class ChoiceConstraint:
                     self._children.append({})
             self._complete.add(node)
 
-    def __call__(self, prompt_index: int, generated: Sequence[int]) -> List[int]:
-        node = 0
-        for token in generated:
-            if int(token) not in self._children[node]:
-                raise ValueError(f"generated tokens {list(generated)} left the choices' trie at token {token}")
-            node = self._children[node][int(token)]
+    def child(self, node: int, token: int) -> int:
+        """The trie node after ``token`` at ``node``; ValueError where no choice goes on with it."""
+        if int(token) not in self._children[node]:
+            raise ValueError(f"token {token} leaves the choices' trie: no choice goes on with it")
+        return self._children[node][int(token)]
+
+    def is_complete(self, node: int) -> bool:
+        return node in self._complete
+
+    def allowed_at(self, node: int) -> List[int]:
+        """The tokens allowed at ``node``: each choice's next token, and EOS where a choice is complete."""
         allowed = sorted(self._children[node])
         if node in self._complete:
             allowed.append(self.eos_token_id)
         return allowed
+
+    def __call__(self, prompt_index: int, generated: Sequence[int]) -> List[int]:
+        node = 0
+        for token in generated:
+            try:
+                node = self.child(node, token)
+            except ValueError:
+                raise ValueError(f"generated tokens {list(generated)} left the choices' trie at token {token}") from None
+        return self.allowed_at(node)
 
 
 def choice_constraint(tokenizer, choices: Sequence[str]) -> ChoiceConstraint:
@@ -173,12 +176,14 @@ def _fork_rows(cache, parents: List[int], slots: List[int], next_slot: List[int]
 
 @torch.no_grad()
 def beam_search(model, lists: List[List[int]], *, max_new_tokens: int, num_beams: int, length_penalty: float,
-                eos: Set[int], stop: Set[int], allowed_tokens: Optional[AllowedTokens], kv_cache: str,
+                eos: Set[int], stop: Set[int], matcher_of: Callable[[int], Optional[object]], kv_cache: str,
                 block_size: int, on_token=None):
     """Beam search for each prompt (one prompt after another, its beams decoding as one batch).
 
     Each step, every live beam is expanded by its tokens under the model's log_softmax (minus
-    the tokens ``allowed_tokens`` forbids); of the best 2 * num_beams candidates by summed
+    the tokens its constraint forbids: ``matcher_of(prompt_index)`` gives the prompt's
+    ``structured.Matcher`` or None, and each beam carries its own, forked where a beam is chosen
+    twice; the mask goes through ``fmkernels.filter_logits``); of the best 2 * num_beams candidates by summed
     log-prob, those ending in an EOS or stop token finish, and the best num_beams others go on.
     A beam also finishes at max_new_tokens. A finished beam's score is
     ``sum(logprobs) / len(new tokens) ** length_penalty``. The search ends when no live beam
@@ -188,25 +193,34 @@ def beam_search(model, lists: List[List[int]], *, max_new_tokens: int, num_beams
     Returns per prompt a list of (tokens, score, reason, token_logprobs), best first, at most
     num_beams long; token_logprobs are the model's own (log_softmax of the raw logits).
     """
+    from .structured import RowMasks
+
     device = model.device
     results = []
+    masks = None
     for b, prompt in enumerate(lists):
+        root = matcher_of(b)
+        if root is not None and masks is None:
+            masks = RowMasks(model.config.vocab_size)
         # Paged: reselection holds the old beams and the forks of the new ones at once, 2 * B sequences.
         rows = 2 * num_beams if kv_cache == "paged" else num_beams
         cache = model.new_cache(kv_cache, batch=rows, max_seq_len=len(prompt) + max_new_tokens - 1,
                                 block_size=block_size)
         logits = model.prefill([prompt], cache=cache, slots=[0])  # [1, V]
         beams: List[Tuple[List[int], float, List[float]]] = [([], 0.0, [])]  # tokens, logprob sum, logprobs
+        matchers = [root]  # each live beam's constraint state
         slots, next_slot = [0], [1]
         finished: List[Tuple[List[int], float, str, List[float]]] = []
         while beams:
             logp = model_logprobs(logits)  # [nb, V]
-            logp = apply_allowed_tokens(logp, allowed_tokens, [b] * len(beams), [t for t, _, _ in beams])
+            if root is not None:
+                allowed = masks.fill(matchers, lambda r: f"prompt {b}, beam {r}, step {len(beams[r][0])}")
+                logp = ops.filter_logits(logp, allowed=allowed.to(logp.device), backend=model.backend)
             totals = torch.tensor([s for _, s, _ in beams], dtype=torch.float32, device=logp.device)[:, None] + logp
             k = min(2 * num_beams, totals.numel())
             values, flat = torch.topk(totals.reshape(-1), k)  # ties: torch's order, deterministic
             vocab = logp.shape[-1]
-            survivors, parents = [], []
+            survivors, parents, next_matchers = [], [], []
             for value, index in zip(values.tolist(), flat.tolist()):
                 if value == float("-inf"):
                     break
@@ -220,6 +234,10 @@ def beam_search(model, lists: List[List[int]], *, max_new_tokens: int, num_beams
                 elif len(survivors) < num_beams:
                     survivors.append(new)
                     parents.append(parent)
+                    if root is not None:
+                        child = matchers[parent].fork()
+                        child.consume(token)
+                        next_matchers.append(child)
             finished.sort(key=lambda f: -f[1])
             del finished[num_beams:]
             if survivors and len(finished) == num_beams:
@@ -236,6 +254,7 @@ def beam_search(model, lists: List[List[int]], *, max_new_tokens: int, num_beams
                 break
             slots = _fork_rows(cache, parents, slots, next_slot)
             beams = survivors
+            matchers = next_matchers if root is not None else [None] * len(beams)
             next_ids = torch.tensor([[t[-1]] for t, _, _ in beams], device=device)  # [nb, 1]
             logits = model(next_ids, cache=cache, slots=slots)[:, -1]  # [nb, V]
         if not finished:
