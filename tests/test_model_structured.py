@@ -246,3 +246,37 @@ def test_bad_constraints_are_named(make, error, message):
 def test_bad_generate_constraints_are_named(tiny, options, error, message):
     with pytest.raises(error, match=message):
         tiny.generate([[1, 2], [3]], max_new_tokens=4, **options)
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_generate_command_line_constraints(smollm2_gguf, tmp_path, capsys):
+    from fmkernels.cli import main as cli_main
+
+    schema = {"type": "object", "properties": {"legs": {"type": "integer", "minimum": 0, "maximum": 8}},
+              "required": ["legs"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "answer.lark").write_text('start: "It has " /[0-9]/ " legs."')
+    common = ["generate", "--model", smollm2_gguf, "--chat", "How many legs does a cat have?", "--max-new-tokens",
+              "24", "--dtype", "float32"]
+    for flags, check in [
+        (["--json-schema", str(tmp_path / "schema.json")], lambda text: jsonschema.validate(json.loads(text), schema)),
+        (["--json-schema", json.dumps(schema)], lambda text: jsonschema.validate(json.loads(text), schema)),
+        (["--grammar", str(tmp_path / "answer.lark")], lambda text: re.fullmatch("It has [0-9] legs.", text)),
+    ]:  # (each call loads the checkpoint: --regex and --choices take the same path)
+        assert cli_main(common + flags) == 0
+        text = capsys.readouterr().out.split("\nprefill:")[0].strip()
+        assert check(text) is not False, (flags, text)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--regex", "(unclosed"], "not a regular expression llguidance accepts"),
+    (["--json-schema", "/no/such/file.json"], "No such file"),
+    (["--regex", "a", "--choices", "b"], "not allowed with argument"),
+])
+def test_generate_command_line_constraint_errors(flags, message, capsys):
+    from fmkernels.cli import main as cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--model", "tiny", "--prompt", "x"] + flags)
+    assert message in capsys.readouterr().err

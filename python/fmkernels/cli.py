@@ -8,6 +8,7 @@
     fmkernels bench --overhead [OP ...] [--device cpu|cuda] [--calls N] [--repeats N] [--no-compile] [--json PATH]
     fmkernels backends
     fmkernels generate --model PATH|NAME (--prompt TEXT | --chat TEXT) [--max-new-tokens N] [sampling options]
+                       [--json-schema FILE|JSON | --json-object | --regex PATTERN | --grammar FILE | --choices TEXT...]
     fmkernels info NAME|PATH [--dtype bf16] [--context N] [--batch N] [--device h100|h200|BW,TFLOPS] [--json]
     fmkernels --version
 
@@ -245,6 +246,14 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--min-p", type=_number_in(0.0, 1.0), default=0.0, metavar="P", help="0.0 is off (default)")
     generate.add_argument("--seed", type=_integer_at_least(0), default=0, metavar="S", help="default 0")
     generate.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings (cut from the output)")
+    structure = generate.add_mutually_exclusive_group()
+    structure.add_argument("--json-schema", metavar="FILE|JSON",
+                           help="constrain the output to JSON valid under this schema (a file, or the schema itself)")
+    structure.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
+    structure.add_argument("--regex", metavar="PATTERN", help="constrain the output to match PATTERN in full")
+    structure.add_argument("--grammar", metavar="FILE",
+                           help="constrain the output to a Lark grammar (llguidance's syntax, start rule 'start')")
+    structure.add_argument("--choices", nargs="+", metavar="TEXT", help="constrain the output to one of these")
     generate.add_argument("--backend", default="auto", help="the ops' backend (default auto)")
     generate.add_argument("--kv-cache", choices=("contiguous", "paged"), default="contiguous")
     generate.add_argument("--dtype", choices=sorted(_DTYPES),
@@ -610,9 +619,35 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, devic
     return model, ByteTokenizer()
 
 
+def _constraint(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The structured-output constraint the flags ask for, or None."""
+    from .model import structured
+
+    try:
+        if args.json_schema is not None:
+            text = args.json_schema
+            if not text.lstrip().startswith("{"):
+                with open(text) as f:
+                    text = f.read()
+            return structured.json_schema(text)
+        if args.json_object:
+            return structured.json_object()
+        if args.regex is not None:
+            return structured.regex(args.regex)
+        if args.grammar is not None:
+            with open(args.grammar) as f:
+                return structured.grammar(f.read())
+        if args.choices is not None:
+            return structured.choices(args.choices)
+    except (ImportError, OSError, ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    return None
+
+
 def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .model import StreamDecoder
 
+    constraint = _constraint(args, parser)
     device = _device(args, parser)
     model, tokenizer = _load_model(args, parser, device)
     if args.system is not None and args.chat is None:
@@ -659,6 +694,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             **request, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_strings=args.stop or None,
             tokenizer=tokenizer, kv_cache=args.kv_cache, on_token=on_token, return_result=True,
+            constraint=constraint,
         )
     except ValueError as exc:
         parser.error(str(exc))
