@@ -11,8 +11,9 @@
 //      arithmetic: probabilities exp(x - max) * (1 / sum) in fp32, the mass before a rank
 //      as fp32(double cumulative sum) - p, kept while < top_p;
 // or, with neither top-k nor top-p, no sort at all: min-p is a threshold on x.
-// With an allowed bitmask, a disallowed token's x is -inf wherever it is read (so every pass
-// filters the allowed distribution), and a block whose 64 bits are clear is skipped in pass 1.
+// With an allowed bitmask, every pass visits only the allowed tokens (from the set bits of each
+// 64-token block, for_each_token), so the filters see the allowed distribution and a grammar's
+// sparse mask makes a pass cheaper, not dearer; a token read by id has x = -inf if disallowed.
 #include "cpu/sampling.h"
 
 #include <omp.h>
@@ -23,9 +24,12 @@
 #include <limits>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "common/philox.h"
 #include "common/sampling_shapes.h"
 #include "cpu/dtype.h"
+#include "cpu/isa.h"
 
 namespace fmkernels::cpu {
 namespace {
@@ -131,6 +135,34 @@ struct Row {
   }
 };
 
+// Calls visit(i, x) for each token of block b (each allowed one, with a mask), in id order.
+// With a mask the allowed tokens are found from the set bits, so a pass over a row does no
+// work, and no branch the predictor cannot learn, for the tokens a grammar removes.
+template <typename T, typename Visit>
+inline void for_each_in_block(const Row<T>& row, int64_t b, Visit&& visit) {
+  const int64_t begin = b * kBlock;
+  if (row.allowed == nullptr) {
+    const int64_t end = std::min(row.vocab, begin + kBlock);
+    for (int64_t i = begin; i < end; ++i) visit(i, to_float(row.logits[i]) / row.temperature);
+    return;
+  }
+  for (uint64_t bits = row.block_bits(b); bits != 0; bits &= bits - 1) {
+    const int64_t i = begin + __builtin_ctzll(bits);
+    visit(i, to_float(row.logits[i]) / row.temperature);
+  }
+}
+
+// for_each_in_block over the whole row.
+template <typename T, typename Visit>
+inline void for_each_token(const Row<T>& row, Visit&& visit) {
+  if (row.allowed == nullptr) {
+    for (int64_t i = 0; i < row.vocab; ++i) visit(i, to_float(row.logits[i]) / row.temperature);
+    return;
+  }
+  const int64_t blocks = (row.vocab + kBlock - 1) / kBlock;
+  for (int64_t b = 0; b < blocks; ++b) for_each_in_block(row, b, visit);
+}
+
 template <typename T>
 __attribute__((target_clones("avx512f", "avx2", "default")))
 float block_maximum(const T* logits, int64_t n) {
@@ -182,13 +214,67 @@ int64_t walk_prefix(const uint64_t* keys, int64_t c, const MinP& min_p, bool top
   return -1;
 }
 
-// The largest allowed logit of block b (-inf if it allows none).
+// The largest of a full 64-token block's logits whose bit is set, with vector masks: AVX-512
+// masks 16 lanes with 16 bits at a time, AVX2 blends 8 lanes by 8 bits.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+inline __m512 load16_avx512(const float* x) { return _mm512_loadu_ps(x); }
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+inline __m512 load16_avx512(const BFloat16* x) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+inline __m512 load16_avx512(const Float16* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+
 template <typename T>
-float allowed_block_maximum(const Row<T>& row, int64_t b) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+float masked_block_maximum_avx512(const T* logits, uint64_t bits) {
+  __m512 m = _mm512_set1_ps(-kInf);
+  for (int k = 0; k < 4; ++k)
+    m = _mm512_mask_max_ps(m, static_cast<__mmask16>(bits >> (16 * k)), m, load16_avx512(logits + 16 * k));
+  return _mm512_reduce_max_ps(m);
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8_avx2(const float* x) { return _mm256_loadu_ps(x); }
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8_avx2(const BFloat16* x) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8_avx2(const Float16* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+
+template <typename T>
+__attribute__((target("avx2,fma,f16c")))
+float masked_block_maximum_avx2(const T* logits, uint64_t bits) {
+  const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 removed = _mm256_set1_ps(-kInf);
+  __m256 m = removed;
+  for (int k = 0; k < 8; ++k) {
+    const __m256i byte = _mm256_set1_epi32(static_cast<int>((bits >> (8 * k)) & 0xFFu));
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(byte, lanes), lanes));
+    m = _mm256_max_ps(m, _mm256_blendv_ps(removed, load8_avx2(logits + 8 * k), keep));
+  }
+  const __m128 half = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  const __m128 quarter = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_max_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+}
+
+// The largest allowed logit of block b (-inf if it allows none): nothing read for a block
+// with no bit set, vector masks for any other full block (as cheap for one bit as for 64),
+// the bits one by one elsewhere (the last, partial block; a CPU without AVX2).
+template <typename T>
+float allowed_block_maximum(const Row<T>& row, int64_t b, Isa isa) {
   const int64_t begin = b * kBlock, n = std::min(kBlock, row.vocab - begin);
-  uint64_t bits = row.block_bits(b);
+  uint64_t bits = row.allowed == nullptr ? ~uint64_t{0} : row.block_bits(b);
   if (bits == 0) return -kInf;
-  if (bits == (n == 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1)) return block_maximum(row.logits + begin, n);
+  if (n == kBlock) {
+    if (isa == Isa::kAvx512) return masked_block_maximum_avx512(row.logits + begin, bits);
+    if (isa == Isa::kAvx2) return masked_block_maximum_avx2(row.logits + begin, bits);
+  }
+  if (row.allowed == nullptr || bits == (uint64_t{1} << n) - 1) return block_maximum(row.logits + begin, n);
   float m = -kInf;
   for (; bits != 0; bits &= bits - 1) {
     const float v = to_float(row.logits[begin + __builtin_ctzll(bits)]);
@@ -203,10 +289,9 @@ Selection select_row(const Row<T>& row, const Params& params, Scratch& s) {
   const int64_t blocks = (vocab + kBlock - 1) / kBlock;
   Selection sel;
   float raw_max = -kInf;
+  const Isa isa = cpu_isa();
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t begin = b * kBlock;
-    const float m = row.allowed == nullptr ? block_maximum(row.logits + begin, std::min(kBlock, vocab - begin))
-                                           : allowed_block_maximum(row, b);
+    const float m = allowed_block_maximum(row, b, isa);
     s.block_max[b] = m;
     raw_max = m > raw_max ? m : raw_max;
   }
@@ -245,26 +330,25 @@ Selection select_row(const Row<T>& row, const Params& params, Scratch& s) {
     int64_t c = 0;
     for (int64_t b = 0; b < blocks; ++b) {
       if (!(s.block_max[b] >= threshold)) continue;
-      const int64_t end = std::min(vocab, (b + 1) * kBlock);
-      for (int64_t i = b * kBlock; i < end; ++i) {
-        const float x = row.x(i);
+      for_each_in_block(row, b, [&](int64_t i, float x) {
         if (x >= threshold) keys[c++] = rank_key(x, i);
-      }
+      });
     }
-    if (c > k) std::nth_element(keys, keys + k, keys + c);
-    std::sort(keys, keys + k);
-    const float sum = top_p_on ? reference_sum(keys, k, vocab) : 1.0f;
-    const int64_t kept = walk_prefix(keys, k, sel.min_p, top_p_on, params.top_p, sum);
-    sel.count = kept < 0 ? k : kept;
+    // With a mask, fewer than k tokens may be allowed (the threshold is then -inf): all are candidates.
+    const int64_t ranked = std::min(k, c);
+    if (c > ranked) std::nth_element(keys, keys + ranked, keys + c);
+    std::sort(keys, keys + ranked);
+    const float sum = top_p_on ? reference_sum(keys, ranked, vocab) : 1.0f;
+    const int64_t kept = walk_prefix(keys, ranked, sel.min_p, top_p_on, params.top_p, sum);
+    sel.count = kept < 0 ? ranked : kept;
     return sel;
   }
 
   if (top_p_on && vocab <= kSortAll) {
     int64_t c = 0;
-    for (int64_t i = 0; i < vocab; ++i) {
-      const float x = row.x(i);
+    for_each_token(row, [&](int64_t i, float x) {
       if (x > -kInf) keys[c++] = rank_key(x, i);
-    }
+    });
     std::sort(keys, keys + c);
     const int64_t kept = walk_prefix(keys, c, sel.min_p, true, params.top_p, reference_sum(keys, c, vocab));
     sel.count = kept < 0 ? c : kept;
@@ -277,15 +361,15 @@ Selection select_row(const Row<T>& row, const Params& params, Scratch& s) {
     std::fill(s.bin_mass.begin(), s.bin_mass.end(), 0.0);
     std::fill(s.bin_count.begin(), s.bin_count.end(), 0);
     double sum = 0.0;
-    for (int64_t i = 0; i < vocab; ++i) {
-      const float d = row.x(i) - sel.xmax;
-      if (!(d > -kInf)) continue;
+    for_each_token(row, [&](int64_t, float x) {
+      const float d = x - sel.xmax;
+      if (!(d > -kInf)) return;
       const float e = std::exp(d);
       sum += e;
       const int bin = static_cast<int>(std::min(-d * kBinsPerNat, static_cast<float>(kBins - 1)));
       s.bin_mass[bin] += e;
       ++s.bin_count[bin];
-    }
+    });
     const double target = static_cast<double>(params.top_p) * sum;
     int cut = 0;
     for (double mass = s.bin_mass[0]; cut < kBins - 1 && mass < target;) mass += s.bin_mass[++cut];
@@ -295,13 +379,12 @@ Selection select_row(const Row<T>& row, const Params& params, Scratch& s) {
       int64_t c0 = 0;
       for (int b = 0; b < lo; ++b) c0 += s.bin_count[b];
       int64_t c = c0;
-      for (int64_t i = 0; i < vocab; ++i) {
-        const float x = row.x(i);
+      for_each_token(row, [&](int64_t i, float x) {
         const float d = x - sel.xmax;
-        if (!(d > -kInf)) continue;
+        if (!(d > -kInf)) return;
         const int bin = static_cast<int>(std::min(-d * kBinsPerNat, static_cast<float>(kBins - 1)));
         if (bin >= lo && bin <= cut) keys[c++] = rank_key(x, i);
-      }
+      });
       std::sort(keys + c0, keys + c);
       const int64_t kept = walk_prefix(keys, c, sel.min_p, true, params.top_p, static_cast<float>(sum));
       if (kept >= 0 || cut == kBins - 1) {
@@ -328,10 +411,8 @@ void filter_row(const Row<T>& row, const Selection& sel, const uint64_t* keys, T
     }
     return;
   }
-  for (int64_t i = 0; i < row.vocab; ++i) {
-    const float x = row.x(i);
-    out[i] = sel.min_p.keeps(x) ? from_float<T>(x) : removed;
-  }
+  if (row.allowed != nullptr) std::fill(out, out + row.vocab, removed);
+  for_each_token(row, [&](int64_t i, float x) { out[i] = sel.min_p.keeps(x) ? from_float<T>(x) : removed; });
 }
 
 // The Gumbel-max draw: argmax over kept tokens of x - log(-log u), lowest id on ties.
@@ -362,17 +443,16 @@ int64_t draw_row(const Row<T>& row, const Selection& sel, const uint64_t* keys, 
     }
     return best_id < 0 ? key_id(keys[0]) : best_id;
   }
-  for (int64_t i = 0; i < row.vocab; ++i) {
-    const float x = row.x(i);
-    if (!sel.min_p.keeps(x)) continue;
+  for_each_token(row, [&](int64_t i, float x) {
+    if (!sel.min_p.keeps(x)) return;
     if (best_id < 0) best_id = i;
-    if (x + kGumbelMax < best) continue;
+    if (x + kGumbelMax < best) return;
     const float g = score(x, i);
     if (g > best) {
       best = g;
       best_id = i;
     }
-  }
+  });
   return best_id < 0 ? 0 : best_id;
 }
 
@@ -395,12 +475,11 @@ void logprob_row(const Row<T>& row, const Selection& sel, Scratch& s, int64_t to
     for (int64_t r = 0; r < sel.count; ++r) sum += std::exp(key_x(keys[r]) - xmax);
   } else {
     kept = 0;
-    for (int64_t i = 0; i < row.vocab; ++i) {
-      const float x = row.x(i);
-      if (!sel.min_p.keeps(x)) continue;
+    for_each_token(row, [&](int64_t i, float x) {
+      if (!sel.min_p.keeps(x)) return;
       sum += std::exp(x - xmax);
       keys[kept++] = rank_key(x, i);  // for top_ids
-    }
+    });
     const int64_t n = std::min(o.n, kept);
     std::partial_sort(keys, keys + n, keys + kept);
   }
