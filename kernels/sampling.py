@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fmkernels import platform, reference
+from fmkernels import reference
 from fmkernels.ops._top_tokens import top_alternatives
 
 PerRow = Union[int, float, torch.Tensor]
@@ -47,9 +47,6 @@ _KEY_NEG_INF = tl.constexpr(-2139095041)  # key(-inf)
 _KEY_PAST_END = tl.constexpr(-2147483648)  # lanes past the vocabulary: below every token
 _KEY_TOP = tl.constexpr(2147483647)  # above every key
 _MAX_BLOCK = 4096
-_MASKED_NOT_RUN = "the masked (allowed=) Triton sampling path has not yet run on a GPU"
-
-
 @triton.jit
 def _allowed_bits(Allowed_ptr, allowed_stride_word, offs, vocab):
     """Whether ``allowed`` (one row of int32 words) allows tokens offs: bit offs % 32 of word
@@ -66,9 +63,11 @@ def _scaled_block(Logits_ptr, logits_stride_vocab, Allowed_ptr, allowed_stride_w
     valid = offs < vocab
     x = tl.load(Logits_ptr + offs.to(tl.int64) * logits_stride_vocab, mask=valid,
                 other=float("-inf")).to(tl.float32)
-    if HAS_ALLOWED:
-        x = tl.where(_allowed_bits(Allowed_ptr, allowed_stride_word, offs, vocab), x, float("-inf"))
     x = tl.math.div_rn(x, divisor)
+    if HAS_ALLOWED:
+        # After the division: the IEEE division's special-case path for an infinite operand is
+        # slow on a GPU, and a grammar's mask would send half a warp's lanes down it.
+        x = tl.where(_allowed_bits(Allowed_ptr, allowed_stride_word, offs, vocab), x, float("-inf"))
     x = tl.where(x == 0.0, 0.0, x)  # -0 ranks with +0, as in the reference's sort
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
@@ -362,9 +361,6 @@ def _warps(block: int) -> int:
 def _supports(logits: torch.Tensor, allowed: Optional[torch.Tensor]) -> Optional[str]:
     if logits.shape[1] >= 2**31:
         return f"vocab must be < 2**31 (int32 token ids), got {logits.shape[1]}"
-    if allowed is not None and not platform.triton_interpreting():
-        # Tested under the interpreter only so far: "auto" takes another backend on a GPU.
-        return _MASKED_NOT_RUN
     return None
 
 

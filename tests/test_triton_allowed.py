@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from _sampling_checks import assert_tokens_match, check_logprobs, check_masks, gumbel_scores  # noqa: E402
-from fmkernels import platform, reference  # noqa: E402
+from fmkernels import reference  # noqa: E402
 from fmkernels.kernels import sampling  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,7 +166,7 @@ def test_allowed_views_with_any_strides():
         assert expected_mask.gather(1, tokens[:, None]).all()
 
 
-def test_supports_take_allowed(monkeypatch):
+def test_supports_take_allowed():
     logits = torch.zeros(2, 40, device=DEVICE)
     allowed = torch.full((2, 2), -1, dtype=torch.int32, device=DEVICE)
     for supports in (sampling.filter_logits_supports, sampling.sample_supports):
@@ -174,11 +174,5 @@ def test_supports_take_allowed(monkeypatch):
         assert supports(logits=logits, allowed=None) is None
         huge = torch.empty((1, 2**31), device="meta")
         assert "vocab must be < 2**31" in supports(logits=huge, allowed=None)
-        if platform.triton_interpreting():
-            assert supports(logits=logits, allowed=allowed) is None
-            assert "vocab must be < 2**31" in supports(logits=huge, allowed=torch.empty((1, 2**26), device="meta"))
-        with monkeypatch.context() as patch:
-            patch.setattr(platform, "triton_interpreting", lambda: False)
-            assert supports(logits=logits, allowed=allowed) == (
-                "the masked (allowed=) Triton sampling path has not yet run on a GPU")
-            assert supports(logits=logits, allowed=None) is None
+        assert supports(logits=logits, allowed=allowed) is None
+        assert "vocab must be < 2**31" in supports(logits=huge, allowed=torch.empty((1, 2**26), device="meta"))
