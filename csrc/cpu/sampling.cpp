@@ -274,7 +274,8 @@ float allowed_block_maximum(const Row<T>& row, int64_t b, Isa isa) {
     if (isa == Isa::kAvx512) return masked_block_maximum_avx512(row.logits + begin, bits);
     if (isa == Isa::kAvx2) return masked_block_maximum_avx2(row.logits + begin, bits);
   }
-  if (row.allowed == nullptr || bits == (uint64_t{1} << n) - 1) return block_maximum(row.logits + begin, n);
+  if (row.allowed == nullptr || bits == (n == kBlock ? ~uint64_t{0} : (uint64_t{1} << n) - 1))
+    return block_maximum(row.logits + begin, n);
   float m = -kInf;
   for (; bits != 0; bits &= bits - 1) {
     const float v = to_float(row.logits[begin + __builtin_ctzll(bits)]);
