@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fmkernels
-from fmkernels import registry, testing
+from fmkernels import reference, registry, testing
 
 _COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", max_examples=20, derandomize=True, **_COMMON)
@@ -200,6 +200,8 @@ def _sampling_shape(draw, op, min_batch=0):
         top_p=draw(_per_row_or_scalar([1.0, 0.999, 0.9, 0.5, 1e-6], batch)),
         min_p=draw(_per_row_or_scalar([0.0, 0.05, 0.5, 0.999], batch)),
     )
+    if draw(st.booleans()):
+        params["allowed"] = "mixed"  # a grammar's token bitmask: testing.random_allowed
     if op == "sample":
         params["seed"] = draw(st.one_of(st.integers(0, 2**62), st.just("per-row")))
         params["step"] = draw(st.integers(0, 2**40))
@@ -212,7 +214,7 @@ def _sampling_shape(draw, op, min_batch=0):
 def _with_removed_tokens(case: testing.Case, removed: str, seed: int) -> testing.Case:
     """``case`` with logits set to -inf (tokens an earlier step removed): none; "some" (each
     token with probability 1/2, one token of every row kept finite); or "all but one" (one
-    finite logit a row)."""
+    finite logit a row). The token kept finite is one the case's ``allowed`` bitmask allows."""
     if removed == "none":
         return case
 
@@ -222,6 +224,9 @@ def _with_removed_tokens(case: testing.Case, removed: str, seed: int) -> testing
         generator = torch.Generator().manual_seed(seed)
         batch, vocab = logits.shape
         survivor = torch.randint(0, vocab, (batch,), generator=generator)
+        if kwargs.get("allowed") is not None and batch:
+            allows = reference.unpack_allowed(kwargs["allowed"].cpu(), vocab).float()
+            survivor = torch.multinomial(allows, 1, generator=generator)[:, 0]
         gone = torch.ones(batch, vocab, dtype=torch.bool) if removed == "all but one" \
             else torch.rand(batch, vocab, generator=generator) < 0.5
         gone[torch.arange(batch), survivor] = False
