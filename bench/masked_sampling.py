@@ -23,7 +23,6 @@ directly (``fmkernels.registry``), without the public op's checks: the kernels' 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -127,9 +126,7 @@ def main(argv=None) -> int:
     rows = run(args.device, backends, vocabs, batches, args.rounds, args.kernel_only)
     if args.json:
         meta = benchmark.metadata(args.device, "python " + " ".join([os.path.relpath(__file__), *(argv or sys.argv[1:])]))
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"metadata": meta, "rows": rows}, f, indent=1)
+        benchmark.write_json(args.json, rows, meta)
     return 0
 
 

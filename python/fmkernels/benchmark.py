@@ -268,23 +268,32 @@ def _append_kv_case(device, dtype, batch, seqlen, n_new, kv_heads, head_dim, blo
 _SAMPLING_PARAMS = dict(temperature=0.7, top_k=50, top_p=0.9)
 
 
-def _sampling_case(op, device, dtype, batch, vocab, params=None) -> BenchCase:
+def _sampling_case(op, device, dtype, batch, vocab, params=None, allowed: Optional[float] = None) -> BenchCase:
     """Logits of ``batch`` rows over ``vocab``, filtered or sampled with ``params`` (default
-    temperature 0.7, top-k 50, top-p 0.9); ``sample`` draws with seed 0."""
+    temperature 0.7, top-k 50, top-p 0.9); ``sample`` draws with seed 0. ``allowed``: the
+    fraction of tokens a random ``allowed`` bitmask lets through (None: no bitmask)."""
     params = _SAMPLING_PARAMS if params is None else params
 
     def make_kwargs() -> Kwargs:
-        logits = _randn((batch, vocab), dtype, device, _generator(device)) * 3
+        generator = _generator(device)
+        logits = _randn((batch, vocab), dtype, device, generator) * 3
         kwargs = dict(logits=logits, **params)
+        if allowed is not None:
+            mask = torch.rand((batch, vocab), generator=generator, device=device) < allowed
+            mask[:, 0] = True  # every row allows a token
+            kwargs["allowed"] = reference.pack_allowed(mask)
         if op == "sample":
             kwargs["seed"] = 0
         return kwargs
 
     logits_bytes = batch * vocab * _itemsize(dtype)
     written = logits_bytes if op == "filter_logits" else batch * 8  # filtered logits, or int64 tokens
+    mask_bytes = 0 if allowed is None else batch * reference.allowed_words(vocab) * 4
     options = " ".join(f"{key}={value}" for key, value in params.items())
+    if allowed is not None:
+        options += f" allowed={allowed:.0%}"
     return BenchCase(op, f"b={batch} vocab={vocab} {options}", dtype, device, make_kwargs, None,
-                     logits_bytes + written)
+                     logits_bytes + mask_bytes + written)
 
 
 def _linear_case(device, dtype, rows, n, k) -> BenchCase:
@@ -315,7 +324,8 @@ def default_cases(op: str, device) -> List[BenchCase]:
     On the CPU, the shapes the C++ backend is measured on: a 2048-token causal prefill
     (16 query / 4 KV heads of 128), decode of one token over an 8192-token cache (batch 4,
     32 / 8 heads of 128; contiguous, and paged in float32), in float32 and bfloat16,
-    sampling over a 128256-token vocabulary (batch 16), and 1 and 8 rows against
+    sampling over a 128256-token vocabulary (batch 16; sample also under a bitmask allowing 1%
+    of the tokens, as a grammar does), and 1 and 8 rows against
     SmolLM2-135M's LM head (49152 x 576) in float32 and bfloat16. On a GPU they are large enough to
     fill it: Llama-3-8B-like heads, 2048-token prefill over 8 sequences, 4096-token paged
     decode over 64, 128 rows of logits, 16 rows against its MLP's 14336 x 4096 weight.
@@ -342,7 +352,8 @@ def default_cases(op: str, device) -> List[BenchCase]:
             ],
             "append_kv": lambda: [_append_kv_case(device, fp32, 8, 1000, 1, 8, 128, 16)],
             "filter_logits": lambda: [_sampling_case("filter_logits", device, fp32, 16, 128256)],
-            "sample": lambda: [_sampling_case("sample", device, fp32, 16, 128256)],
+            "sample": lambda: [_sampling_case("sample", device, fp32, 16, 128256),
+                               _sampling_case("sample", device, fp32, 16, 128256, allowed=0.01)],
             "linear": lambda: [_linear_case(device, dtype, rows, *_HEAD) for dtype in (fp32, bf16) for rows in (1, 8)],
         }
     else:
@@ -351,7 +362,8 @@ def default_cases(op: str, device) -> List[BenchCase]:
             "decode_attention": lambda: [_decode_case(device, bf16, 64, 4096, 32, 8, 128, 16)],
             "append_kv": lambda: [_append_kv_case(device, bf16, 64, 4096, 16, 8, 128, 16)],
             "filter_logits": lambda: [_sampling_case("filter_logits", device, fp32, 128, 128256)],
-            "sample": lambda: [_sampling_case("sample", device, fp32, 128, 128256)],
+            "sample": lambda: [_sampling_case("sample", device, fp32, 128, 128256),
+                               _sampling_case("sample", device, fp32, 128, 128256, allowed=0.01)],
             "linear": lambda: [_linear_case(device, bf16, 16, 14336, 4096)],
         }
     return _cases_of(op, table)
@@ -768,15 +780,16 @@ def write_json(path: str, rows: Sequence[BenchRow], meta: Dict[str, Any]) -> Non
     Parameters
     ----------
     path : str
-    rows : sequence of BenchRow
+    rows : sequence of BenchRow, or of dicts (a bench/ script's own rows)
     meta : dict
         From ``metadata``.
     """
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
+    rows = [row if isinstance(row, dict) else dataclasses.asdict(row) for row in rows]
     with open(path, "w") as file:
-        json.dump({"metadata": meta, "rows": [dataclasses.asdict(row) for row in rows]}, file, indent=2)
+        json.dump({"metadata": meta, "rows": rows}, file, indent=2)
         file.write("\n")
 
 
