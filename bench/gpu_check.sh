@@ -13,7 +13,7 @@
 #   fuzz      tests/test_fuzz.py's search on CUDA tensors under compute-sanitizer memcheck
 #             ($FUZZ_EXAMPLES examples per test, 25 by default; a fresh random seed each run)
 #   variants  bench/cuda_attention_variants.py and bench/cuda_decode_variants.py
-#   masked    the allowed= bitmask sampling path on CUDA tensors (tests/test_triton_allowed.py,
+#   masked    the allowed= bitmask sampling paths (triton, cuda) on CUDA tensors (tests/test_triton_allowed.py,
 #             tests/test_sampling_allowed.py, tests/test_triton_sampling.py), then
 #             bench/masked_sampling.py: masked against unmasked sample, vocab 128256, batch 1-256
 #   check     fmkernels check --device cuda ($CHECK_OPS: every op by default)

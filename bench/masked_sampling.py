@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--backends", default=None,
-                        help="comma-separated (default: cpu,reference on the CPU; triton,reference on a GPU)")
+                        help="comma-separated (default: cpu,reference on the CPU; cuda,triton,reference on a GPU)")
     parser.add_argument("--vocab", default=None, help="comma-separated (default: 49152,128256 on the CPU, 128256 on a GPU)")
     parser.add_argument("--batches", default=None, help="comma-separated (default: 1,16 on the CPU, 1,4,16,64,256 on a GPU)")
     parser.add_argument("--rounds", type=int, default=15)
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     if gpu and not torch.cuda.is_available():
         print("no GPU visible", file=sys.stderr)
         return 2
-    backends = (args.backends or ("triton,reference" if gpu else "cpu,reference")).split(",")
+    backends = (args.backends or ("cuda,triton,reference" if gpu else "cpu,reference")).split(",")
     vocabs = _ints(args.vocab or ("128256" if gpu else "49152,128256"))
     batches = _ints(args.batches or ("1,4,16,64,256" if gpu else "1,16"))
     rows = run(args.device, backends, vocabs, batches, args.rounds, args.kernel_only)

@@ -350,9 +350,13 @@ def test_bindings_reject_views_that_do_not_fit():
               torch.ones(2, device="cuda"), torch.zeros(2, device="cuda")]
     out = torch.empty(2, 9, device="cuda")
     with pytest.raises(ValueError, match="out must be shaped"):
-        module.filter_logits(tensor_view(logits), tensor_view(out), *(tensor_view(p) for p in params), 0)
+        module.filter_logits(tensor_view(logits), tensor_view(out), *(tensor_view(p) for p in params), None, 0)
+    wide = torch.zeros(2, 2, dtype=torch.int32, device="cuda")  # vocab 10 takes one word
+    with pytest.raises(ValueError, match="allowed must be int32"):
+        module.filter_logits(tensor_view(logits), tensor_view(torch.empty_like(logits)),
+                             *(tensor_view(p) for p in params), tensor_view(wide), 0)
     tokens = torch.empty(2, dtype=torch.int64, device="cuda")
     seeds = torch.zeros(3, dtype=torch.int64, device="cuda")
     with pytest.raises(ValueError, match="seeds"):
         module.sample(tensor_view(logits), tensor_view(tokens), *(tensor_view(p) for p in params),
-                      tensor_view(seeds), tensor_view(seeds[:2]), None, None, None, 0)
+                      tensor_view(seeds), tensor_view(seeds[:2]), None, None, None, None, 0)

@@ -1,6 +1,6 @@
 """fmkernels.filter_logits and fmkernels.sample under an ``allowed`` token bitmask, through the
 public ops, on every backend that runs here (the reference, the C++ cpu kernel, and Triton
-through its interpreter without a GPU; on a GPU, triton and the reference on CUDA tensors).
+through its interpreter without a GPU; on a GPU, the reference, triton and cuda on CUDA tensors).
 
 The reference is the truth: its masked ops equal the unmasked ops on logits with the
 disallowed tokens at -inf (checked first), and every backend's masks and tokens equal the
@@ -19,7 +19,7 @@ from _sampling_checks import assert_tokens_match, check_logprobs, check_masks, g
 from fmkernels import platform, reference, testing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ("reference", "cpu", "triton") if DEVICE == "cpu" else ("reference", "triton")
+BACKENDS = ("reference", "cpu", "triton") if DEVICE == "cpu" else ("reference", "triton", "cuda")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -221,10 +221,9 @@ def test_invalid_bitmasks_are_refused_before_anything_is_written(op):
     assert bool((out == (-7 if op == "sample" else 7.0)).all()), "a refused call wrote its output"
 
 
-def test_backends_without_a_masked_path_refuse_it_by_name():
-    from fmkernels.ops import _cuda
+def test_peers_without_a_masked_path_refuse_it_by_name():
+    from fmkernels import peer_libraries
 
     allowed = torch.full((2, 2), -1, dtype=torch.int32)
-    assert "allowed" in _cuda.sample_supports(logits=torch.zeros(2, 40), allowed=allowed)
-    assert "allowed" in _cuda.filter_logits_supports(logits=torch.zeros(2, 40), allowed=allowed)
-    assert _cuda.sample_supports(logits=torch.zeros(2, 40)) is None
+    reason = peer_libraries.flashinfer_filter_logits_supports(torch.zeros(2, 40), allowed=allowed)
+    assert "allowed" in reason

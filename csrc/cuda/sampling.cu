@@ -85,10 +85,23 @@ __device__ __forceinline__ bool is_packed_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(Packed<T>) == 0;
 }
 
-// x = row[first + j] / divisor for j < kPerThread (IEEE division, as torch divides), -inf past the row.
+static_assert(32 % kPerThread == 0, "a thread's tokens share one word of the allowed bitmask");
+
+// A row of logits as the passes read it: the logits (unit stride) and, where given, the row's
+// allowed bitmask words (token i allowed when bit i % 32 of word i / 32 is set).
 template <typename T>
-__device__ __forceinline__ void load_scaled(const T* __restrict__ row, int64_t vocab, int64_t first,
+struct RowView {
+  const T* __restrict__ logits;
+  const uint32_t* __restrict__ allowed;  // null: every token allowed
+};
+
+// x = row[first + j] / divisor for j < kPerThread (IEEE division, as torch divides), -inf past
+// the row and where the bitmask does not allow the token (set after the division: an infinite
+// operand sends the division down its slow path).
+template <typename T>
+__device__ __forceinline__ void load_scaled(const RowView<T>& view, int64_t vocab, int64_t first,
                                             bool aligned, float divisor, float x[kPerThread]) {
+  const T* __restrict__ row = view.logits;
   if (aligned && first + kPerThread <= vocab) {
     const Packed<T> packed = *reinterpret_cast<const Packed<T>*>(row + first);
     T elements[kPerThread];
@@ -101,6 +114,13 @@ __device__ __forceinline__ void load_scaled(const T* __restrict__ row, int64_t v
   }
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) x[j] = __fdiv_rn(x[j], divisor);
+  if (view.allowed != nullptr) {
+    // first is a multiple of kPerThread: the thread's tokens are bits of one word.
+    const uint32_t word = first < vocab ? view.allowed[first >> 5] : 0u;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j)
+      if (((word >> ((first + j) & 31)) & 1u) == 0) x[j] = -INFINITY;
+  }
 }
 
 template <typename T>
@@ -187,7 +207,7 @@ struct KeptSet {
 
 // Every thread of the block visits its kPerThread tokens of each tile, first to last.
 template <typename T, typename Visit>
-__device__ __forceinline__ void for_each_tile(const T* __restrict__ row, int64_t vocab, bool aligned,
+__device__ __forceinline__ void for_each_tile(const RowView<T>& row, int64_t vocab, bool aligned,
                                               float divisor, Visit&& visit) {
   for (int64_t base = 0; base < vocab; base += kTile) {
     const int64_t first = base + int64_t{threadIdx.x} * kPerThread;
@@ -242,7 +262,7 @@ __device__ void choose_bin(Shared& s, const Count* hist, int bins, uint64_t need
 }
 
 template <typename T>
-__device__ KeptSet find_kept_set(Shared& s, const T* __restrict__ row, int64_t vocab, bool aligned,
+__device__ KeptSet find_kept_set(Shared& s, const RowView<T>& row, int64_t vocab, bool aligned,
                                  const RowParams& params, int64_t b, float mass_scale) {
   KeptSet ks;
   const float temperature = params.temperature[b * params.temperature_stride];
@@ -387,7 +407,7 @@ __device__ KeptSet find_kept_set(Shared& s, const T* __restrict__ row, int64_t v
 // The last pass: visit(first, x, keep) for every tile, keep[j] saying whether token
 // first + j is kept. Ties at t_k and t_p are ranked by id with a block scan per tile.
 template <typename T, typename Visit>
-__device__ void visit_kept(Shared& s, const T* __restrict__ row, int64_t vocab, bool aligned, const KeptSet& ks,
+__device__ void visit_kept(Shared& s, const RowView<T>& row, int64_t vocab, bool aligned, const KeptSet& ks,
                            Visit&& visit) {
   int64_t ties_k_before = 0, ties_p_before = 0;  // in earlier tiles
   for_each_tile(row, vocab, aligned, ks.divisor, [&](int64_t first, const float* x) {
@@ -435,13 +455,14 @@ __device__ void visit_kept(Shared& s, const T* __restrict__ row, int64_t vocab, 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     filter_logits_kernel(const T* __restrict__ logits,  // (batch, vocab), unit stride along vocab
-                         int64_t logits_stride, T* __restrict__ out, int64_t out_stride, int64_t vocab,
-                         RowParams params, float mass_scale) {
+                         int64_t logits_stride, const uint32_t* __restrict__ allowed, int64_t allowed_stride,
+                         T* __restrict__ out, int64_t out_stride, int64_t vocab, RowParams params,
+                         float mass_scale) {
   __shared__ Shared s;
   const int64_t b = blockIdx.x;
-  const T* row = logits + b * logits_stride;
+  const RowView<T> row{logits + b * logits_stride, allowed != nullptr ? allowed + b * allowed_stride : nullptr};
   T* out_row = out + b * out_stride;
-  const bool aligned = is_packed_aligned(row);
+  const bool aligned = is_packed_aligned(row.logits);
   const bool out_aligned = is_packed_aligned(out_row);
   const KeptSet ks = find_kept_set(s, row, vocab, aligned, params, b, mass_scale);
   visit_kept(s, row, vocab, aligned, ks, [&](int64_t first, const float* x, const bool* keep) {
@@ -464,13 +485,13 @@ struct SampleOutputs {
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     sample_kernel(const T* __restrict__ logits,  // (batch, vocab), unit stride along vocab
-                  int64_t logits_stride, int64_t vocab, RowParams params,
-                  const int64_t* __restrict__ seeds, int64_t seeds_stride,
+                  int64_t logits_stride, const uint32_t* __restrict__ allowed, int64_t allowed_stride,
+                  int64_t vocab, RowParams params, const int64_t* __restrict__ seeds, int64_t seeds_stride,
                   const int64_t* __restrict__ steps, int64_t steps_stride, SampleOutputs o, float mass_scale) {
   __shared__ Shared s;
   const int64_t b = blockIdx.x;
-  const T* row = logits + b * logits_stride;
-  const bool aligned = is_packed_aligned(row);
+  const RowView<T> row{logits + b * logits_stride, allowed != nullptr ? allowed + b * allowed_stride : nullptr};
+  const bool aligned = is_packed_aligned(row.logits);
   const KeptSet ks = find_kept_set(s, row, vocab, aligned, params, b, mass_scale);
   int64_t token = ks.greedy_id;
   uint64_t kept_mass = fixed_mass(ks.m, ks.m, mass_scale);  // a greedy row's one token
@@ -512,7 +533,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (threadIdx.x != 0) return;
   o.tokens[b * o.tokens_stride] = token;
   if (o.logprobs == nullptr) return;
-  const float x_token = __fdiv_rn(to_float(row[token]), ks.divisor);
+  const float x_token = __fdiv_rn(to_float(row.logits[token]), ks.divisor);  // an allowed token
   const float log_mass = static_cast<float>(log(static_cast<double>(kept_mass) / static_cast<double>(mass_scale)));
   o.logprobs[b * o.logprobs_stride] = (x_token - ks.m) - log_mass;
   if (o.lse != nullptr) o.lse[b * o.lse_stride] = ks.m + log_mass;
@@ -534,22 +555,30 @@ RowParams row_params(const TensorView& temperature, const TensorView& top_k, con
           top_p.strides[0],                            min_p.strides[0]};
 }
 
+const uint32_t* allowed_words(const TensorView* allowed) {
+  return allowed != nullptr ? static_cast<const uint32_t*>(allowed->data) : nullptr;
+}
+
+int64_t allowed_row_stride(const TensorView* allowed) { return allowed != nullptr ? allowed->strides[0] : 0; }
+
 template <typename T>
-cudaError_t launch_filter(const TensorView& logits, const TensorView& out, const RowParams& params,
-                          cudaStream_t stream) {
+cudaError_t launch_filter(const TensorView& logits, const TensorView* allowed, const TensorView& out,
+                          const RowParams& params, cudaStream_t stream) {
   const int64_t batch = logits.sizes[0], vocab = logits.sizes[1];
   filter_logits_kernel<T><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-      static_cast<const T*>(logits.data), logits.strides[0], static_cast<T*>(out.data), out.strides[0], vocab,
-      params, mass_scale_for(vocab));
+      static_cast<const T*>(logits.data), logits.strides[0], allowed_words(allowed), allowed_row_stride(allowed),
+      static_cast<T*>(out.data), out.strides[0], vocab, params, mass_scale_for(vocab));
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_sample(const TensorView& logits, const RowParams& params, const TensorView& seeds,
-                          const TensorView& steps, const SampleOutputs& outputs, cudaStream_t stream) {
+cudaError_t launch_sample(const TensorView& logits, const TensorView* allowed, const RowParams& params,
+                          const TensorView& seeds, const TensorView& steps, const SampleOutputs& outputs,
+                          cudaStream_t stream) {
   const int64_t batch = logits.sizes[0], vocab = logits.sizes[1];
   sample_kernel<T><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-      static_cast<const T*>(logits.data), logits.strides[0], vocab, params,
+      static_cast<const T*>(logits.data), logits.strides[0], allowed_words(allowed), allowed_row_stride(allowed),
+      vocab, params,
       static_cast<const int64_t*>(seeds.data), seeds.strides[0], static_cast<const int64_t*>(steps.data),
       steps.strides[0], outputs, mass_scale_for(vocab));
   return cudaGetLastError();
@@ -562,21 +591,24 @@ bool is_float_vector(const TensorView* v, int64_t batch) {
 }  // namespace
 
 const char* check_filter_views(const TensorView& logits, const TensorView& out, const TensorView& temperature,
-                               const TensorView& top_k, const TensorView& top_p, const TensorView& min_p) {
+                               const TensorView& top_k, const TensorView& top_p, const TensorView& min_p,
+                               const TensorView* allowed) {
   if (const char* error = check_sampling_logits(logits)) return error;
   if (const char* error = check_filtered_rows(logits, out)) return error;
   if (logits.sizes[0] > INT_MAX) return "batch must be < 2**31";
+  if (const char* error = check_allowed(logits, allowed)) return error;
   return check_sampling_parameters(logits.sizes[0], temperature, top_k, top_p, min_p);
 }
 
 const char* check_sample_views(const TensorView& logits, const TensorView& tokens,
                                const TensorView& temperature, const TensorView& top_k,
                                const TensorView& top_p, const TensorView& min_p, const TensorView& seeds,
-                               const TensorView& steps, const TensorView* logprobs, const TensorView* lse,
-                               const TensorView* filtered) {
+                               const TensorView& steps, const TensorView* allowed, const TensorView* logprobs,
+                               const TensorView* lse, const TensorView* filtered) {
   if (const char* error = check_sampling_logits(logits)) return error;
   const int64_t batch = logits.sizes[0], vocab = logits.sizes[1];
   if (batch > INT_MAX) return "batch must be < 2**31";
+  if (const char* error = check_allowed(logits, allowed)) return error;
   if (const char* error = check_sample_vectors(batch, tokens, seeds, steps)) return error;
   if (const char* error = check_sampling_parameters(batch, temperature, top_k, top_p, min_p)) return error;
   if (!is_float_vector(logprobs, batch)) return "logprobs must be float32 (batch,)";
@@ -592,25 +624,27 @@ const char* check_sample_views(const TensorView& logits, const TensorView& token
 
 cudaError_t filter_logits(const TensorView& logits, const TensorView& out, const TensorView& temperature,
                           const TensorView& top_k, const TensorView& top_p, const TensorView& min_p,
-                          cudaStream_t stream) {
-  if (check_filter_views(logits, out, temperature, top_k, top_p, min_p) != nullptr) return cudaErrorInvalidValue;
+                          const TensorView* allowed, cudaStream_t stream) {
+  if (check_filter_views(logits, out, temperature, top_k, top_p, min_p, allowed) != nullptr)
+    return cudaErrorInvalidValue;
   if (logits.sizes[0] == 0) return cudaSuccess;
   const RowParams params = row_params(temperature, top_k, top_p, min_p);
   switch (logits.dtype) {
     case DType::kFloat32:
-      return launch_filter<float>(logits, out, params, stream);
+      return launch_filter<float>(logits, allowed, out, params, stream);
     case DType::kFloat16:
-      return launch_filter<__half>(logits, out, params, stream);
+      return launch_filter<__half>(logits, allowed, out, params, stream);
     default:
-      return launch_filter<__nv_bfloat16>(logits, out, params, stream);
+      return launch_filter<__nv_bfloat16>(logits, allowed, out, params, stream);
   }
 }
 
 cudaError_t sample(const TensorView& logits, const TensorView& tokens, const TensorView& temperature,
                    const TensorView& top_k, const TensorView& top_p, const TensorView& min_p,
-                   const TensorView& seeds, const TensorView& steps, const TensorView* logprobs,
-                   const TensorView* lse, const TensorView* filtered, cudaStream_t stream) {
-  if (check_sample_views(logits, tokens, temperature, top_k, top_p, min_p, seeds, steps, logprobs, lse,
+                   const TensorView& seeds, const TensorView& steps, const TensorView* allowed,
+                   const TensorView* logprobs, const TensorView* lse, const TensorView* filtered,
+                   cudaStream_t stream) {
+  if (check_sample_views(logits, tokens, temperature, top_k, top_p, min_p, seeds, steps, allowed, logprobs, lse,
                          filtered) != nullptr)
     return cudaErrorInvalidValue;
   if (logits.sizes[0] == 0) return cudaSuccess;
@@ -625,11 +659,11 @@ cudaError_t sample(const TensorView& logits, const TensorView& tokens, const Ten
                               filtered != nullptr ? filtered->strides[0] : 0};
   switch (logits.dtype) {
     case DType::kFloat32:
-      return launch_sample<float>(logits, params, seeds, steps, outputs, stream);
+      return launch_sample<float>(logits, allowed, params, seeds, steps, outputs, stream);
     case DType::kFloat16:
-      return launch_sample<__half>(logits, params, seeds, steps, outputs, stream);
+      return launch_sample<__half>(logits, allowed, params, seeds, steps, outputs, stream);
     default:
-      return launch_sample<__nv_bfloat16>(logits, params, seeds, steps, outputs, stream);
+      return launch_sample<__nv_bfloat16>(logits, allowed, params, seeds, steps, outputs, stream);
   }
 }
 

@@ -16,12 +16,14 @@ namespace fmkernels::cuda {
 // top_p, min_p float32, top_k int64. logits: float32, float16 or bfloat16 with unit
 // stride along the vocabulary. A row's result does not depend on its batch. Returns
 // cudaErrorInvalidValue when the views do not fit (see common/sampling_shapes.h; the
-// bindings check them first to say why), else the launch's status.
+// bindings check them first to say why), else the launch's status. allowed (null, or int32
+// (batch, ceil(vocab / 32)) with unit stride along the words): the tokens whose bit is clear
+// count as -inf before any filter.
 
 // out (batch, vocab), logits' dtype: x where kept, -inf elsewhere.
 cudaError_t filter_logits(const TensorView& logits, const TensorView& out, const TensorView& temperature,
                           const TensorView& top_k, const TensorView& top_p, const TensorView& min_p,
-                          cudaStream_t stream);
+                          const TensorView* allowed, cudaStream_t stream);
 
 // tokens (batch,) int64: argmax over kept tokens of x_i - log(-log u_i), u_i from
 // Philox4x32-10 keyed by seeds[b], counter (i / 4, steps[b]), word i % 4 (common/philox.h).
@@ -31,19 +33,21 @@ cudaError_t filter_logits(const TensorView& logits, const TensorView& out, const
 // elsewhere.
 cudaError_t sample(const TensorView& logits, const TensorView& tokens, const TensorView& temperature,
                    const TensorView& top_k, const TensorView& top_p, const TensorView& min_p,
-                   const TensorView& seeds, const TensorView& steps, const TensorView* logprobs,
-                   const TensorView* lse, const TensorView* filtered, cudaStream_t stream);
+                   const TensorView& seeds, const TensorView& steps, const TensorView* allowed,
+                   const TensorView* logprobs, const TensorView* lse, const TensorView* filtered,
+                   cudaStream_t stream);
 
 // Why the views cannot be sampled from (nullptr if they can): common/sampling_shapes.h's
 // checks plus those of the optional outputs above.
 const char* check_sample_views(const TensorView& logits, const TensorView& tokens,
                                const TensorView& temperature, const TensorView& top_k,
                                const TensorView& top_p, const TensorView& min_p, const TensorView& seeds,
-                               const TensorView& steps, const TensorView* logprobs, const TensorView* lse,
-                               const TensorView* filtered);
+                               const TensorView& steps, const TensorView* allowed, const TensorView* logprobs,
+                               const TensorView* lse, const TensorView* filtered);
 
 // Why filter_logits cannot run on the views (nullptr if it can).
 const char* check_filter_views(const TensorView& logits, const TensorView& out, const TensorView& temperature,
-                               const TensorView& top_k, const TensorView& top_p, const TensorView& min_p);
+                               const TensorView& top_k, const TensorView& top_p, const TensorView& min_p,
+                               const TensorView* allowed);
 
 }  // namespace fmkernels::cuda

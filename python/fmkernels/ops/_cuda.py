@@ -292,36 +292,23 @@ def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-# The sampling kernels take no allowed bitmask yet: a masked call goes to another backend.
-_NO_ALLOWED = "the CUDA sampling kernels take no allowed= bitmask (not yet written and run on a GPU)"
-
-
-def filter_logits_supports(logits, *, allowed=None, **_) -> str | None:
-    return None if allowed is None else _NO_ALLOWED
-
-
-def sample_supports(logits, *, allowed=None, **_) -> str | None:
-    return None if allowed is None else _NO_ALLOWED
-
-
 def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, allowed=None):
-    if allowed is not None:
-        raise ValueError(_NO_ALLOWED)
     logits = _unit_stride(logits)
+    allowed = None if allowed is None else _unit_stride(allowed)
     with torch.cuda.device(logits.device):
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         parameters = reference.filter_parameters(logits.shape[0], logits.device, temperature, top_k, top_p, min_p)
         _module().filter_logits(
-            tensor_view(logits), tensor_view(out), *(tensor_view(p) for p in parameters), stream_of(logits),
+            tensor_view(logits), tensor_view(out), *(tensor_view(p) for p in parameters), tensor_view(allowed),
+            stream_of(logits),
         )
     return out
 
 
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, step=0,
            return_logprobs=False, num_logprobs=0, allowed=None):
-    if allowed is not None:
-        raise ValueError(_NO_ALLOWED)
     logits = _unit_stride(logits)
+    allowed = None if allowed is None else _unit_stride(allowed)
     batch, vocab = logits.shape
     device = logits.device
     with torch.cuda.device(device):
@@ -338,7 +325,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
                 filtered = torch.empty((batch, vocab), dtype=torch.float32, device=device)
         _module().sample(
             tensor_view(logits), tensor_view(tokens), *(tensor_view(p) for p in parameters),
-            tensor_view(seeds), tensor_view(steps), tensor_view(logprobs), tensor_view(lse),
+            tensor_view(seeds), tensor_view(steps), tensor_view(allowed), tensor_view(logprobs), tensor_view(lse),
             tensor_view(filtered), stream_of(logits),
         )
         if not return_logprobs:
