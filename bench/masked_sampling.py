@@ -65,7 +65,7 @@ def copy_us(allowed: torch.Tensor, device, rounds: int) -> float:
 
 def _sampler(backend: str, kernel_only: bool):
     if kernel_only:
-        return registry.get_impl("sample", backend).fn
+        return registry.get_impl("sample", backend)
     return lambda **kwargs: fmkernels.sample(backend=backend, **kwargs)
 
 

@@ -5,7 +5,9 @@
     fmkernels check filter_logits --impl examples.my_sampling:my_filter_logits
 
 Cases with top-p or min-p raise ``NotImplementedError``, so check lists them as skipped:
-that is how an implementation says which cases it leaves to others.
+that is how an implementation says which cases it leaves to others. It takes no ``allowed``
+token bitmask either (an optional argument: ``fmkernels.registry.OPTIONAL_ARGUMENTS``), so the
+masked cases are skipped too, as taking "no allowed= argument".
 """
 
 import torch

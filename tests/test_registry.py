@@ -238,3 +238,35 @@ def test_load_impl_imports_module_function_and_registers_it(logits):
 def test_load_impl_errors(spec, error, match):
     with pytest.raises(error, match=match):
         registry.load_impl(spec)
+
+
+def test_an_implementation_without_an_optional_argument_runs_the_calls_that_leave_it_out(restore_registry):
+    """``allowed`` came to the sampling ops after implementations of them were written: one whose
+    signature lacks it is accepted, called without it, and refuses (by name) the calls that give it."""
+    calls = []
+
+    def old_filter(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+        calls.append(temperature)
+        return reference.filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+    assert registry.signature_error("filter_logits", old_filter) is None
+    impl = registry.register_impl("filter_logits", "old", old_filter)
+    assert impl.declines == ("allowed",)
+    logits = torch.randn(2, 40)
+    assert torch.equal(fmkernels.filter_logits(logits, temperature=0.5, backend="old"),
+                       reference.filter_logits(logits, temperature=0.5))
+    assert calls == [0.5]
+    allowed = torch.full((2, 2), -1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="backend 'old' cannot run this filter_logits call: it takes no allowed= argument"):
+        fmkernels.filter_logits(logits, allowed=allowed, backend="old")
+    assert calls == [0.5]
+    # "auto" passes such a call to an implementation that takes the argument.
+    assert torch.equal(fmkernels.filter_logits(logits, allowed=allowed), reference.filter_logits(logits, allowed=allowed))
+
+    def takes_everything(logits, **options):
+        return reference.filter_logits(logits, **options)
+
+    assert registry.register_impl("filter_logits", "kwargs", takes_everything).declines == ()
+    # A required argument still has to be there.
+    assert "cannot take filter_logits's arguments" in registry.signature_error(
+        "filter_logits", lambda logits, *, temperature=1.0, allowed=None: logits)

@@ -645,7 +645,7 @@ def measure(job: Job, repeats: int) -> BenchRow:
     if unsupported:
         return dataclasses.replace(row, skipped=unsupported)
     try:
-        seconds = median_seconds(lambda: impl.fn(**kwargs), case.device, repeats)
+        seconds = median_seconds(lambda: impl(**kwargs), case.device, repeats)
     except NotImplementedError as exc:
         return dataclasses.replace(row, skipped=f"NotImplementedError: {exc}")
     except Exception as exc:  # a crashing implementation gets an error row; the others still run

@@ -25,6 +25,22 @@ KINDS = ("backend", "peer", "user")
 
 SupportsResult = Union[bool, str, None]
 
+#: Arguments an op gained after implementations of it were written. An implementation whose
+#: signature cannot take one is still accepted: it is called without the argument when the
+#: call leaves it None, and cannot run (unsupported, with the reason) a call that gives it.
+OPTIONAL_ARGUMENTS = {"filter_logits": ("allowed",), "sample": ("allowed",)}
+
+
+def _declined(op: str, fn: Callable[..., Any]) -> tuple:
+    """The optional arguments of ``op`` that ``fn`` cannot take (none where its signature cannot be read)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return ()
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return ()
+    return tuple(name for name in OPTIONAL_ARGUMENTS.get(op, ()) if name not in parameters)
+
 
 @dataclasses.dataclass(frozen=True)
 class Impl:
@@ -47,6 +63,13 @@ class Impl:
     devices: Optional[tuple] = None
     kind: str = "user"
     priority: int = 0
+    declines: tuple = ()  # the OPTIONAL_ARGUMENTS its fn cannot take
+
+    def __call__(self, **case):
+        """``fn(**case)``, without the optional arguments it declines (None in any call it supports)."""
+        for name in self.declines:
+            case.pop(name, None)
+        return self.fn(**case)
 
     def unavailable_reason(self) -> Optional[str]:
         return None if self.available is None else self.available()
@@ -61,6 +84,9 @@ class Impl:
                 device = getattr(value, "device", None)
                 if device is not None and device.type not in self.devices:
                     return f"runs on {' or '.join(self.devices)} tensors; {key} is on {device.type}"
+        for name in self.declines:
+            if case.get(name) is not None:
+                return f"it takes no {name}= argument"
         if self.supports is None:
             return None
         verdict = self.supports(**case)
@@ -98,7 +124,8 @@ def register_impl(
     """Register ``fn`` as implementation ``name`` of ``op``.
 
     ``fn`` takes the same arguments as ``fmkernels.reference.<op>`` and returns what
-    it returns. ``fmkernels check`` then holds it to the reference and
+    it returns; it may leave out the arguments ``OPTIONAL_ARGUMENTS`` names (``allowed`` of
+    the sampling ops), and then runs only the calls that leave them None. ``fmkernels check`` then holds it to the reference and
     ``fmkernels bench`` times it beside fmkernels' own backends; ``backend=name``
     in the op calls it.
     """
@@ -113,7 +140,7 @@ def register_impl(
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if name in _REGISTRY[op] and not replace:
         raise ValueError(f"{op} already has an implementation named {name!r}; pass replace=True to replace it")
-    impl = Impl(op, name, fn, supports, available, devices, kind, priority)
+    impl = Impl(op, name, fn, supports, available, devices, kind, priority, _declined(op, fn))
     _REGISTRY[op][name] = impl
     _SELECTED.clear()
     return impl
@@ -237,7 +264,8 @@ def signature_error(op: str, fn: Callable[..., Any]) -> Optional[str]:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return None
-    names = inspect.signature(getattr(reference, op)).parameters
+    names = [name for name in inspect.signature(getattr(reference, op)).parameters
+             if name not in OPTIONAL_ARGUMENTS.get(op, ())]
     try:
         signature.bind(**{name: None for name in names})
     except TypeError as exc:

@@ -21,7 +21,7 @@ def run(op: str, backend: str, case: Dict[str, Any], key: Optional[Hashable] = N
     signature, when the public function has it, see ``registry.select``) and call it with
     ``case`` as keywords."""
     impl = registry.select(op, backend, case, key=key)
-    return impl.fn(**case)
+    return impl(**case)
 
 
 def into_out(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
