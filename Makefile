@@ -61,7 +61,7 @@ $(INSTALLED): $(BUILD_TOOLS) $(BUILD_SOURCES)
 SANITIZE_VENV := .venv-sanitize
 SANITIZE_RUNTIME = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)
 SANITIZE_TESTS := test_append_kv.py test_validation.py test_cpu_attention.py test_cpu_decode_attention.py \
-	test_cpu_linear.py test_cpu_sampling.py test_fuzz.py test_huge_tensors.py
+	test_cpu_linear.py test_cpu_sampling.py test_sampling_allowed.py test_fuzz.py test_huge_tensors.py
 
 test-sanitize:
 	test -x $(SANITIZE_VENV)/bin/python || $(PYTHON) -m venv $(SANITIZE_VENV)
