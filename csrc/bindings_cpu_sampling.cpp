@@ -53,9 +53,17 @@ void sample(py::handle logits, py::handle tokens, py::handle temperature, py::ha
   if (error != nullptr) throw std::invalid_argument(error);
 }
 
+int64_t first_row_without_allowed(py::handle allowed, int64_t vocab) {
+  const int64_t row = cpu::first_row_without_allowed(view_from_python(allowed, "allowed"), vocab);
+  if (row == -2) throw std::invalid_argument("allowed must be int32 (batch, ceil(vocab / 32)), unit stride along its words");
+  return row;
+}
+
 }  // namespace
 
 void bind_cpu_sampling(py::module_& m) {
+  m.def("first_row_without_allowed", &first_row_without_allowed, py::arg("allowed"), py::arg("vocab"),
+        "The first row of the allowed bitmask that allows no token of the vocabulary, or -1.");
   m.def("filter_logits", &filter_logits, py::arg("logits"), py::arg("out"), py::arg("temperature"),
         py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("allowed"), py::arg("num_threads"),
         "Write logits / temperature into out with the tokens allowed, top-k, top-p and min-p remove at -inf.");

@@ -205,3 +205,16 @@ def test_empty_batch():
     assert fmkernels.filter_logits(logits, top_k=3, backend="cpu").shape == (0, 50)
     out = fmkernels.sample(logits, seed=1, backend="cpu", return_logprobs=True, num_logprobs=2)
     assert out.tokens.shape == (0,) and out.top_ids.shape == (0, 2)
+
+
+def test_first_row_without_allowed_reads_only_bitmasks():
+    module = platform.cpu_module()
+    allowed = torch.full((3, 2), -1, dtype=torch.int32)
+    assert module.first_row_without_allowed(tensor_view(allowed), 40) == -1
+    allowed[1] = torch.tensor([0, -1 << 8], dtype=torch.int32)  # only bits past a vocabulary of 40
+    assert module.first_row_without_allowed(tensor_view(allowed), 40) == 1
+    assert module.first_row_without_allowed(tensor_view(allowed), 41) == -1  # bit 8 of word 1 is token 40
+    for bad, vocab in ((allowed.long(), 40), (allowed, 70), (allowed, 0), (allowed.T.contiguous().T, 40),
+                       (torch.zeros(3, dtype=torch.int32), 40)):
+        with pytest.raises(ValueError, match="allowed must be int32"):
+            module.first_row_without_allowed(tensor_view(bad), vocab)

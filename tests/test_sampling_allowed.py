@@ -227,3 +227,17 @@ def test_peers_without_a_masked_path_refuse_it_by_name():
     allowed = torch.full((2, 2), -1, dtype=torch.int32)
     reason = peer_libraries.flashinfer_filter_logits_supports(torch.zeros(2, 40), allowed=allowed)
     assert "allowed" in reason
+
+
+def test_rows_are_checked_without_the_cpu_extension_too(monkeypatch):
+    """Where fmkernels._C is absent, NumPy reads the words: the same verdicts."""
+    from fmkernels.ops import sampling
+
+    monkeypatch.setattr(platform, "cpu_module", lambda: None)
+    good = fmkernels.pack_allowed(torch.rand((3, 70), generator=torch.Generator().manual_seed(0)) < 0.5)
+    good[:, 0] |= 1
+    sampling._require_allowed_rows(good, 70)
+    bad = good.clone()
+    bad[2] = torch.tensor([0, 0, -1 << 6], dtype=torch.int32)  # only bits past a vocabulary of 70
+    with pytest.raises(ValueError, match=r"allowed\[2\] allows no token of the vocabulary \(70 tokens\)"):
+        sampling._require_allowed_rows(bad, 70)

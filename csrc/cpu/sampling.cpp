@@ -572,6 +572,22 @@ void sample_rows(const TensorView& logits, const TensorView& tokens, const Tenso
 
 }  // namespace
 
+int64_t first_row_without_allowed(const TensorView& allowed, int64_t vocab) {
+  const int64_t words = (vocab + 31) / 32;
+  if (vocab < 1 || allowed.rank != 2 || allowed.dtype != DType::kInt32 || allowed.sizes[1] != words ||
+      (allowed.data == nullptr && allowed.sizes[0] > 0) || (words > 1 && allowed.strides[1] != 1) ||
+      (allowed.sizes[0] > 1 && allowed.strides[0] < 0))
+    return -2;
+  const uint32_t tail = vocab % 32 == 0 ? ~0u : (1u << (vocab % 32)) - 1;
+  for (int64_t b = 0; b < allowed.sizes[0]; ++b) {
+    const uint32_t* row = static_cast<const uint32_t*>(allowed.data) + b * allowed.strides[0];
+    int64_t w = 0;
+    while (w < words - 1 && row[w] == 0) ++w;
+    if (w == words - 1 && (row[w] & tail) == 0) return b;
+  }
+  return -1;
+}
+
 const char* filter_logits(const TensorView& logits, const TensorView& out,
                           const TensorView& temperature, const TensorView& top_k,
                           const TensorView& top_p, const TensorView& min_p, const TensorView* allowed,

@@ -34,4 +34,9 @@ const char* sample(const TensorView& logits, const TensorView& tokens,
                    const TensorView& steps, const TensorView* allowed, const TensorView* logprobs,
                    const TensorView* top_ids, const TensorView* top_logprobs, int num_threads);
 
+// The first row of allowed (int32 (batch, ceil(vocab / 32)), unit stride along the words) that
+// allows no token of the vocabulary (bits past it do not count), or -1 if every row allows one;
+// -2 if the view is not such a bitmask. Reads each row only up to its first allowed token.
+int64_t first_row_without_allowed(const TensorView& allowed, int64_t vocab);
+
 }  // namespace fmkernels::cpu

@@ -9,7 +9,8 @@ import numpy
 import torch
 
 from .. import _validation as check
-from .. import reference
+from .. import platform, reference
+from .._views import tensor_view
 from ..reference import SampleOutput
 from ._dispatch import into_out, require_backend, run
 from .._signature import SignatureCache, check_once, signature
@@ -85,11 +86,13 @@ def _require_values(logits: torch.Tensor, parameters, allowed=None) -> None:
     if logits.shape[0] == 0 or not check.checks_values(logits):
         return
     vocab = logits.shape[1]
+    # One pass in the common case: a finite sum means no NaN or inf anywhere (a -inf, or a sum
+    # that overflows, takes the element-wise checks below). It runs first, while torch's threads
+    # are awake from the call before.
+    finite = math.isfinite(logits.sum(dtype=torch.float32).item())
     if allowed is not None:
         _require_allowed_rows(allowed, vocab)
-    # One pass in the common case: a finite sum means no NaN or inf anywhere (a -inf, or a sum
-    # that overflows, takes the element-wise checks below).
-    if math.isfinite(logits.sum(dtype=torch.float32).item()):
+    if finite:
         return
     # A NaN or +inf logit would be sampled from silently; a row of -inf has nothing to sample.
     bad = torch.isnan(logits) | torch.isposinf(logits)
@@ -112,6 +115,13 @@ def _require_allowed_rows(allowed: torch.Tensor, vocab: int) -> None:
     if not check.checks_values(allowed):
         return
     tail = vocab % 32  # the last word's bits past the vocabulary do not count
+    cpu = platform.cpu_module() if allowed.device.type == "cpu" else None
+    if cpu is not None and hasattr(cpu, "first_row_without_allowed") and allowed.stride(-1) == 1:
+        # The C++ loop stops at each row's first allowed token: about a µs a call (this runs every decode step).
+        row = cpu.first_row_without_allowed(tensor_view(allowed), vocab)
+        if row >= 0:
+            raise ValueError(f"allowed[{row}] allows no token of the vocabulary ({vocab} tokens): there is nothing to sample")
+        return
     if allowed.device.type == "cpu":
         # NumPy's reductions cost a few µs where torch's cost tens (this runs at every decode step).
         words = allowed.numpy()
