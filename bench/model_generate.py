@@ -38,6 +38,12 @@ at the mean context of the decode (prompt-len + new-tokens / 2): each step reads
 once (the embedding table only for the batch's rows, unless tied to the LM head) and every
 sequence's KV cache. "of bound" = decode tok/s / that bound.
 
+prefill bound: prompt tokens/s at the dtype's matmul rate measured at the row's thread count
+(a 4096 x 4096 matmul from torch's BLAS, the fastest of 5), for the FLOPs a prefill does: every
+prompt token through every weight matrix and causal attention, the LM head for the last token
+only (what both fmkernels and transformers compute). "prefill of bound" = prefill tok/s / that
+bound. A prefill ratio to transformers above bound / transformers' rate is beyond this machine.
+
 ``--breakdown`` times fmkernels' decode steps once more under ``torch.profiler`` and splits a
 step into the matmuls (``aten::mm``/``addmm``/``bmm`` and ``fmkernels::linear``), attention (the ``fmkernels::append_kv``
 and ``fmkernels::decode_attention`` ops), sampling (``fmkernels::sample``), the other torch ops
@@ -100,6 +106,8 @@ class Row:
     agree: Optional[str] = None
     decode_bound_tok_s: Optional[float] = None
     of_bound: Optional[float] = None
+    prefill_bound_tok_s: Optional[float] = None
+    prefill_of_bound: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +285,15 @@ def decode_bound(config: ModelConfig, dtype: torch.dtype, batch: int, context: i
     return stats.decode().tokens_per_s
 
 
+def prefill_bound(config: ModelConfig, dtype: torch.dtype, prompt_len: int, tflops: float) -> float:
+    """Prompt tokens/s at most at ``tflops``: a prompt's matmul and attention FLOPs, with the
+    LM head for its last token only (``ModelConfig.stats`` counts it for every token)."""
+    stats = config.stats(dtype="fp32", context=prompt_len, device=f"1,{tflops}")
+    head = 2 * config.vocab_size * config.dim
+    flops = stats.prefill_flops - (prompt_len - 1) * head
+    return tflops * 1e12 * prompt_len / flops
+
+
 def decode_breakdown(model: Transformer, prompts: torch.Tensor, steps: int) -> Dict[str, float]:
     """Milliseconds per decode step by part (see the module docstring), after a prefill of ``prompts``."""
     from torch.profiler import profile
@@ -354,7 +371,8 @@ def _timed_ops():
             setattr(ops, op, function)
 
 
-def run_config(name: str, args, device: torch.device, peaks: benchmark.Peaks):
+def run_config(name: str, args, device: torch.device, peaks: benchmark.Peaks,
+               matmul_tflops: Dict[int, Dict[str, float]]):
     hf32, ours32, gguf = load_models(name, args.backend, device)
     config = ours32.config
     params = parameter_count(config)
@@ -384,7 +402,8 @@ def run_config(name: str, args, device: torch.device, peaks: benchmark.Peaks):
                     impls.insert(0, ("transformers", time_transformers, hf, dtype_name))
                 if llama is not None and batch == 1:
                     impls.append(("llama.cpp", time_llama_cpp, llama, "q4_1 (native)"))
-                rows += measure(name, params, batch, threads, impls, prompts, args, config, dtype, peaks, context)
+                rows += measure(name, params, batch, threads, impls, prompts, args, config, dtype, peaks, context,
+                                matmul_tflops[threads][dtype_name])
                 if args.breakdown:
                     parts = decode_breakdown(ours, prompts, steps=min(args.new_tokens, 16))
                     breakdowns.append(Breakdown(config=name, batch=batch, threads=threads, dtype=dtype_name,
@@ -393,7 +412,8 @@ def run_config(name: str, args, device: torch.device, peaks: benchmark.Peaks):
     return rows, breakdowns
 
 
-def measure(name, params, batch, threads, impls, prompts, args, config, dtype, peaks, context) -> List[Row]:
+def measure(name, params, batch, threads, impls, prompts, args, config, dtype, peaks, context,
+            tflops) -> List[Row]:
     runs: Dict[str, list] = {impl: [] for impl, _, _, _ in impls}
     tokens = {}
     with torch.no_grad():
@@ -405,6 +425,7 @@ def measure(name, params, batch, threads, impls, prompts, args, config, dtype, p
                 prefill, decode, tokens[impl] = fn(model, prompts, args.new_tokens)
                 runs[impl].append((prefill, decode))
     bound = decode_bound(config, dtype, batch, context, peaks)
+    prefill_limit = prefill_bound(config, dtype, args.prompt_len, tflops)
     rates = {}
     for impl, _, _, _ in impls:
         prefill = statistics.median(r[0] for r in runs[impl])
@@ -425,6 +446,8 @@ def measure(name, params, batch, threads, impls, prompts, args, config, dtype, p
             agree=agreement(tokens[impl], tokens["transformers"]) if impl != "transformers" and base else None,
             decode_bound_tok_s=bound if impl != "llama.cpp" else None,
             of_bound=decode_rate / bound if impl != "llama.cpp" else None,
+            prefill_bound_tok_s=prefill_limit if impl != "llama.cpp" else None,
+            prefill_of_bound=prefill_rate / prefill_limit if impl != "llama.cpp" else None,
         ))
     return rows
 
@@ -452,11 +475,14 @@ def _ratio(value: Optional[float]) -> str:
     return "" if value is None else f"{value:.2f}x"
 
 
-def print_tables(rows: List[Row], breakdowns: List[Breakdown], peaks: benchmark.Peaks, meta: dict) -> None:
+def print_tables(rows: List[Row], breakdowns: List[Breakdown], peaks: benchmark.Peaks,
+                 matmul_tflops: Dict[int, Dict[str, float]], meta: dict) -> None:
     headers = ["config", "batch", "threads", "implementation", "dtype", "prefill tok/s", "decode tok/s",
-               "prefill vs hf", "decode vs hf", "decode bound", "of bound", "agree"]
+               "prefill vs hf", "decode vs hf", "prefill bound", "of bound", "decode bound", "of bound", "agree"]
     lines = [[r.config, str(r.batch), str(r.threads), r.implementation, r.dtype, f"{r.prefill_tok_s:,.0f}",
               f"{r.decode_tok_s:,.1f}", _ratio(r.prefill_vs_transformers), _ratio(r.decode_vs_transformers),
+              "" if r.prefill_bound_tok_s is None else f"{r.prefill_bound_tok_s:,.0f}",
+              "" if r.prefill_of_bound is None else f"{r.prefill_of_bound:.0%}",
               "" if r.decode_bound_tok_s is None else f"{r.decode_bound_tok_s:,.1f}",
               "" if r.of_bound is None else f"{r.of_bound:.0%}", r.agree or ""] for r in rows]
     _print(f"generate: {rows[0].prompt_len}-token prompts, {rows[0].new_tokens} new tokens, greedy; "
@@ -464,7 +490,10 @@ def print_tables(rows: List[Row], breakdowns: List[Breakdown], peaks: benchmark.
     limits = ", ".join(f"{dtype} matmul {rate * 1e3:.0f} GFLOP/s" for dtype, rate in peaks.tflops.items())
     print("prefill = call to first new token (batch x prompt tokens over it); decode = the rest "
           "(batch x (new-1) tokens); 'vs hf' = rate / transformers' rate in this run; decode bound = "
-          f"fmkernels info's roofline at copy {peaks.bandwidth_gbps:.1f} GB/s, {limits} (measured in this run)")
+          f"fmkernels info's roofline at copy {peaks.bandwidth_gbps:.1f} GB/s, {limits} (measured in this run); "
+          "prefill bound = the prompt's FLOPs (LM head for the last token) at the matmul rate at the row's "
+          "thread count: " + "; ".join(f"{threads} thread(s) " + ", ".join(f"{d} {r * 1e3:.0f}" for d, r in rates.items())
+                                       for threads, rates in sorted(matmul_tflops.items())) + " GFLOP/s")
     if breakdowns:
         headers = ["config", "batch", "threads", "dtype", "step ms", "matmuls", "attention", "sampling",
                    "other ops", "rest"]
@@ -522,6 +551,13 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.set_num_threads(max(args.threads))
     peaks = benchmark.measure_peaks(device, args.dtypes)
+    # The matmul rate each thread count reaches: a prefill at 1 thread is held to 1 thread's rate.
+    matmul_tflops = {max(args.threads): peaks.tflops}
+    for threads in args.threads:
+        if threads not in matmul_tflops:
+            torch.set_num_threads(threads)
+            matmul_tflops[threads] = benchmark.measure_peaks(device, args.dtypes).tflops
+    torch.set_num_threads(max(args.threads))
     command = " ".join(shlex.quote(a) for a in ["python", "bench/model_generate.py",
                                                 *(sys.argv[1:] if argv is None else argv)])
     meta = benchmark.metadata(device, command, peaks)
@@ -537,10 +573,11 @@ def main(argv=None) -> int:
         pass
     rows, breakdowns = [], []
     for name in args.configs:
-        more_rows, more_breakdowns = run_config(name, args, device, peaks)
+        more_rows, more_breakdowns = run_config(name, args, device, peaks, matmul_tflops)
         rows += more_rows
         breakdowns += more_breakdowns
-    print_tables(rows, breakdowns, peaks, meta)
+    meta["matmul_tflops_by_threads"] = {str(t): r for t, r in sorted(matmul_tflops.items())}
+    print_tables(rows, breakdowns, peaks, matmul_tflops, meta)
     if args.json:
         meta["decode_breakdown"] = [dataclasses.asdict(b) for b in breakdowns]
         benchmark.write_json(args.json, rows, meta)

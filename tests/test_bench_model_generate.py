@@ -4,6 +4,7 @@ the greedy tokens, the parameter count matches the model, and the JSON holds row
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -17,6 +18,18 @@ def _load():
 def test_parameter_count_of_the_100m_config():
     bench = _load()
     assert 90e6 < bench.parameter_count(bench.LLAMA_100M) < 130e6
+
+
+def test_prefill_bound_counts_the_lm_head_for_the_last_token_only():
+    bench = _load()
+    config = bench.LLAMA_100M
+    n, c = 100, config
+    kv = c.n_kv_heads * c.head_dim
+    per_layer = c.dim * (c.n_heads * c.head_dim) * 2 + c.dim * kv * 2 + 3 * c.dim * c.ffn_dim
+    attention = 4 * c.n_layers * c.n_heads * c.head_dim * (n * (n + 1) // 2)
+    flops = n * 2 * c.n_layers * per_layer + attention + 2 * c.vocab_size * c.dim
+    tflops = 0.5
+    assert bench.prefill_bound(config, torch.float32, n, tflops) == pytest.approx(tflops * 1e12 * n / flops)
 
 
 def test_tiny_run_agrees_with_transformers_and_writes_json(tmp_path):
@@ -34,6 +47,8 @@ def test_tiny_run_agrees_with_transformers_and_writes_json(tmp_path):
     assert [r["agree"] for r in rows] == [None, "yes", None, "yes"]
     assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
     assert all(0 < r["of_bound"] and r["decode_bound_tok_s"] > 0 for r in rows)
+    assert all(0 < r["prefill_of_bound"] and r["prefill_bound_tok_s"] > 0 for r in rows)
+    assert set(data["metadata"]["matmul_tflops_by_threads"]) == {"1"}
     assert data["metadata"]["cpu_isa"] in ("avx512", "avx2", "generic")
     # The decode step's parts: each non-negative, the named parts within the step's time.
     parts = data["metadata"]["decode_breakdown"]
