@@ -271,3 +271,65 @@ def test_info_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["info", str(tmp_path)])
     assert "num_local_experts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, world", [("gqa", 2), ("gqa", 4), ("gqa", 8), ("moe", 2), ("moe", 4), ("tied", 2)])
+def test_tensor_parallel_memory_is_a_ranks_model(name, world):
+    from fmkernels.model import TensorParallel
+
+    config = CONFIGS[name]
+    split = config.stats(dtype="bf16", context=20, batch=3, device=DEVICE).tensor_parallel(world, 50)
+    for rank in range(world):  # every rank holds as much
+        model = Transformer.from_config(config, dtype=torch.bfloat16,
+                                        tensor_parallel=TensorParallel.plan(config, rank, world))
+        assert split.weight_bytes == sum(p.numel() * p.element_size() for p in model.parameters())
+        cache = model.new_cache("contiguous", batch=3, max_seq_len=20)
+        assert split.kv_bytes == sum(t.numel() * t.element_size() for t in [*cache.k, *cache.v])
+    assert (split.n_heads, split.n_kv_heads) == (model.tensor_parallel.n_heads, model.tensor_parallel.n_kv_heads)
+    assert split.kv_replicated == (config.n_kv_heads < world)
+    # Two all-reduces a layer of dim bf16 values; a ring sends 2 (N - 1) / N of them per rank.
+    assert split.all_reduce_bytes_per_token == math.ceil(2 * config.n_layers * 2 * (world - 1) / world * config.dim * 2)
+
+
+def test_tensor_parallel_roofline_by_hand():
+    # GQA (8 heads, 2 KV heads, head_dim 8, ffn 96, 2 layers) over 2 ranks, bf16, batch 3 at 20 tokens.
+    split = GQA.stats(dtype="bf16", context=20, batch=3, device=DEVICE).tensor_parallel(2, 50)
+    attention = 2 * (2 * 64 * 4 * 8 + 2 * 64 * 1 * 8)  # q, o: 4 heads; k, v: 1 KV head; 2 layers
+    mlp = 2 * 3 * 64 * 48
+    norms, head = 5 * 64, 300 * 64
+    assert split.step_weight_bytes == 2 * (attention + mlp + norms + head)
+    kv = 3 * 20 * 2 * 2 * 1 * 8 * 2  # batch x context x (k, v) x layers x KV heads x head_dim x 2 bytes
+    assert split.kv_bytes == kv
+    assert split.memory_time_s == pytest.approx((split.step_weight_bytes + kv) / 1000e9)
+    flops = 3 * (2 * (attention + mlp + head) + 4 * 2 * 4 * 8 * 20)
+    assert split.compute_time_s == pytest.approx(flops / 100e12)
+    assert split.communication_time_s == pytest.approx(3 * 2 * 2 * 2 * 0.5 * 64 * 2 / 50e9)
+    assert split.tokens_per_s == pytest.approx(3 / (max(split.memory_time_s, split.compute_time_s)
+                                                    + split.communication_time_s))
+
+
+def test_tensor_parallel_checks_its_arguments():
+    stats = GQA.stats(device=DEVICE)
+    with pytest.raises(ValueError, match="interconnect bandwidth is needed"):
+        stats.tensor_parallel(2)
+    with pytest.raises(ValueError, match="interconnect_gb_s"):
+        stats.tensor_parallel(2, -1.0)
+    with pytest.raises(ValueError, match="not divisible by the world size 3"):
+        stats.tensor_parallel(3, 50)
+    assert GQA.stats(device="h100").tensor_parallel(2).interconnect_gb_s == 450
+
+
+def test_info_tp(capsys):
+    out = _run_info(capsys, "llama-3-70b", "--tp", "8")
+    assert "tensor parallel over 8 x h100" in out and "8 / 1" in out
+    report = json.loads(_run_info(capsys, "mixtral-8x7b", "--tp", "4", "--json"))
+    assert report["tensor_parallel"]["world"] == 4 and report["tensor_parallel"]["interconnect_gb_s"] == 450
+    with pytest.raises(SystemExit):
+        cli.main(["info", "tiny", "--tp", "3"])
+    assert "n_heads=4 is not divisible" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["info", "tiny", "--tp", "2", "--device", "100,10"])
+    assert "needs --interconnect" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["info", "tiny", "--interconnect", "5"])
+    assert "--interconnect goes with --tp" in capsys.readouterr().err

@@ -288,6 +288,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="the roofline table's batch sizes (default 1,4,16,64,256)")
     info.add_argument("--contexts", type=_integer_list, metavar="N,N,...",
                       help="the roofline table's contexts (default 1k, 4k, 16k, ... up to max_seq_len, and --context)")
+    info.add_argument("--tp", type=_integer_at_least(1), default=1, metavar="N",
+                      help="tensor parallelism over N devices: weights and KV cache per device, and the decode "
+                      "bound with the all-reduces (default 1)")
+    info.add_argument("--interconnect", type=_number_in(0.0, math.inf, low_open=True), metavar="GBPS",
+                      help="with --tp: the interconnect's GB/s per device per direction (default: the named "
+                      "device's NVLink; needed for a custom --device)")
     info.add_argument("--json", action="store_true", help="print the figures as JSON (keys: README)")
     info.set_defaults(handler=_info)
     return parser
@@ -295,10 +301,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def _device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> torch.device:
     if args.device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU on this machine")
-    return torch.device(args.device)
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and _tensor_parallel():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per torchrun process
+        torch.cuda.set_device(device)
+    return device
+
+
+def _tensor_parallel() -> bool:
+    """Under torchrun with more than one process: the model is split over them."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _load_user_function(spec: str, parser: argparse.ArgumentParser):
@@ -591,7 +607,8 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, devic
     gguf = os.path.isfile(args.model) and args.model.endswith(".gguf")
     if os.path.isdir(args.model) or gguf:
         try:
-            model = Transformer.from_pretrained(args.model, dtype=dtype, device=device, backend=args.backend)
+            model = Transformer.from_pretrained(args.model, dtype=dtype, device=device, backend=args.backend,
+                                                tensor_parallel=_tensor_parallel())
         except (OSError, ValueError) as exc:
             parser.error(f"--model {args.model}: {exc}")
         except ImportError as exc:
@@ -613,7 +630,8 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, devic
     config = ModelConfig.from_name(args.model)
     if config.vocab_size < ByteTokenizer.vocab_size:
         parser.error(f"--model {args.model}: its vocabulary is too small for the byte-level tokenizer")
-    model = Transformer.from_config(config, seed=0, dtype=dtype or torch.float32, device=device, backend=args.backend)
+    model = Transformer.from_config(config, seed=0, dtype=dtype or torch.float32, device=device, backend=args.backend,
+                                    tensor_parallel=_tensor_parallel())
     err.print(f"{args.model}: random weights (seed 0) and a byte-level tokenizer; the output is noise",
               style="yellow")
     return model, ByteTokenizer()
@@ -645,7 +663,7 @@ def _constraint(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 
 def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .model import StreamDecoder
+    from .model import StreamDecoder, parallel
 
     constraint = _constraint(args, parser)
     device = _device(args, parser)
@@ -668,7 +686,9 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if not prompt:
             parser.error("--prompt: the prompt encodes to no tokens")
         request["prompts"] = [prompt]
-    out = sys.stdout
+    # Under torchrun every rank computes the same tokens; rank 0 prints them.
+    first = parallel.is_first_rank(model)
+    out = sys.stdout if first else open(os.devnull, "w")
     stream = StreamDecoder(tokenizer, prompt)
     # Text that a stop string could still claim (its last len - 1 characters) waits; a stop
     # string found is never printed (generate cuts it from its text in the same way).
@@ -705,6 +725,13 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     new = len(result.tokens[0])
     prefill_s = state["first"] - start
     decode_s = end - state["first"]
+    if model.tensor_parallel is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if not first:
+        out.close()
+        return 0
     console = _console()
     console.print(f"prefill: {len(prompt)} tokens in {prefill_s * 1e3:.1f} ms, "
                   f"{len(prompt) / prefill_s:.1f} tokens/s")
@@ -764,10 +791,18 @@ def _info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             dtype=args.dtype, kv_dtype=args.kv_dtype, context=args.context, batch=args.batch, device=args.device,
             train_tokens=args.train_tokens, table_batches=args.batches, table_contexts=args.contexts,
         )
+        split = stats.tensor_parallel(args.tp, args.interconnect) if args.tp > 1 else None
     except ValueError as exc:
-        parser.error(str(exc))
+        if "interconnect" in str(exc):
+            parser.error(f"--tp {args.tp} on --device {args.device} needs --interconnect GBPS: {exc}")
+        parser.error(f"--tp {args.tp}: {exc}" if args.tp > 1 else str(exc))
+    if args.interconnect is not None and split is None:
+        parser.error("--interconnect goes with --tp N (N > 1)")
     if args.json:
-        print(json.dumps({"model": args.model, **stats.as_dict()}, indent=2))
+        figures = {"model": args.model, **stats.as_dict()}
+        if split is not None:
+            figures["tensor_parallel"] = split.as_dict()
+        print(json.dumps(figures, indent=2))
         return 0
 
     console = _console()
@@ -838,6 +873,25 @@ def _info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if decode.fits is False:
         bounds.add_row("[yellow]weights + KV cache exceed the device's memory[/yellow]", "")
     console.print(bounds)
+
+    if split is not None:
+        kv_note = " (each rank one, replicated)" if split.kv_replicated else ""
+        parallel = Table(title=f"tensor parallel over {split.world} x {device.name}, interconnect "
+                         f"{split.interconnect_gb_s:g} GB/s per device per direction")
+        parallel.add_column("what")
+        parallel.add_column("per device", justify="right")
+        parallel.add_row("heads / KV heads", f"{split.n_heads} / {split.n_kv_heads}{kv_note}")
+        parallel.add_row(f"weights ({stats.dtype})", _bytes_text(split.weight_bytes))
+        parallel.add_row(f"KV cache, {stats.context:,} tokens x batch {stats.batch}", _bytes_text(split.kv_bytes))
+        parallel.add_row("decode step reads", f"{_bytes_text(split.step_weight_bytes)} weights + "
+                         f"{_bytes_text(split.kv_bytes)} KV")
+        parallel.add_row("all-reduce bytes sent per token (2 a layer)", _bytes_text(split.all_reduce_bytes_per_token))
+        parallel.add_row("  memory / compute / all-reduce time",
+                         f"{_seconds_text(split.memory_time_s)} / {_seconds_text(split.compute_time_s)} / "
+                         f"{_seconds_text(split.communication_time_s)}")
+        parallel.add_row("  decode tokens/s (vs 1 device)",
+                         f"{split.tokens_per_s:,.1f} ({split.tokens_per_s / decode.tokens_per_s:.2f}x)")
+        console.print(parallel)
 
     rows = stats.table()
     table = Table(title="decode tokens/s bound (whole batch); * compute-bound, oom: weights + KV exceed memory")

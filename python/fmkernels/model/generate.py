@@ -236,6 +236,8 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
     cache = model.new_cache(kv_cache, batch=batch, max_seq_len=needed, block_size=block_size)
     if seed is None:
         seed = int(torch.randint(0, 2**62 - batch, ()))
+        if getattr(model, "tensor_parallel", None) is not None:
+            seed = model.tensor_parallel.same_on_every_rank(seed)  # every rank draws the same tokens
     seeds = torch.arange(batch, dtype=torch.int64) + seed
 
     if tokenizer is not None:

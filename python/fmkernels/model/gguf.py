@@ -253,18 +253,27 @@ class _Source(NamedTuple):
     head_dim: int  # > 0: llama.cpp's rotary-permuted Q/K rows
 
 
-def load_gguf(cls, path, *, dtype: Optional[torch.dtype], device, backend: str):
-    """A Transformer with a GGUF file's configuration and weights (see ``Transformer.from_pretrained``)."""
+def load_gguf(cls, path, *, dtype: Optional[torch.dtype], device, backend: str, tensor_parallel=False):
+    """A Transformer with a GGUF file's configuration and weights (see ``Transformer.from_pretrained``);
+    with ``tensor_parallel``, this rank's share (``fmkernels.model.parallel``)."""
     from gguf.quants import dequantize
 
-    from .loading import materialize
+    from .loading import materialize, meta_model
+    from .parallel import resolve
 
     model, sources, default_dtype = _plan(cls, path, backend)
+    config = model.config
+    plan = resolve(tensor_parallel, config, device)
+    rows = {name: param.shape[0] if param.dim() > 1 else 1 for name, param in model.named_parameters()}
+    if plan is not None:
+        model = meta_model(cls, config, backend=backend, tensor_parallel=plan)
     model = materialize(model, dtype=dtype or default_dtype, device=device)
     params = dict(model.named_parameters())
     with torch.no_grad(), open(path, "rb") as f:
         for source in sources:
-            _copy_rows(f, source, [params[name] for name in source.params], dequantize)
+            slices = [None if plan is None else plan.slice_of(name, config.head_dim) for name in source.params]
+            _copy_rows(f, source, [params[name] for name in source.params], dequantize,
+                       [rows[name] for name in source.params], slices)
     return model.eval()
 
 
@@ -360,17 +369,25 @@ def _dequantizes(kind) -> bool:
     return True
 
 
-def _copy_rows(f, source: _Source, params: List[torch.nn.Parameter], dequantize) -> None:
-    """Dequantizes a tensor a slab of rows at a time into ``params`` (its rows, in order);
-    the slabs of a permuted Q/K hold whole heads."""
+def _copy_rows(f, source: _Source, params: List[torch.nn.Parameter], dequantize, full_rows: List[int],
+               slices: List[Optional[Tuple[int, int, int]]]) -> None:
+    """Dequantizes a tensor a slab of rows at a time into ``params`` (its rows, in order: each
+    param ``full_rows[i]`` rows of the tensor); the slabs of a permuted Q/K hold whole heads.
+    ``slices[i]`` (dim, start, stop), a tensor-parallel rank's share of param i: rows
+    (dim 0) read only those rows; columns (dim 1) read every row and keep those columns."""
     cols, row_bytes, head_dim = source.cols, source.row_bytes, source.head_dim
     group = head_dim or 1
     step = max(1, _SLAB_ELEMENTS // cols // group) * group
     row = 0
-    for param in params:
-        dest = param.view(-1, cols)  # [rows, cols]; a norm is one row
-        for start in range(0, dest.shape[0], step):
-            n = min(step, dest.shape[0] - start)
+    for param, rows, where in zip(params, full_rows, slices):
+        first, last, keep = 0, rows, slice(None)
+        if where is not None and where[0] == 0:
+            first, last = where[1], where[2]  # whole heads of a permuted Q/K: the slice is per head
+        elif where is not None:
+            keep = slice(where[1], where[2])
+        dest = param.view(last - first, -1)  # [rows, cols]; a norm is one row
+        for start in range(first, last, step):
+            n = min(step, last - start)
             raw = bytearray(n * row_bytes)
             f.seek(source.offset + (row + start) * row_bytes)
             if f.readinto(raw) != len(raw):
@@ -380,8 +397,8 @@ def _copy_rows(f, source: _Source, params: List[torch.nn.Parameter], dequantize)
             if head_dim:
                 # rows (head, D/2, 2) -> (head, 2, D/2): each head's two rotary halves back in HF's order
                 values = values.view(n // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(n, cols)
-            dest[start:start + n].copy_(values)
-        row += dest.shape[0]
+            dest[start - first:start - first + n].copy_(values[:, keep])
+        row += rows
 
 
 # --- tokenizer -------------------------------------------------------------------------------

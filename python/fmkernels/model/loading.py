@@ -10,6 +10,7 @@ from typing import Dict, Optional
 import torch
 
 from .config import ModelConfig
+from .parallel import resolve
 from .transformer import rope_frequencies
 
 _INDEX = "model.safetensors.index.json"
@@ -49,11 +50,11 @@ def _shards(path: str) -> Dict[str, str]:
         return {name: single for name in f.keys()}
 
 
-def meta_model(cls, config: ModelConfig, *, backend: str):
-    """The model with parameters on the meta device (shapes only), for checking a checkpoint
-    before any memory is allocated."""
+def meta_model(cls, config: ModelConfig, *, backend: str, tensor_parallel=None):
+    """The model (a tensor-parallel rank's share, with ``tensor_parallel``) with parameters on
+    the meta device (shapes only), for checking a checkpoint before any memory is allocated."""
     with torch.device("meta"):
-        model = cls(config, backend=backend)
+        model = cls(config, backend=backend, tensor_parallel=tensor_parallel)
     model._inv_freq = rope_frequencies(config)
     return model
 
@@ -66,18 +67,20 @@ def materialize(model, *, dtype: torch.dtype, device):
     return model
 
 
-def load_pretrained(cls, path, *, dtype: Optional[torch.dtype], device, backend: str):
+def load_pretrained(cls, path, *, dtype: Optional[torch.dtype], device, backend: str, tensor_parallel=False):
     path = os.fspath(path)
     if os.path.isfile(path):
         from .gguf import load_gguf
 
-        return load_gguf(cls, path, dtype=dtype, device=device, backend=backend)
+        return load_gguf(cls, path, dtype=dtype, device=device, backend=backend, tensor_parallel=tensor_parallel)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory or GGUF file {path} does not exist")
     config = ModelConfig.from_hf_config(path)
     files = _shards(path)
     from safetensors import safe_open
 
+    plan = resolve(tensor_parallel, config, device)
+    # The whole model's shapes are the checkpoint's; a tensor-parallel rank holds slices of them.
     model = meta_model(cls, config, backend=backend)
     expected = {_hf_name(name): param for name, param in model.named_parameters()}
     missing = sorted(name for name in expected if name not in files)
@@ -99,12 +102,21 @@ def load_pretrained(cls, path, *, dtype: Optional[torch.dtype], device, backend:
                     raise ValueError(f"checkpoint tensor {name!r} has shape {shape}, the config expects {want}")
                 if dtype is None and name == _hf_name("embed_tokens.weight"):
                     dtype = _DTYPES.get(header.get_dtype(), torch.float32)
+    if plan is not None:
+        model = meta_model(cls, config, backend=backend, tensor_parallel=plan)
     model = materialize(model, dtype=dtype or torch.float32, device=device)
     params = dict(model.named_parameters())
-    with torch.no_grad():  # one tensor in host memory at a time beside the model
+    with torch.no_grad():  # one tensor (a rank's slice of one) in host memory at a time beside the model
         for shard, names in sorted(by_shard.items()):
             with safe_open(shard, framework="pt") as f:
                 for name in names:
-                    params[_our_name(name)].copy_(f.get_tensor(name))
+                    ours = _our_name(name)
+                    where = None if plan is None else plan.slice_of(ours, config.head_dim)
+                    if where is None:
+                        params[ours].copy_(f.get_tensor(name))
+                    else:
+                        dim, start, stop = where
+                        part = f.get_slice(name)
+                        params[ours].copy_(part[start:stop] if dim == 0 else part[:, start:stop])
     return model.eval()
 

@@ -29,6 +29,16 @@ prompt attends causally: token i sees i + 1 keys, context * (context + 1) / 2 in
 Training costs about 6 FLOPs per active parameter per token (forward 2, backward 4); the
 compute-optimal budget of the Chinchilla rule is about 20 tokens per parameter (fit on
 dense models; here applied to the total count).
+
+Tensor parallelism over N ranks (``ModelStats.tensor_parallel``, the split of
+``fmkernels.model.parallel``): each rank holds its query heads, its KV heads (or one
+replicated KV head where N exceeds them), 1/N of the MLP and of every expert, and the
+embedding, norms, router and LM head whole; its KV cache holds its KV heads. A decode step
+on a rank reads its weights and KV cache and computes its share (the LM head whole), then
+two all-reduces a layer sum batch x dim activations (2 bytes each, 4 in fp32): a ring
+all-reduce sends 2 (N - 1) / N of them per rank. The step takes at least the larger of the
+memory and compute times plus the all-reduce time at the interconnect's bandwidth per
+direction (no overlap, latency not counted).
 """
 
 from __future__ import annotations
@@ -97,6 +107,10 @@ DEVICES: Dict[str, DeviceSpec] = {
     "h100": DeviceSpec("h100", memory_bandwidth_gb_s=3350, tflops=989, memory_gb=80),
     "h200": DeviceSpec("h200", memory_bandwidth_gb_s=4800, tflops=989, memory_gb=141),
 }
+
+#: NVLink bandwidth per GPU per direction (GB/s) of the named devices: the default
+#: interconnect for ``ModelStats.tensor_parallel``.
+INTERCONNECT_GB_S: Dict[str, float] = {"a100": 300, "h100": 450, "h200": 450}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +203,47 @@ class DecodeBound:
             "memory_time_s": self.memory_time_s, "compute_time_s": self.compute_time_s,
             "tokens_per_s": self.tokens_per_s, "tokens_per_s_per_sequence": self.tokens_per_s / self.batch,
             "bound": self.bound, "memory_bytes": self.memory_bytes, "fits_in_memory": self.fits,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallelBound:
+    """A decode step split over ``world`` ranks: what each rank holds and reads, and the
+    roofline with the all-reduces (see the module's docstring)."""
+
+    world: int
+    interconnect_gb_s: float
+    n_heads: int  # query heads per rank
+    n_kv_heads: int  # KV heads per rank
+    kv_replicated: bool  # fewer KV heads than ranks: each rank holds one, shared
+    weight_bytes: int  # weights held per rank
+    kv_bytes: int  # KV cache held per rank (batch x context)
+    step_weight_bytes: int  # weights one decode step reads per rank
+    all_reduce_bytes_per_token: int  # activation bytes a rank sends per generated token
+    batch: int
+    context: int
+    memory_time_s: float
+    compute_time_s: float
+    communication_time_s: float
+
+    @property
+    def step_time_s(self) -> float:
+        return max(self.memory_time_s, self.compute_time_s) + self.communication_time_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch / self.step_time_s
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "world": self.world, "interconnect_gb_s": self.interconnect_gb_s, "n_heads_per_rank": self.n_heads,
+            "n_kv_heads_per_rank": self.n_kv_heads, "kv_heads_replicated": self.kv_replicated,
+            "weight_bytes_per_rank": self.weight_bytes, "kv_bytes_per_rank": self.kv_bytes,
+            "decode_weight_bytes_per_rank": self.step_weight_bytes,
+            "all_reduce_bytes_per_token": self.all_reduce_bytes_per_token, "batch": self.batch,
+            "context": self.context, "memory_time_s": self.memory_time_s, "compute_time_s": self.compute_time_s,
+            "communication_time_s": self.communication_time_s, "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
         }
 
 
@@ -293,6 +348,48 @@ class ModelStats:
         """Prompt tokens per second at most: the device's matmul rate over the FLOPs per
         prompt token (a ``context``-token prompt)."""
         return self.device.tflops * 1e12 * self.context / self.prefill_flops
+
+    def tensor_parallel(self, world: int, interconnect_gb_s: Optional[float] = None) -> TensorParallelBound:
+        """The decode step at this batch and context split over ``world`` ranks, each a
+        ``self.device``, joined at ``interconnect_gb_s`` per rank per direction (default: the
+        named device's NVLink; required for a custom device). ValueError where the model does
+        not split over ``world`` (``TensorParallel.plan``'s rules)."""
+        from .parallel import TensorParallel
+
+        world = _positive_int("world", world)
+        if interconnect_gb_s is None:
+            if self.device.name not in INTERCONNECT_GB_S:
+                raise ValueError(f"the interconnect bandwidth is needed for device {self.device.name!r} "
+                                 f"(known for {', '.join(sorted(INTERCONNECT_GB_S))})")
+            interconnect_gb_s = INTERCONNECT_GB_S[self.device.name]
+        if isinstance(interconnect_gb_s, bool) or not isinstance(interconnect_gb_s, (int, float)) \
+                or not 0 < interconnect_gb_s < math.inf:
+            raise ValueError(f"interconnect_gb_s must be a positive finite number, got {interconnect_gb_s!r}")
+        c, p = self.config, self.params
+        plan = TensorParallel.plan(c, 0, world)
+        attention = c.n_layers * (2 * c.dim * plan.n_heads * c.head_dim + 2 * c.dim * plan.n_kv_heads * c.head_dim)
+        per_expert = 3 * c.dim * plan.ffn_dim * c.n_layers
+        experts = max(c.n_experts, 1)
+        whole = p.embedding + p.router + p.norms + p.lm_head
+        weights = _bytes(whole + attention + experts * per_expert, self.dtype)
+        head = p.embedding if c.tie_embeddings else p.lm_head
+        touched = (_expected_experts_touched(c.n_experts, c.experts_per_token, self.batch) if c.n_experts else 1)
+        step_weights = _bytes(attention + p.router + p.norms + head + touched * per_expert, self.dtype)
+        kv = self.kv_bytes() * plan.n_kv_heads // c.n_kv_heads
+        routed = c.experts_per_token if c.n_experts else 1
+        matmuls = attention + p.router + c.vocab_size * c.dim + routed * per_expert
+        attention_flops = self.attention_flops_per_token() * plan.n_heads // c.n_heads
+        flops = self.batch * (2 * matmuls + attention_flops)
+        activation = 4 if self.dtype == "fp32" else 2
+        per_token = math.ceil(2 * c.n_layers * 2 * (world - 1) / world * c.dim * activation)
+        return TensorParallelBound(
+            world=world, interconnect_gb_s=float(interconnect_gb_s), n_heads=plan.n_heads,
+            n_kv_heads=plan.n_kv_heads, kv_replicated=c.n_kv_heads % world != 0, weight_bytes=weights,
+            kv_bytes=kv, step_weight_bytes=step_weights, all_reduce_bytes_per_token=per_token, batch=self.batch,
+            context=self.context, memory_time_s=(step_weights + kv) / (self.device.memory_bandwidth_gb_s * 1e9),
+            compute_time_s=flops / (self.device.tflops * 1e12),
+            communication_time_s=self.batch * per_token / (interconnect_gb_s * 1e9),
+        )
 
     def table(self) -> Sequence[DecodeBound]:
         return [self.decode(b, n) for n in self.table_contexts for b in self.table_batches]

@@ -24,6 +24,7 @@ from torch import nn
 from .. import ops
 from ..ops._cpu import MAX_LINEAR_ROWS
 from .config import ModelConfig
+from .parallel import TensorParallel, resolve, take
 
 
 class RMSNorm(nn.Module):
@@ -94,14 +95,20 @@ def project(layer: nn.Linear, x: torch.Tensor, backend: str) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, index: int):
+    """Multi-head attention with GQA; under tensor parallelism, the rank's heads only (its
+    output is then a partial sum the Block all-reduces)."""
+
+    def __init__(self, config: ModelConfig, index: int, tensor_parallel: Optional[TensorParallel] = None):
         super().__init__()
         self.index = index
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        tp = tensor_parallel
+        self.n_heads = config.n_heads if tp is None else tp.n_heads
+        self.n_kv_heads = config.n_kv_heads if tp is None else tp.n_kv_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, backend: str, cache=None, slots=None, seqlens=None, block_table=None,
                 cu_seqlens=None, prompt_rows=None):
@@ -137,12 +144,14 @@ class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), under the checkpoint's names: Llama's gate_proj, up_proj,
     down_proj, or a Mixtral expert's w1, w3, w2."""
 
-    def __init__(self, config: ModelConfig, gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj"):
+    def __init__(self, config: ModelConfig, gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj",
+                 ffn_dim: Optional[int] = None):
         super().__init__()
         self._names = (gate, up, down)
-        setattr(self, gate, nn.Linear(config.dim, config.ffn_dim, bias=False))
-        setattr(self, up, nn.Linear(config.dim, config.ffn_dim, bias=False))
-        setattr(self, down, nn.Linear(config.ffn_dim, config.dim, bias=False))
+        ffn_dim = config.ffn_dim if ffn_dim is None else ffn_dim  # a tensor-parallel rank's share
+        setattr(self, gate, nn.Linear(config.dim, ffn_dim, bias=False))
+        setattr(self, up, nn.Linear(config.dim, ffn_dim, bias=False))
+        setattr(self, down, nn.Linear(ffn_dim, config.dim, bias=False))
 
     def forward(self, x, backend: str = "reference"):
         gate, up, down = (getattr(self, name) for name in self._names)
@@ -154,11 +163,11 @@ class SparseMoE(nn.Module):
     """Mixtral's block: router softmax over all experts (fp32), top-k, the k weights
     renormalised to sum to 1, each token the weighted sum of its experts' outputs."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, ffn_dim: Optional[int] = None):
         super().__init__()
         self.top_k = config.experts_per_token
         self.gate = nn.Linear(config.dim, config.n_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(config, "w1", "w3", "w2") for _ in range(config.n_experts))
+        self.experts = nn.ModuleList(SwiGLU(config, "w1", "w3", "w2", ffn_dim) for _ in range(config.n_experts))
 
     def forward(self, x, backend: str = "reference"):
         tokens = x.reshape(-1, x.shape[-1])  # [T, E]
@@ -174,20 +183,31 @@ class SparseMoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, index: int):
+    """A decoder layer; under tensor parallelism, the rank's share, with the attention's and
+    the MLP's partial outputs summed over the ranks (two all-reduces)."""
+
+    def __init__(self, config: ModelConfig, index: int, tensor_parallel: Optional[TensorParallel] = None):
         super().__init__()
+        self.tensor_parallel = tensor_parallel
+        ffn_dim = None if tensor_parallel is None else tensor_parallel.ffn_dim
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.self_attn = Attention(config, index)
+        self.self_attn = Attention(config, index, tensor_parallel)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         if config.n_experts:
-            self.block_sparse_moe = SparseMoE(config)
+            self.block_sparse_moe = SparseMoE(config, ffn_dim)
         else:
-            self.mlp = SwiGLU(config)
+            self.mlp = SwiGLU(config, ffn_dim=ffn_dim)
 
     def forward(self, x, cos, sin, backend, **cache_args):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, **cache_args)
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, backend, **cache_args)
+        if self.tensor_parallel is not None:
+            attended = self.tensor_parallel.all_reduce(attended)
+        x = x + attended
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
-        return x + ffn(self.post_attention_layernorm(x), backend)
+        out = ffn(self.post_attention_layernorm(x), backend)
+        if self.tensor_parallel is not None:
+            out = self.tensor_parallel.all_reduce(out)
+        return x + out
 
 
 class Transformer(nn.Module):
@@ -201,14 +221,19 @@ class Transformer(nn.Module):
     ``prefill(prompts, cache=...)`` runs a ragged batch of prompts into empty slots in one
     packed forward and returns the logits after each prompt's last token only.
     ``backend`` is passed to every op ("auto", "reference", "cpu", "triton", "cuda", ...).
+    With ``tensor_parallel`` (a ``fmkernels.model.parallel.TensorParallel``), the model is one
+    rank's share of a split over torch.distributed (see that module); ``config`` stays the
+    whole model's.
     """
 
-    def __init__(self, config: ModelConfig, *, backend: str = "auto"):
+    def __init__(self, config: ModelConfig, *, backend: str = "auto",
+                 tensor_parallel: Optional[TensorParallel] = None):
         super().__init__()
         self.config = config
         self.backend = backend
+        self.tensor_parallel = tensor_parallel
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i, tensor_parallel) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -342,20 +367,24 @@ class Transformer(nn.Module):
         c = self.config
         max_seq_len = c.max_seq_len if max_seq_len is None else max_seq_len
         common = dict(dtype=self.dtype, device=self.device)
+        kv_heads = c.n_kv_heads if self.tensor_parallel is None else self.tensor_parallel.n_kv_heads
         if kind == "contiguous":
-            return ContiguousKVCache(c.n_layers, batch, max_seq_len, c.n_kv_heads, c.head_dim, **common)
+            return ContiguousKVCache(c.n_layers, batch, max_seq_len, kv_heads, c.head_dim, **common)
         if kind == "paged":
             if num_blocks is None:
                 num_blocks = batch * -(-max_seq_len // block_size)
-            return PagedKVCache(c.n_layers, num_blocks, block_size, c.n_kv_heads, c.head_dim,
+            return PagedKVCache(c.n_layers, num_blocks, block_size, kv_heads, c.head_dim,
                                 max_seq_len=max_seq_len, **common)
         raise ValueError(f"kv_cache must be 'contiguous' or 'paged', got {kind!r}")
 
     @classmethod
     def from_config(cls, config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    device="cpu", backend: str = "auto") -> "Transformer":
+                    device="cpu", backend: str = "auto", tensor_parallel=False) -> "Transformer":
         """Random weights, the same for the same seed: linear weights N(0, 1/fan_in), embeddings
-        N(0, 1), norms N(1, 0.1), so activations stay O(1) and logits are far from uniform."""
+        N(0, 1), norms N(1, 0.1), so activations stay O(1) and logits are far from uniform.
+
+        ``tensor_parallel`` (as ``from_pretrained``'s): this rank's slices of those same weights."""
+        plan = resolve(tensor_parallel, config, device)
         model = cls(config, backend=backend)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -366,11 +395,17 @@ class Transformer(nn.Module):
                     param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[1]))
                 else:
                     param.copy_(torch.randn(param.shape, generator=generator))
+        if plan is not None:
+            whole, model = model, cls(config, backend=backend, tensor_parallel=plan)
+            shares = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, param in whole.named_parameters():
+                    shares[name].copy_(take(param, plan.slice_of(name, config.head_dim)))
         return model.to(device=device, dtype=dtype).eval()
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: Optional[torch.dtype] = None, device=None,
-                        backend: str = "auto") -> "Transformer":
+                        backend: str = "auto", tensor_parallel=False) -> "Transformer":
         """Loads a local checkpoint: a Hugging Face directory or a GGUF file.
 
         Parameters
@@ -389,6 +424,11 @@ class Transformer(nn.Module):
             Where the weights go; default CPU.
         backend : str
             The ops' backend ("auto", "reference", "cpu", "triton", "cuda", ...).
+        tensor_parallel : bool, ProcessGroup or TensorParallel
+            True: this process's share of the model split over torch.distributed's default
+            group (initialised from torchrun's environment when it is not yet: gloo on a CPU
+            machine, NCCL with GPUs), reading only its slices of the checkpoint; a ProcessGroup:
+            split over that group. See ``fmkernels.model.parallel``.
 
         Returns
         -------
@@ -402,7 +442,8 @@ class Transformer(nn.Module):
         """
         from .loading import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend)
+        return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend,
+                               tensor_parallel=tensor_parallel)
 
     def generate(self, prompts=None, *, max_new_tokens: int, **options):
         """Generates up to ``max_new_tokens`` tokens after each prompt (or, with ``messages=``, each

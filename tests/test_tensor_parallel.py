@@ -1,0 +1,202 @@
+"""Tensor parallelism over torch.distributed: two CPU processes on the gloo backend, started by
+the test with torchrun's environment and bounded in time, against the single-process model:
+logits within tolerance, greedy and seeded tokens identical (contiguous and paged caches) for
+a dense, a GQA, a replicated-KV and a MoE config and a Hugging Face checkpoint; unseeded
+sampling identical across the ranks. Each rank's share is the exact slice of the whole model's
+weights, from safetensors and from GGUF; a model that does not split raises."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _model_checks import hf_model
+from fmkernels.model import ModelConfig, Transformer
+from fmkernels.model.parallel import TensorParallel, resolve, take
+
+WORKER = os.path.join(os.path.dirname(__file__), "_tensor_parallel_worker.py")
+TIMEOUT_S = 300
+
+COMMON = dict(vocab_size=97, dim=64, n_layers=2, ffn_dim=96, max_seq_len=64)
+CONFIGS = {
+    "dense": dict(COMMON, n_heads=4, n_kv_heads=4),
+    "gqa": dict(COMMON, n_heads=4, n_kv_heads=2),
+    "replicated kv": dict(COMMON, n_heads=4, n_kv_heads=1),
+    "moe": dict(COMMON, n_heads=4, n_kv_heads=2, n_experts=4, experts_per_token=2),
+}
+# Each rank's (query heads, KV heads) over 2 ranks.
+HEADS = {"dense": (2, 2), "gqa": (2, 1), "replicated kv": (2, 1), "moe": (2, 1), "checkpoint": (2, 1)}
+IDS = [[5, 17, 3, 88, 41, 9, 60], [2, 73, 30, 11, 95, 4, 19]]
+PROMPTS = [[5, 17, 3], [2, 73, 30, 11, 95, 4]]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tp_checkpoint")
+    hf_model("llama", seed=4).save_pretrained(path)
+    return str(path)
+
+
+def _run_two_ranks(out, checkpoint, device="cpu"):
+    """What each of two ranks computed: {rank: {case: results}}."""
+    cases = {name: dict(config=config, backend="reference" if name == "dense" else "auto", ids=IDS,
+                        prompts=PROMPTS) for name, config in CONFIGS.items()}
+    cases["checkpoint"] = dict(checkpoint=checkpoint, backend="auto", ids=IDS, prompts=PROMPTS)
+    spec = out / "spec.json"
+    spec.write_text(json.dumps(dict(out=str(out), cases=cases, device=device)))
+    port = str(_port())
+    processes = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+        processes.append(subprocess.Popen([sys.executable, WORKER, str(spec)], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        pytest.fail(f"the two ranks did not finish within {TIMEOUT_S} s")
+    for rank, (process, output) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+    return {rank: torch.load(out / f"rank{rank}.pt") for rank in range(2)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, checkpoint):
+    return _run_two_ranks(tmp_path_factory.mktemp("tp_ranks"), checkpoint)
+
+
+def _single(name, checkpoint):
+    if name == "checkpoint":
+        return Transformer.from_pretrained(checkpoint, backend="auto")
+    return Transformer.from_config(ModelConfig(**CONFIGS[name]), seed=3,
+                                   backend="reference" if name == "dense" else "auto")
+
+
+CASES = [*CONFIGS, "checkpoint"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_equal_the_single_process_model(two_ranks, checkpoint, name):
+    with torch.no_grad():
+        expected = _single(name, checkpoint)(torch.tensor(IDS))
+    for rank in range(2):
+        assert two_ranks[rank][name]["heads"] == HEADS[name]
+        torch.testing.assert_close(two_ranks[rank][name]["logits"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("kind", ["greedy", "sampled"])
+@pytest.mark.parametrize("kv_cache", ["contiguous", "paged"])
+def test_generation_equals_the_single_process_model(two_ranks, checkpoint, name, kind, kv_cache):
+    model = _single(name, checkpoint)
+    options = dict(temperature=0.9, top_p=0.95, seed=11) if kind == "sampled" else {}
+    expected = model.generate(PROMPTS, max_new_tokens=8, kv_cache=kv_cache, ignore_eos=True, **options)
+    for rank in range(2):
+        assert two_ranks[rank][name][f"{kind} {kv_cache}"] == expected
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_unseeded_sampling_is_the_same_on_every_rank(two_ranks, name):
+    assert two_ranks[0][name]["unseeded"] == two_ranks[1][name]["unseeded"]
+
+
+# -- one process: the shares and the plan -------------------------------------------------------
+
+
+def _shares_are_slices(whole, load, config):
+    full = dict(whole.named_parameters())
+    for rank in range(2 if config.n_heads % 2 == 0 else 3):
+        world = 2 if config.n_heads % 2 == 0 else 3
+        plan = TensorParallel.plan(config, rank, world)
+        share = load(plan)
+        assert share.tensor_parallel is plan
+        for name, param in share.named_parameters():
+            assert torch.equal(param, take(full[name], plan.slice_of(name, config.head_dim))), name
+
+
+def test_each_rank_reads_its_slices_of_a_safetensors_checkpoint(checkpoint):
+    whole = Transformer.from_pretrained(checkpoint)
+    _shares_are_slices(whole, lambda plan: Transformer.from_pretrained(checkpoint, tensor_parallel=plan),
+                       whole.config)
+
+
+def test_each_rank_reads_its_slices_of_a_gguf_file(smollm2_gguf):
+    pytest.importorskip("gguf")
+    whole = Transformer.from_pretrained(smollm2_gguf)  # 9 query / 3 KV heads: split over 3 ranks
+    _shares_are_slices(whole, lambda plan: Transformer.from_pretrained(smollm2_gguf, tensor_parallel=plan),
+                       whole.config)
+
+
+def test_the_plan_refuses_a_model_that_does_not_split():
+    config = ModelConfig(**CONFIGS["gqa"])
+    with pytest.raises(ValueError, match="n_heads=4 is not divisible by the world size 3"):
+        TensorParallel.plan(config, 0, 3)
+    with pytest.raises(ValueError, match="ffn_dim=90 is not divisible by the world size 4"):
+        TensorParallel.plan(ModelConfig(**dict(COMMON, ffn_dim=90, n_heads=4, n_kv_heads=4)), 0, 4)
+    with pytest.raises(ValueError, match="n_kv_heads=3 divisible"):
+        TensorParallel.plan(ModelConfig(**dict(COMMON, n_heads=6, n_kv_heads=3, head_dim=16)), 0, 2)
+    with pytest.raises(ValueError, match="rank must be in"):
+        TensorParallel.plan(config, 2, 2)
+    with pytest.raises(TypeError, match="world must be an int"):
+        TensorParallel.plan(config, 0, 2.0)
+    replicated = [TensorParallel.plan(ModelConfig(**CONFIGS["replicated kv"]), rank, 4) for rank in range(4)]
+    assert [(p.n_heads, p.n_kv_heads, p.kv_head_start) for p in replicated] == [(1, 1, 0)] * 4
+
+
+def test_tensor_parallel_needs_torchrun_or_a_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = ModelConfig(**CONFIGS["gqa"])
+    with pytest.raises(ValueError, match="torchrun"):
+        resolve(True, config)
+    with pytest.raises(TypeError, match="tensor_parallel must be"):
+        resolve("yes", config)
+    assert resolve(False, config) is None and resolve(None, config) is None
+
+
+def test_generate_under_torchrun_prints_from_rank_0_only():
+    """``fmkernels generate`` under torchrun --nproc-per-node 2: the text once, the same as one process."""
+    command = ["generate", "--model", "tiny", "--prompt", "The rank", "--max-new-tokens", "12",
+               "--temperature", "0.8", "--seed", "5", "--device", "cpu"]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    single = subprocess.run([sys.executable, "-m", "fmkernels", *command], env=env, capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert single.returncode == 0, single.stderr
+    split = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "fmkernels", *command], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert split.returncode == 0, split.stderr[-4000:]
+    text = single.stdout.splitlines()[0]
+    assert text.startswith("The rank") and len(text) > len("The rank")
+    assert split.stdout.count(text) == 1 and split.stdout.count("prefill:") == 1
+
+
+@pytest.mark.gpu
+def test_two_gpus_with_nccl_equal_one(tmp_path, checkpoint):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs (NCCL tensor parallelism)")
+    ranks = _run_two_ranks(tmp_path, checkpoint, device="cuda")
+    for name in CASES:
+        with torch.no_grad():
+            expected = _single(name, checkpoint).cuda()(torch.tensor(IDS, device="cuda")).cpu()
+        for rank in range(2):
+            torch.testing.assert_close(ranks[rank][name]["logits"], expected, rtol=1e-3, atol=1e-3)
+        assert ranks[0][name]["greedy paged"] == ranks[1][name]["greedy paged"]
+        assert ranks[0][name]["unseeded"] == ranks[1][name]["unseeded"]
