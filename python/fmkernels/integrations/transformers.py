@@ -12,8 +12,9 @@ with transformers' own KV cache:
   transformers' alignment once the cache's keys come first);
 * ``fmkernels.decode_attention`` for new tokens against the cache: ``cache_seqlens`` = the
   keys each row sees where they start at position 0 (no padding, a static cache's unfilled
-  tail); for left-padded rows, the same cache read through a block table of one-position
-  blocks that skips each row's padding (a paged view of transformers' tensor, not a copy);
+  tail); for left-padded rows on the CPU, the same cache read through a block table of
+  one-position blocks that skips each row's padding (a paged view of transformers' tensor, not
+  a copy; on a GPU, where that view has not run yet, the packed path below);
 * ``fmkernels.attention`` on packed sequences (``cu_seqlens``) for a padded prompt: the valid
   queries, keys and values are copied into the packed layout and the output scattered back
   (zero at padded queries).
@@ -192,7 +193,9 @@ class PaddingMask:
         if self.queries_end_runs:
             if all(s == 0 for s in self.key_start):
                 return decode_attention(q, k, v, self._seqlens(q.device), scale=scale, backend=backend)
-            pages = self._runs_as_pages(k) if k.stride() == v.stride() else None
+            # The one-position-block view of the cache has run on the CPU backends only so far;
+            # on a GPU a left-padded cache is packed instead.
+            pages = self._runs_as_pages(k) if k.stride() == v.stride() and k.device.type == "cpu" else None
             if pages is not None:
                 size, stride, table, lengths = pages
                 return decode_attention(q, k.as_strided(size, stride), v.as_strided(size, stride), lengths,
