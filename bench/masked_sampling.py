@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from typing import Dict, List
 
@@ -48,13 +47,9 @@ def _mask(batch: int, vocab: int, density: float, generator: torch.Generator) ->
 
 
 def interleaved_us(functions: Dict[str, object], device, rounds: int) -> Dict[str, float]:
-    """Median µs per call of each function, timed in turn ``rounds`` times (``CALLS_PER_ROUND``
-    calls each), so load from other processes hits every function alike."""
-    times: Dict[str, List[float]] = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            times[name] += benchmark.call_seconds(fn, device, CALLS_PER_ROUND)
-    return {name: statistics.median(spent) * 1e6 for name, spent in times.items()}
+    """Median µs per call of each function, interleaved (``benchmark.interleaved_median_seconds``)."""
+    medians = benchmark.interleaved_median_seconds(functions, device, rounds, CALLS_PER_ROUND)
+    return {name: seconds * 1e6 for name, seconds in medians.items()}
 
 
 def copy_us(allowed: torch.Tensor, device, rounds: int) -> float:

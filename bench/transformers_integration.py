@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-from typing import Dict, List
+from typing import List
 
 import torch
 
@@ -58,37 +57,20 @@ def transformers_warpers(temperature: float, top_k: int, top_p: float, min_p: fl
     return lp.LogitsProcessorList(chain)
 
 
-#: A kept-token difference is a rounding call where the exact (fp64) mass before the token is
-#: this close to top_p, or its probability ratio to the top token this close to min_p: fp32
-#: sums over thousands of tokens differ by about that much with their order.
-CUT_ATOL = 1e-5
+#: A min-p difference is a rounding call where the token's probability ratio to the top
+#: token is this close (relatively) to min_p.
+MIN_P_CUT_RTOL = 1e-5
 
 
-def at_rounding_cut(scores: torch.Tensor, params: dict, row: int, differ: torch.Tensor) -> bool:
-    """Whether every token where the two filters disagree in ``row`` sits at a top-p or min-p
-    cut that fp32 rounding decides."""
-    x = scores[row].double().cpu() / params["temperature"]
-    order = torch.sort(x, descending=True, stable=True).indices
-    ranked = x[order]
-    if params["top_k"]:
-        ranked[params["top_k"]:] = float("-inf")
-    probs = torch.softmax(ranked, dim=0)
-    before = torch.empty_like(probs).scatter_(0, order, torch.cumsum(probs, 0) - probs)
-    tokens = differ.cpu().nonzero().flatten()
-    near = torch.zeros(len(tokens), dtype=torch.bool)
-    if params["top_p"] < 1.0:
-        near |= (before[tokens] - params["top_p"]).abs() <= CUT_ATOL
+def at_rounding_cut(scores: torch.Tensor, params: dict, differ: torch.Tensor) -> bool:
+    """Whether every token where the two filters disagree (``differ``, (batch, vocab)) sits at a
+    cut that fp32 rounding decides: on the top-p boundary (``testing.top_p_boundary``), or at
+    a min-p ratio within ``MIN_P_CUT_RTOL``."""
+    near, scaled = testing.top_p_boundary(dict(logits=scores, **params))
     if params["min_p"]:
-        near |= (torch.exp(x[tokens] - x.max()) / params["min_p"] - 1.0).abs() <= CUT_ATOL
-    return bool(near.all())
-
-
-def interleaved_us(functions: Dict[str, object], device, rounds: int) -> Dict[str, float]:
-    times: Dict[str, List[float]] = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            times[name] += benchmark.call_seconds(fn, device, CALLS_PER_ROUND)
-    return {name: statistics.median(spent) * 1e6 for name, spent in times.items()}
+        ratio = torch.exp(scaled.double() - scaled.double().max(dim=1, keepdim=True).values) / params["min_p"]
+        near |= (ratio - 1.0).abs() <= MIN_P_CUT_RTOL
+    return bool(near[differ].all())
 
 
 def filter_rows(device: str, vocabs: List[int], batches: List[int], rounds: int, backend: str) -> List[dict]:
@@ -107,10 +89,10 @@ def filter_rows(device: str, vocabs: List[int], batches: List[int], rounds: int,
                 differ = kept != torch.isfinite(got)
                 both = kept & torch.isfinite(got)
                 values = bool(torch.allclose(got[both], expected[both], rtol=1e-6, atol=1e-6))
-                at_cut = all(at_rounding_cut(scores, params, int(row), differ[row])
-                             for row in differ.any(1).nonzero().flatten())
-                medians = interleaved_us({"transformers": lambda: theirs(ids, scores.clone()),
-                                          "fmkernels": lambda: ours(ids, scores.clone())}, device, rounds)
+                at_cut = at_rounding_cut(scores, params, differ)
+                medians = {name: seconds * 1e6 for name, seconds in benchmark.interleaved_median_seconds(
+                    {"transformers": lambda: theirs(ids, scores.clone()), "fmkernels": lambda: ours(ids, scores.clone())},
+                    device, rounds, CALLS_PER_ROUND).items()}
                 row = dict(vocab=vocab, batch=batch, parameters=label, backend=backend,
                            transformers_us=medians["transformers"], fmkernels_us=medians["fmkernels"],
                            speedup=medians["transformers"] / medians["fmkernels"],
@@ -151,7 +133,6 @@ def generate_rows(device: str, batches: List[int], prompt_len: int, new_tokens: 
     rows = []
     for batch in batches:
         ids, mask = _left_padded(batch, prompt_len, model.config.vocab_size, device)
-        seconds: Dict[str, List[float]] = {"sdpa": [], name: []}
         tokens = {}
 
         def run(implementation):
@@ -160,12 +141,12 @@ def generate_rows(device: str, batches: List[int], prompt_len: int, new_tokens: 
                 return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                       do_sample=False, pad_token_id=0, eos_token_id=None)
 
-        for implementation in seconds:
+        for implementation in ("sdpa", name):
             tokens[implementation] = run(implementation)  # warm-up
-        for _ in range(repeats):
-            for implementation in seconds:
-                seconds[implementation] += benchmark.call_seconds(lambda: run(implementation), device, 1)
-        sdpa, ours = (statistics.median(seconds[key]) * 1e3 for key in ("sdpa", name))
+        medians = benchmark.interleaved_median_seconds(
+            {implementation: (lambda implementation=implementation: run(implementation)) for implementation in tokens},
+            device, repeats, calls_per_round=1)
+        sdpa, ours = medians["sdpa"] * 1e3, medians[name] * 1e3
         row = dict(model="smollm2", batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, backend=backend,
                    sdpa_ms=sdpa, fmkernels_ms=ours, speedup=sdpa / ours,
                    same_tokens=bool(torch.equal(tokens["sdpa"], tokens[name])))

@@ -17,6 +17,13 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def shown(value) -> str:
+    """A value as an error message names it: a tensor by dtype and shape, anything else by repr."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
     names = [str(d).replace("torch.", "") for d in dtypes]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]

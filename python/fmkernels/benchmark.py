@@ -575,6 +575,17 @@ def median_seconds(fn: Callable[[], Any], device, repeats: int) -> float:
     return statistics.median(call_seconds(fn, device, repeats))
 
 
+def interleaved_median_seconds(functions: Dict[str, Callable[[], Any]], device, rounds: int,
+                               calls_per_round: int = 5) -> Dict[str, float]:
+    """Median seconds per call of each function, timed in turn ``rounds`` times
+    (``calls_per_round`` calls each), so load from other processes hits every function alike."""
+    times: Dict[str, List[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, fn in functions.items():
+            times[name] += call_seconds(fn, device, calls_per_round)
+    return {name: statistics.median(spent) for name, spent in times.items()}
+
+
 # ----------------------------------------------------------------------------
 # A run
 # ----------------------------------------------------------------------------

@@ -32,14 +32,8 @@ _FLASH_PACKED = "(total_tokens, nheads, headdim)"
 _TORCH_LAYOUT = "(batch, heads, seqlen, head_dim) or unbatched (heads, seqlen, head_dim)"
 
 
-def _shown(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
-    return repr(value)
-
-
 def _unsupported(function: str, name: str, value, instead: str) -> ValueError:
-    return ValueError(f"{function}: fmkernels does not support {name}={_shown(value)}; {instead}")
+    return ValueError(f"{function}: fmkernels does not support {name}={check.shown(value)}; {instead}")
 
 
 def _require_no_dropout(function: str, dropout_p) -> None:
@@ -52,7 +46,7 @@ def _require_no_dropout(function: str, dropout_p) -> None:
 def _require_flash_features(function: str, window_size, softcap, alibi_slopes) -> None:
     """Rejects the flash-attn features fmkernels lacks, each at any value but 'off'."""
     if not isinstance(window_size, Sequence) or len(window_size) != 2:
-        raise TypeError(f"window_size must be a pair (left, right), got {_shown(window_size)}")
+        raise TypeError(f"window_size must be a pair (left, right), got {check.shown(window_size)}")
     if tuple(window_size) != (-1, -1):
         raise _unsupported(function, "window_size", tuple(window_size),
                            "only (-1, -1), the unlimited window, is supported (no sliding-window attention)")
@@ -410,7 +404,7 @@ def flash_attn_with_kvcache(
     if num_splits < 0:
         raise ValueError(f"num_splits must be >= 0 (0: automatic), got {num_splits}")
     if (k is None) != (v is None):
-        raise ValueError(f"k and v must be given together, got k={_shown(k)} and v={_shown(v)}")
+        raise ValueError(f"k and v must be given together, got k={check.shown(k)} and v={check.shown(v)}")
     check.require_scale(softmax_scale)
     _require_query(q, k_cache)
     batch, seqlen_q = q.shape[:2]
@@ -423,7 +417,7 @@ def flash_attn_with_kvcache(
     if block_table is not None:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx picks rows of a contiguous cache; with block_table (a paged "
-                             f"cache) give each sequence its blocks instead, got {_shown(cache_batch_idx)}")
+                             f"cache) give each sequence its blocks instead, got {check.shown(cache_batch_idx)}")
         require_block_table(block_table, batch, q.device)
         table = block_table
         capacity = k_cache.shape[1] * block_table.shape[1]

@@ -913,7 +913,7 @@ def _check_filter_logits(impl: registry.Impl, case: Case) -> CheckResult:
     logits = kwargs["logits"]
     expected = reference.filter_logits(**kwargs)
     actual = _call(impl, kwargs, out=torch.full_like(logits, float("nan")))
-    boundary, _ = _top_p_boundary(kwargs)
+    boundary, _ = top_p_boundary(kwargs)
     either_way = boundary & (torch.isneginf(actual) != torch.isneginf(expected))
     compared = torch.where(either_way, expected, actual)
     note = _kept_note(compared, expected) or _nan_note(compared, expected)
@@ -947,9 +947,11 @@ def _filtered_and_gumbel(kwargs: Kwargs) -> Tuple[torch.Tensor, torch.Tensor, to
     return filtered, filtered + noise, noise
 
 
-def _top_p_boundary(kwargs: Kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+def top_p_boundary(kwargs: Kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
     """(boundary, scaled): the tokens on the top-p boundary (``TOP_P_BOUNDARY``) that top-k and
-    min-p keep, (batch, vocab) bool in token order, and the fp32 temperature-scaled logits."""
+    min-p keep, (batch, vocab) bool in token order, and the fp32 temperature-scaled logits, for
+    ``filter_logits``' keyword arguments (``logits`` and the parameters). Where two filters
+    disagree only on such tokens, fp32 rounding, not the rule, decided."""
     logits = _allowed_logits(kwargs)
     batch, vocab = logits.shape
     temperature, top_k, top_p, min_p = reference.filter_parameters(
@@ -1040,7 +1042,7 @@ def _check_sample(impl: registry.Impl, case: Case) -> CheckResult:
         return _verdict([_Measure("logprobs", math.inf, LOGPROB_TOLERANCE, False, _out_of_range(actual.top_ids, vocab))])
     filtered, gumbel, noise = _filtered_and_gumbel(kwargs)
     alternatives = [(filtered, gumbel, expected.tokens if logprobs_asked else expected)]
-    boundary, scaled = _top_p_boundary(kwargs)
+    boundary, scaled = top_p_boundary(kwargs)
     if boundary.any():
         flipped = torch.where(boundary, torch.where(torch.isneginf(filtered), scaled, float("-inf")), filtered)
         flipped_gumbel = flipped + noise

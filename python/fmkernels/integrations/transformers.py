@@ -68,6 +68,7 @@ except ImportError as error:  # transformers missing, or a release before its at
         f" ({error})"
     ) from error
 
+from .. import _validation as check
 from ..ops import attention, decode_attention, filter_logits
 
 __all__ = ["FilterLogits", "PaddingMask", "register", "NAME"]
@@ -321,7 +322,7 @@ def _attention_forward(backend: str):
         if attention_mask is not None:
             raise ValueError(
                 "attn_implementation='fmkernels' takes the masks transformers builds for it from a 2D padding "
-                f"mask; got {_shown(attention_mask)}, a dense mask fmkernels cannot express. Pass a 2D "
+                f"mask; got {check.shown(attention_mask)}, a dense mask fmkernels cannot express. Pass a 2D "
                 "attention_mask, or use attn_implementation='sdpa'."
             )
         causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
@@ -337,12 +338,6 @@ def _attention_forward(backend: str):
 
     fmkernels_attention_forward.backend = backend
     return fmkernels_attention_forward
-
-
-def _shown(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 def register(name: str = NAME, *, backend: str = "auto") -> None:

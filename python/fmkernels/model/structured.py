@@ -20,12 +20,16 @@ with finish reason "length", its output incomplete.
 
 from __future__ import annotations
 
+import abc
 import json
 import weakref
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy
 import torch
+
+from .. import reference
+from ..ops.sampling import first_row_without_allowed, pack_allowed
 
 _INSTALL = "pip install 'fmkernels[structured]'"
 
@@ -38,7 +42,7 @@ def _llguidance():
     return llguidance
 
 
-class Constraint:
+class Constraint(abc.ABC):
     """What a sequence may emit; make one with ``json_schema``, ``json_object``, ``regex``,
     ``grammar`` or ``choices``. ``kind`` names it, ``source`` is what it was made from."""
 
@@ -51,9 +55,9 @@ class Constraint:
         text = repr(self.source)
         return f"{self.kind}({text if len(text) <= 60 else text[:57] + '...'})"
 
+    @abc.abstractmethod
     def compile(self, tokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> "Matcher":
         """A matcher in its initial state (the first generated token comes next)."""
-        raise NotImplementedError
 
 
 class _GrammarConstraint(Constraint):
@@ -184,22 +188,22 @@ def as_constraint(value, name: str = "constraint") -> Optional[Constraint]:
 # ----------------------------------------------------------------------------
 
 
-class Matcher:
+class Matcher(abc.ABC):
     """One sequence's constraint state."""
 
     constraint: Constraint
 
+    @abc.abstractmethod
     def fill(self, row: numpy.ndarray) -> None:
         """Write the allowed next tokens into ``row``, int32 (ceil(vocab / 32),), every word."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def consume(self, token: int) -> None:
         """Advance past ``token``; ValueError if the constraint does not allow it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def fork(self) -> "Matcher":
         """An independent copy of this state (a beam chosen twice, a sample of n)."""
-        raise NotImplementedError
 
 
 # The engine's tokenizers by the fmkernels tokenizer they read (reading one costs tens of ms).
@@ -283,9 +287,7 @@ class _CallbackMatcher(Matcher):
         if mask is None:
             row[:] = -1
             return
-        bits = numpy.packbits(mask.numpy(), bitorder="little")
-        row.view(numpy.uint8)[:] = 0
-        row.view(numpy.uint8)[:bits.size] = bits
+        row[:] = pack_allowed(mask).numpy()
 
     def consume(self, token: int) -> None:
         self.generated.append(int(token))
@@ -304,7 +306,7 @@ class RowMasks:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
-        self.words = (vocab_size + 31) // 32
+        self.words = reference.allowed_words(vocab_size)
         self._buffer = numpy.empty((0, self.words), dtype=numpy.int32)
         self._executor = None
 
@@ -328,10 +330,8 @@ class RowMasks:
                 matcher.fill(bits[r])
             elif matcher.matcher.is_error():
                 raise ValueError(f"{matcher.constraint!r} at {describe(r)}: {matcher.matcher.get_error()}")
-        tail = self.vocab_size % 32
-        some = numpy.bitwise_or.reduce(bits[:, :-1], axis=1) | (bits[:, -1] & (((1 << tail) - 1) if tail else -1))
-        if not some.all():
-            row = int(numpy.flatnonzero(some == 0)[0])
+        row = first_row_without_allowed(torch.from_numpy(bits), self.vocab_size)
+        if row >= 0:
             what = repr(matchers[row].constraint) if matchers[row].constraint is not None else "allowed_tokens"
             raise ValueError(f"{what} allows no token at {describe(row)}")
         return torch.from_numpy(bits.copy())

@@ -114,30 +114,30 @@ def _require_allowed_rows(allowed: torch.Tensor, vocab: int) -> None:
     """Every row of the bitmask allows a token inside the vocabulary (its words are read, not unpacked)."""
     if not check.checks_values(allowed):
         return
-    tail = vocab % 32  # the last word's bits past the vocabulary do not count
+    row = first_row_without_allowed(allowed, vocab)
+    if row >= 0:
+        raise ValueError(f"allowed[{row}] allows no token of the vocabulary ({vocab} tokens): there is nothing to sample")
+
+
+def first_row_without_allowed(allowed: torch.Tensor, vocab: int) -> int:
+    """The first row of a packed bitmask (batch, ceil(vocab / 32)) int32 that allows no token
+    of the vocabulary (bits past it do not count), or -1. Reads the words; this runs at every
+    decode step, so a CPU tensor goes through the C++ loop (about a µs) or NumPy, not torch."""
+    tail = vocab % 32
     cpu = platform.cpu_module() if allowed.device.type == "cpu" else None
     if cpu is not None and hasattr(cpu, "first_row_without_allowed") and allowed.stride(-1) == 1:
-        # The C++ loop stops at each row's first allowed token: about a µs a call (this runs every decode step).
-        row = cpu.first_row_without_allowed(tensor_view(allowed), vocab)
-        if row >= 0:
-            raise ValueError(f"allowed[{row}] allows no token of the vocabulary ({vocab} tokens): there is nothing to sample")
-        return
+        return cpu.first_row_without_allowed(tensor_view(allowed), vocab)
     if allowed.device.type == "cpu":
-        # NumPy's reductions cost a few µs where torch's cost tens (this runs at every decode step).
         words = allowed.numpy()
         if tail:
             some = numpy.bitwise_or.reduce(words[:, :-1], axis=1) | (words[:, -1] & ((1 << tail) - 1))
         else:
             some = numpy.bitwise_or.reduce(words, axis=1)
-        if some.all():
-            return
-        empty = torch.from_numpy(some == 0)
-    else:
-        last = allowed[:, -1] & ((1 << tail) - 1 if tail else -1)
-        empty = (allowed[:, :-1] == 0).all(dim=1) & (last == 0)
-    if empty.any():
-        row = int(empty.nonzero()[0, 0])
-        raise ValueError(f"allowed[{row}] allows no token of the vocabulary ({vocab} tokens): there is nothing to sample")
+        empty = numpy.flatnonzero(some == 0)
+        return int(empty[0]) if empty.size else -1
+    last = allowed[:, -1] & ((1 << tail) - 1 if tail else -1)
+    empty = ((allowed[:, :-1] == 0).all(dim=1) & (last == 0)).nonzero()
+    return int(empty[0, 0]) if len(empty) else -1
 
 
 # Signatures of calls whose arguments passed ``_require_filter_arguments`` / ``_require_sample_arguments``.
