@@ -31,7 +31,7 @@ void filter_logits(py::handle logits, py::handle out, py::handle temperature, py
 
 void sample(py::handle logits, py::handle tokens, py::handle temperature, py::handle top_k,
             py::handle top_p, py::handle min_p, py::handle seeds, py::handle steps, py::handle allowed,
-            py::handle logprobs, py::handle lse, py::handle filtered, uintptr_t stream) {
+            py::handle logprobs, py::handle log_mass, py::handle filtered, uintptr_t stream) {
   const TensorView v_logits = view_from_python(logits, "logits");
   const TensorView v_tokens = view_from_python(tokens, "tokens");
   const TensorView v_temperature = view_from_python(temperature, "temperature");
@@ -42,14 +42,14 @@ void sample(py::handle logits, py::handle tokens, py::handle temperature, py::ha
   const TensorView v_steps = view_from_python(steps, "steps");
   const OptionalView v_allowed = optional_view_from_python(allowed, "allowed");
   const OptionalView v_logprobs = optional_view_from_python(logprobs, "logprobs");
-  const OptionalView v_lse = optional_view_from_python(lse, "lse");
+  const OptionalView v_log_mass = optional_view_from_python(log_mass, "log_mass");
   const OptionalView v_filtered = optional_view_from_python(filtered, "filtered");
   if (const char* error = cuda::check_sample_views(v_logits, v_tokens, v_temperature, v_top_k, v_top_p, v_min_p,
                                                    v_seeds, v_steps, v_allowed.get(), v_logprobs.get(),
-                                                   v_lse.get(), v_filtered.get()))
+                                                   v_log_mass.get(), v_filtered.get()))
     throw std::invalid_argument(error);
   raise_on_cuda_error(cuda::sample(v_logits, v_tokens, v_temperature, v_top_k, v_top_p, v_min_p, v_seeds, v_steps,
-                                   v_allowed.get(), v_logprobs.get(), v_lse.get(), v_filtered.get(),
+                                   v_allowed.get(), v_logprobs.get(), v_log_mass.get(), v_filtered.get(),
                                    reinterpret_cast<cudaStream_t>(stream)),
                       "sample");
 }
@@ -62,9 +62,9 @@ void bind_cuda_sampling(py::module_& m) {
         "Write logits / temperature into out with the tokens allowed, top-k, top-p and min-p remove at -inf.");
   m.def("sample", &sample, py::arg("logits"), py::arg("tokens"), py::arg("temperature"), py::arg("top_k"),
         py::arg("top_p"), py::arg("min_p"), py::arg("seeds"), py::arg("steps"), py::arg("allowed"), py::arg("logprobs"),
-        py::arg("lse"), py::arg("filtered"), py::arg("stream"),
+        py::arg("log_mass"), py::arg("filtered"), py::arg("stream"),
         "Draw one token per row of logits (Gumbel-max over the filtered tokens); optionally the token's "
-        "log-probability, the log-normaliser and the filtered fp32 logits.");
+        "log-probability, the log of the kept mass and the filtered fp32 logits less their maximum.");
 }
 
 }  // namespace fmkernels

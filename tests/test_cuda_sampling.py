@@ -243,6 +243,31 @@ def test_top_ids_past_the_kept_tokens_are_removed_ones_by_id():
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_top_logprobs_keep_fp32_precision_at_a_small_temperature(backend):
+    # At temperature 1e-4 the filtered logits are ~3e4, where fp32's spacing is 2**-8: the top
+    # alternatives' log-probabilities must be (x - m) - log mass, as log_softmax computes them.
+    # x - (m + log mass) rounded the sum at x's scale: log 3 of mass (three tokens tied at the
+    # top) came out up to 2e-3 off (the fix of ef1afac for Triton, then for CUDA).
+    if platform.unavailable_reason(backend) is not None:
+        pytest.skip(f"{backend}: {platform.unavailable_reason(backend)}")
+    generator = torch.Generator().manual_seed(12)
+    logits = torch.randn(6, 1000, generator=generator)
+    top = logits.max(dim=1, keepdim=True).values
+    logits[:, [3, 500, 999]] = top + 3.0  # three tokens tied at the top, the rest ~3e4 below them
+    logits = logits.cuda()
+    kwargs = dict(temperature=1e-4, seed=0, return_logprobs=True, num_logprobs=3)
+    actual = fmkernels.sample(logits, backend=backend, **kwargs)
+    expected = reference.sample(logits, **kwargs)
+    assert actual.top_ids.tolist() == [[3, 500, 999]] * 6
+    log_third = torch.full((6, 3), -torch.log(torch.tensor(3.0)).item(), device="cuda")
+    torch.testing.assert_close(expected.top_logprobs, log_third, atol=1e-6, rtol=0)
+    torch.testing.assert_close(actual.top_logprobs, log_third, atol=1e-6, rtol=0)
+    torch.testing.assert_close(actual.logprobs, log_third[:, 0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_draws_follow_the_filtered_distribution():
     generator = torch.Generator().manual_seed(6)
     logits = (torch.randn(1, 128256, generator=generator) * 3).cuda()

@@ -477,9 +477,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 struct SampleOutputs {
   int64_t* tokens;
   float* logprobs;
-  float* lse;
-  float* filtered;
-  int64_t tokens_stride, logprobs_stride, lse_stride, filtered_stride;
+  float* log_mass;  // log(sum over kept of exp(x - m))
+  float* filtered;  // x - m where kept, -inf elsewhere
+  int64_t tokens_stride, logprobs_stride, log_mass_stride, filtered_stride;
 };
 
 template <typename T>
@@ -520,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (filtered_row != nullptr) {
         float y[kPerThread];
 #pragma unroll
-        for (int j = 0; j < kPerThread; ++j) y[j] = keep[j] ? x[j] : -INFINITY;
+        for (int j = 0; j < kPerThread; ++j) y[j] = keep[j] ? x[j] - ks.m : -INFINITY;
         store_row(filtered_row, vocab, first, filtered_aligned, y);
       }
     });
@@ -536,7 +536,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const float x_token = __fdiv_rn(to_float(row.logits[token]), ks.divisor);  // an allowed token
   const float log_mass = static_cast<float>(log(static_cast<double>(kept_mass) / static_cast<double>(mass_scale)));
   o.logprobs[b * o.logprobs_stride] = (x_token - ks.m) - log_mass;
-  if (o.lse != nullptr) o.lse[b * o.lse_stride] = ks.m + log_mass;
+  if (o.log_mass != nullptr) o.log_mass[b * o.log_mass_stride] = log_mass;
 }
 
 // 2**S for the fixed-point masses: vocab terms of at most 2**S sum below 2**62.
@@ -604,7 +604,7 @@ const char* check_sample_views(const TensorView& logits, const TensorView& token
                                const TensorView& temperature, const TensorView& top_k,
                                const TensorView& top_p, const TensorView& min_p, const TensorView& seeds,
                                const TensorView& steps, const TensorView* allowed, const TensorView* logprobs,
-                               const TensorView* lse, const TensorView* filtered) {
+                               const TensorView* log_mass, const TensorView* filtered) {
   if (const char* error = check_sampling_logits(logits)) return error;
   const int64_t batch = logits.sizes[0], vocab = logits.sizes[1];
   if (batch > INT_MAX) return "batch must be < 2**31";
@@ -612,8 +612,9 @@ const char* check_sample_views(const TensorView& logits, const TensorView& token
   if (const char* error = check_sample_vectors(batch, tokens, seeds, steps)) return error;
   if (const char* error = check_sampling_parameters(batch, temperature, top_k, top_p, min_p)) return error;
   if (!is_float_vector(logprobs, batch)) return "logprobs must be float32 (batch,)";
-  if (!is_float_vector(lse, batch)) return "lse must be float32 (batch,)";
-  if ((lse != nullptr || filtered != nullptr) && logprobs == nullptr) return "lse and filtered come with logprobs";
+  if (!is_float_vector(log_mass, batch)) return "log_mass must be float32 (batch,)";
+  if ((log_mass != nullptr || filtered != nullptr) && logprobs == nullptr)
+    return "log_mass and filtered come with logprobs";
   if (filtered != nullptr &&
       ((filtered->data == nullptr && batch > 0) || filtered->rank != 2 || filtered->dtype != DType::kFloat32 ||
        filtered->sizes[0] != batch || filtered->sizes[1] != vocab || (vocab > 1 && filtered->strides[1] != 1) ||
@@ -642,20 +643,20 @@ cudaError_t filter_logits(const TensorView& logits, const TensorView& out, const
 cudaError_t sample(const TensorView& logits, const TensorView& tokens, const TensorView& temperature,
                    const TensorView& top_k, const TensorView& top_p, const TensorView& min_p,
                    const TensorView& seeds, const TensorView& steps, const TensorView* allowed,
-                   const TensorView* logprobs, const TensorView* lse, const TensorView* filtered,
+                   const TensorView* logprobs, const TensorView* log_mass, const TensorView* filtered,
                    cudaStream_t stream) {
-  if (check_sample_views(logits, tokens, temperature, top_k, top_p, min_p, seeds, steps, allowed, logprobs, lse,
-                         filtered) != nullptr)
+  if (check_sample_views(logits, tokens, temperature, top_k, top_p, min_p, seeds, steps, allowed, logprobs,
+                         log_mass, filtered) != nullptr)
     return cudaErrorInvalidValue;
   if (logits.sizes[0] == 0) return cudaSuccess;
   const RowParams params = row_params(temperature, top_k, top_p, min_p);
   const SampleOutputs outputs{static_cast<int64_t*>(tokens.data),
                               logprobs != nullptr ? static_cast<float*>(logprobs->data) : nullptr,
-                              lse != nullptr ? static_cast<float*>(lse->data) : nullptr,
+                              log_mass != nullptr ? static_cast<float*>(log_mass->data) : nullptr,
                               filtered != nullptr ? static_cast<float*>(filtered->data) : nullptr,
                               tokens.strides[0],
                               logprobs != nullptr ? logprobs->strides[0] : 0,
-                              lse != nullptr ? lse->strides[0] : 0,
+                              log_mass != nullptr ? log_mass->strides[0] : 0,
                               filtered != nullptr ? filtered->strides[0] : 0};
   switch (logits.dtype) {
     case DType::kFloat32:

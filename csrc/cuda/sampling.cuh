@@ -28,13 +28,14 @@ cudaError_t filter_logits(const TensorView& logits, const TensorView& out, const
 // tokens (batch,) int64: argmax over kept tokens of x_i - log(-log u_i), u_i from
 // Philox4x32-10 keyed by seeds[b], counter (i / 4, steps[b]), word i % 4 (common/philox.h).
 // Optional, float32: logprobs (batch,), the token's log-probability under softmax of the
-// filtered logits; lse (batch,), log of that softmax's denominator (max x + log sum
-// exp(x - max x) over kept tokens); filtered (batch, vocab) dense, x where kept, -inf
-// elsewhere.
+// filtered logits; log_mass (batch,), log sum exp(x - m) over kept tokens, m = max x;
+// filtered (batch, vocab) dense, x - m where kept, -inf elsewhere. Shifted by the max, as
+// log_softmax computes, so a top alternative's (x - m) - log_mass keeps fp32's precision
+// where x is large (a small temperature): x - (m + log_mass) would round the sum at x's scale.
 cudaError_t sample(const TensorView& logits, const TensorView& tokens, const TensorView& temperature,
                    const TensorView& top_k, const TensorView& top_p, const TensorView& min_p,
                    const TensorView& seeds, const TensorView& steps, const TensorView* allowed,
-                   const TensorView* logprobs, const TensorView* lse, const TensorView* filtered,
+                   const TensorView* logprobs, const TensorView* log_mass, const TensorView* filtered,
                    cudaStream_t stream);
 
 // Why the views cannot be sampled from (nullptr if they can): common/sampling_shapes.h's
@@ -43,7 +44,7 @@ const char* check_sample_views(const TensorView& logits, const TensorView& token
                                const TensorView& temperature, const TensorView& top_k,
                                const TensorView& top_p, const TensorView& min_p, const TensorView& seeds,
                                const TensorView& steps, const TensorView* allowed, const TensorView* logprobs,
-                               const TensorView* lse, const TensorView* filtered);
+                               const TensorView* log_mass, const TensorView* filtered);
 
 // Why filter_logits cannot run on the views (nullptr if it can).
 const char* check_filter_views(const TensorView& logits, const TensorView& out, const TensorView& temperature,

@@ -316,19 +316,19 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
         seeds = reference.row_seeds(seed, batch, device).contiguous()
         steps = reference.per_row(step, batch, torch.int64, device).contiguous()
         tokens = torch.empty(batch, dtype=torch.int64, device=device)
-        logprobs = lse = filtered = None
+        logprobs = log_mass = filtered = None
         if return_logprobs:
             logprobs = torch.empty(batch, dtype=torch.float32, device=device)
             if num_logprobs > 0:
-                # The top alternatives come from the filtered row, picked here.
-                lse = torch.empty(batch, dtype=torch.float32, device=device)
+                # The top alternatives come from the filtered row (x - max x where kept), picked here.
+                log_mass = torch.empty(batch, dtype=torch.float32, device=device)
                 filtered = torch.empty((batch, vocab), dtype=torch.float32, device=device)
         _module().sample(
             tensor_view(logits), tensor_view(tokens), *(tensor_view(p) for p in parameters),
-            tensor_view(seeds), tensor_view(steps), tensor_view(allowed), tensor_view(logprobs), tensor_view(lse),
+            tensor_view(seeds), tensor_view(steps), tensor_view(allowed), tensor_view(logprobs), tensor_view(log_mass),
             tensor_view(filtered), stream_of(logits),
         )
         if not return_logprobs:
             return tokens
-        top_ids, top_logprobs = top_alternatives(filtered, lse, batch, num_logprobs, device)
+        top_ids, top_logprobs = top_alternatives(filtered, log_mass, batch, num_logprobs, device)
     return reference.SampleOutput(tokens, logprobs, top_ids, top_logprobs)

@@ -23,12 +23,13 @@ def top_tokens(filtered: torch.Tensor, n: int) -> torch.Tensor:
     return ids.gather(1, order)
 
 
-def top_alternatives(filtered, lse, batch: int, n: int, device):
-    """(top_ids int64, top_logprobs float32), each (batch, n), from a kernel's filtered fp32 rows
-    and their log-normalisers (batch,); empty-valued when ``filtered`` is None (n == 0) or
-    the batch is empty."""
+def top_alternatives(filtered, log_mass, batch: int, n: int, device):
+    """(top_ids int64, top_logprobs float32), each (batch, n), from a kernel's filtered fp32 rows,
+    shifted by their maximum (x - m where kept, -inf elsewhere), and their log kept masses
+    (batch,), log sum exp(x - m): a log-probability is (x - m) - log_mass, as log_softmax
+    computes it; empty-valued when ``filtered`` is None (n == 0) or the batch is empty."""
     if filtered is None or batch == 0:
         return (torch.empty((batch, n), dtype=torch.int64, device=device),
                 torch.empty((batch, n), dtype=torch.float32, device=device))
     top_ids = top_tokens(filtered, n)
-    return top_ids, filtered.gather(1, top_ids) - lse[:, None]
+    return top_ids, filtered.gather(1, top_ids) - log_mass[:, None]
