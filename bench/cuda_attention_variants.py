@@ -4,8 +4,9 @@
 
 Times bf16 prefill attention on the GPU sweep (``fmkernels.benchmark.sweep_cases``: 16
 heads of 128, seqlen 1k to 16k at 16k tokens per call, causal and not) once per kernel
-schedule, each picked through FMKERNELS_CUDA_ATTENTION_VARIANT, and the ``sdpa_flash`` and
-``triton`` implementations as reference points. Prints one line per shape (TFLOP/s, median
+schedule, each picked through FMKERNELS_CUDA_ATTENTION_VARIANT, and the ``sdpa_flash``,
+``triton`` and ``triton_hopper`` (TMA and warp-specialised, compute capability 9.x and 10.x)
+implementations as reference points. Prints one line per shape (TFLOP/s, median
 of ``--repeats`` calls; ``-`` where an implementation cannot run) and, with ``--json``,
 writes the same numbers there.
 """
@@ -22,7 +23,7 @@ import fmkernels  # noqa: F401  (registers the backends and peers)
 from fmkernels import benchmark, registry
 from fmkernels.ops import _cuda
 
-REFERENCES = ("sdpa_flash", "triton")
+REFERENCES = ("sdpa_flash", "triton", "triton_hopper")
 
 
 def _tflops(fn, case, repeats):

@@ -89,6 +89,39 @@ def _attention_tiles(
     return acc, m_i, l_i
 
 
+@triton.jit
+def _sequence_extent(Cu_seqlens_q_ptr, Cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(first query row, queries, first key row, keys) of sequence b: from cu_seqlens when
+    VARLEN (packed rows), else row 0 of a dense batch's seqlen_q and seqlen_k."""
+    if VARLEN:
+        start_q = tl.load(Cu_seqlens_q_ptr + b)
+        len_q = tl.load(Cu_seqlens_q_ptr + b + 1) - start_q
+        start_k = tl.load(Cu_seqlens_k_ptr + b)
+        len_k = tl.load(Cu_seqlens_k_ptr + b + 1) - start_k
+    else:
+        start_q = 0
+        len_q = seqlen_q
+        start_k = 0
+        len_k = seqlen_k
+    return start_q, len_q, start_k, len_k
+
+
+@triton.jit
+def _key_range(start_m, len_q, len_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full_end, end) for the query tile at row start_m: keys [0, full_end) are whole tiles
+    every row of it sees unmasked, [full_end, end) the tiles to mask (the causal diagonal's, the
+    last partial one); keys past end no row of the tile sees."""
+    diagonal = len_k - len_q
+    if CAUSAL:
+        # Keys every row of the tile sees: j <= start_m + diagonal; keys any row sees: j < start_m + BLOCK_M + diagonal.
+        full_end = tl.minimum(tl.maximum(start_m + diagonal + 1, 0), len_k)
+        end = tl.minimum(tl.maximum(start_m + BLOCK_M + diagonal, 0), len_k)
+    else:
+        full_end = len_k
+        end = len_k
+    return (full_end // BLOCK_N) * BLOCK_N, end
+
+
 @triton.jit(do_not_specialize=["bucket_q", "bucket_k"])
 def _attention_kernel(
     Q_ptr,  # (batch, seqlen_q, q_heads, head_dim), or (total_q, q_heads, head_dim) when VARLEN
@@ -118,26 +151,17 @@ def _attention_kernel(
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    if VARLEN:
-        start_q = tl.load(Cu_seqlens_q_ptr + b)
-        len_q = tl.load(Cu_seqlens_q_ptr + b + 1) - start_q
-        start_k = tl.load(Cu_seqlens_k_ptr + b)
-        len_k = tl.load(Cu_seqlens_k_ptr + b + 1) - start_k
-    else:
-        start_q = 0
-        len_q = seqlen_q
-        start_k = 0
-        len_k = seqlen_k
+    start_q, len_q, start_k, len_k = _sequence_extent(Cu_seqlens_q_ptr, Cu_seqlens_k_ptr, b, seqlen_q, seqlen_k, VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= len_q:  # past this sequence's end (VARLEN: the grid covers the longest)
         return
 
     kv_h = (h // group).to(tl.int64)
     b64 = b.to(tl.int64)
-    Q_base = Q_ptr + b64 * q_stride_batch + start_q.to(tl.int64) * q_stride_token + h.to(tl.int64) * q_stride_head
-    O_base = Out_ptr + b64 * o_stride_batch + start_q.to(tl.int64) * o_stride_token + h.to(tl.int64) * o_stride_head
-    K_base = K_ptr + b64 * k_stride_batch + start_k.to(tl.int64) * k_stride_token + kv_h * k_stride_head
-    V_base = V_ptr + b64 * v_stride_batch + start_k.to(tl.int64) * v_stride_token + kv_h * v_stride_head
+    Q_base = Q_ptr + b64 * q_stride_batch + tl.cast(start_q, tl.int64) * q_stride_token + h.to(tl.int64) * q_stride_head
+    O_base = Out_ptr + b64 * o_stride_batch + tl.cast(start_q, tl.int64) * o_stride_token + h.to(tl.int64) * o_stride_head
+    K_base = K_ptr + b64 * k_stride_batch + tl.cast(start_k, tl.int64) * k_stride_token + kv_h * k_stride_head
+    V_base = V_ptr + b64 * v_stride_batch + tl.cast(start_k, tl.int64) * v_stride_token + kv_h * v_stride_head
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -154,14 +178,7 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     diagonal = len_k - len_q
-    if CAUSAL:
-        # Keys every row of the tile sees: j <= start_m + diagonal; keys any row sees: j < start_m + BLOCK_M + diagonal.
-        full_end = tl.minimum(tl.maximum(start_m + diagonal + 1, 0), len_k)
-        end = tl.minimum(tl.maximum(start_m + BLOCK_M + diagonal, 0), len_k)
-    else:
-        full_end = len_k
-        end = len_k
-    full_end = (full_end // BLOCK_N) * BLOCK_N
+    full_end, end = _key_range(start_m, len_q, len_k, CAUSAL, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _attention_tiles(
         acc, m_i, l_i, q, K_base, V_base, k_stride_token, k_stride_dim, v_stride_token, v_stride_dim,
         offs_m, len_k, diagonal, qk_scale, 0, full_end,

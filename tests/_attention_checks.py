@@ -8,6 +8,41 @@ import fmkernels
 from fmkernels import testing
 
 
+def randn(*shape, dtype=torch.float32, device="cpu"):
+    """Standard normal values drawn on the CPU (the same on every device), in dtype on device."""
+    return torch.randn(*shape).to(device=device, dtype=dtype)
+
+
+def cu_seqlens(lengths, device="cpu"):
+    """(len(lengths) + 1,) int32 offsets of packed sequences of ``lengths``."""
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def random_dense(shape, dtype, device="cpu"):
+    """Random q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D) for shape (B, Sq, Sk, Hq, Hkv, D, ...)."""
+    batch, seqlen_q, seqlen_k, q_heads, kv_heads, head_dim = shape[:6]
+    return (randn(batch, seqlen_q, q_heads, head_dim, dtype=dtype, device=device),
+            randn(batch, seqlen_k, kv_heads, head_dim, dtype=dtype, device=device),
+            randn(batch, seqlen_k, kv_heads, head_dim, dtype=dtype, device=device))
+
+
+def random_packed(lengths, heads, head_dim, dtype, device="cpu"):
+    """Random packed q, k, v and their cu_seqlens for ``lengths`` [(seqlen_q, seqlen_k), ...]
+    and ``heads`` (q_heads, kv_heads)."""
+    q_heads, kv_heads = heads
+    cu_q = cu_seqlens([s for s, _ in lengths], device)
+    cu_k = cu_seqlens([s for _, s in lengths], device)
+    q = randn(int(cu_q[-1]), q_heads, head_dim, dtype=dtype, device=device)
+    k = randn(int(cu_k[-1]), kv_heads, head_dim, dtype=dtype, device=device)
+    v = randn(int(cu_k[-1]), kv_heads, head_dim, dtype=dtype, device=device)
+    return q, k, v, cu_q, cu_k
+
+
+def dense_shape_id(shape):
+    """A test id for (batch, seqlen_q, seqlen_k, q_heads, kv_heads, head_dim, causal)."""
+    return "b{}-q{}-k{}-h{}/{}-d{}-{}".format(*shape[:6], "causal" if shape[6] else "full")
+
+
 def run_attention(backend, q, k, v, **kwargs):
     """fmkernels.attention through ``backend`` into a NaN-poisoned ``out``; returns (out, lse)."""
     out = torch.full_like(q, float("nan"))

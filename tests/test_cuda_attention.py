@@ -10,11 +10,14 @@ anywhere. The correctness tests run every kernel schedule (``_cuda.ATTENTION_VAR
 picked through FMKERNELS_CUDA_ATTENTION_VARIANT).
 """
 
+import functools
+
 import pytest
 import torch
 
 import fmkernels
-from _attention_checks import check_attention, run_attention
+from _attention_checks import (check_attention, cu_seqlens, dense_shape_id, random_dense, random_packed, randn,
+                              run_attention)
 from fmkernels import platform, registry
 from fmkernels.ops import _cuda
 
@@ -32,35 +35,15 @@ def variant(request, monkeypatch):
     return request.param
 
 
-def _randn(*shape, dtype, device="cuda"):
-    return torch.randn(*shape, device=device).to(dtype)
-
-
-def _cu_seqlens(lengths, device="cuda"):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+_randn = functools.partial(randn, device="cuda")
+_cu_seqlens = functools.partial(cu_seqlens, device="cuda")
+_dense = functools.partial(random_dense, device="cuda")
+_packed = functools.partial(random_packed, device="cuda")
+_shape_id = dense_shape_id
 
 
 def _check(q, k, v, **kwargs):
     return check_attention("cuda", q, k, v, **kwargs)
-
-
-def _dense(shape, dtype):
-    B, Sq, Sk, Hq, Hkv, D = shape[:6]
-    return _randn(B, Sq, Hq, D, dtype=dtype), _randn(B, Sk, Hkv, D, dtype=dtype), _randn(B, Sk, Hkv, D, dtype=dtype)
-
-
-def _packed(lengths, heads, head_dim, dtype):
-    Hq, Hkv = heads
-    cu_q = _cu_seqlens([s for s, _ in lengths])
-    cu_k = _cu_seqlens([s for _, s in lengths])
-    total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
-    q = _randn(total_q, Hq, head_dim, dtype=dtype)
-    k, v = _randn(total_k, Hkv, head_dim, dtype=dtype), _randn(total_k, Hkv, head_dim, dtype=dtype)
-    return q, k, v, cu_q, cu_k
-
-
-def _shape_id(shape):
-    return "b{}-q{}-k{}-h{}/{}-d{}-{}".format(*shape[:6], "causal" if shape[6] else "full")
 
 
 # ----------------------------------------------------------------------------

@@ -102,6 +102,24 @@ def test_auto_picks_the_highest_priority_backend_that_supports_the_case(logits):
     assert torch.equal(fmkernels.filter_logits(logits), marker)
 
 
+def test_auto_never_picks_a_named_only_backend(logits):
+    """A backend registered named_only (one not yet run where it is meant to run) is passed
+    over by auto whatever its priority, and runs when named."""
+    marker = torch.randn(3, 40)
+    spy = Spy(marker)
+    fmkernels.register_impl("filter_logits", "untried", spy, kind="backend", priority=10**9,
+                            named_only="not run on a GPU yet")
+    assert registry.select("filter_logits", "auto", {"logits": logits}).name != "untried"
+    assert fmkernels.filter_logits(logits).equal(reference.filter_logits(logits))
+    assert spy.calls == []
+    assert torch.equal(fmkernels.filter_logits(logits, backend="untried"), marker)
+    for impl in registry.implementations("filter_logits"):
+        if impl.name != "untried":
+            registry.unregister_impl("filter_logits", impl.name)
+    with pytest.raises(ValueError, match=r"untried: runs only when named \(not run on a GPU yet\)"):
+        fmkernels.filter_logits(logits)
+
+
 def test_auto_with_no_backend_able_lists_every_reason(logits):
     for impl in registry.implementations("filter_logits"):
         registry.unregister_impl("filter_logits", impl.name)
@@ -165,8 +183,10 @@ def test_implementations_lists_backends_by_priority_then_peers_then_users():
     # Peers by name: SDPA's, and flash-attn's and FlashInfer's where installed.
     installed = [name for name, (module, _) in peer_libraries.PEER_LIBRARIES.items() if peer_libraries._installed(module)]
     peers = sorted(["sdpa", "sdpa_cudnn", "sdpa_efficient", "sdpa_flash", "sdpa_math", *installed])
+    # triton_hopper takes triton's priority, so it is listed beside it (auto never picks it).
     assert [impl.name for impl in fmkernels.implementations("attention")] == (
-        ["cuda", "cpu", "reference", "triton"] if platform.triton_interpreting() else ["triton", "cuda", "cpu", "reference"]
+        ["cuda", "cpu", "reference", "triton", "triton_hopper"] if platform.triton_interpreting()
+        else ["triton", "triton_hopper", "cuda", "cpu", "reference"]
     ) + peers
 
 
@@ -203,7 +223,9 @@ def test_unknown_op_is_rejected(call):
     (dict(fn="reference"), TypeError, "fn must be callable, got str"),
     (dict(supports=True), TypeError, "supports must be callable or None, got bool"),
     (dict(kind="friend"), ValueError, "kind must be one of backend, peer, user, got 'friend'"),
-], ids=["empty-name", "auto", "int-name", "fn", "supports", "kind"])
+    (dict(named_only=True), TypeError, "named_only must be a str \\(the reason\\) or None, got bool"),
+    (dict(named_only=""), ValueError, "named_only must be a non-empty reason or None"),
+], ids=["empty-name", "auto", "int-name", "fn", "supports", "kind", "named-only-type", "named-only-empty"])
 def test_register_rejects_bad_arguments(kwargs, error, match):
     arguments = dict(op="filter_logits", name="mine", fn=Spy())
     arguments.update(kwargs)

@@ -9,11 +9,14 @@ sets TRITON_INTERPRET=1), with small shapes. On a GPU the same tests run on CUDA
 the tests marked ``gpu`` add full-size shapes.
 """
 
+import functools
+
 import pytest
 import torch
 
 import fmkernels
-from _attention_checks import check_attention, run_attention
+from _attention_checks import (check_attention, cu_seqlens, dense_shape_id, random_dense, random_packed, randn,
+                              run_attention)
 from fmkernels import platform, reference, testing
 from fmkernels.kernels import attention as triton_attention
 
@@ -25,43 +28,19 @@ DEVICE = "cpu" if platform.triton_interpreting() else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _randn(*shape, dtype=torch.float32, device=DEVICE):
-    return torch.randn(*shape).to(device=device, dtype=dtype)
-
-
-def _cu_seqlens(lengths, device=DEVICE):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-
-
 def _run_triton(q, k, v, **kwargs):
     return run_attention("triton", q, k, v, **kwargs)
 
 
+_randn = functools.partial(randn, device=DEVICE)
+_cu_seqlens = functools.partial(cu_seqlens, device=DEVICE)
+_dense = functools.partial(random_dense, device=DEVICE)
+_packed = functools.partial(random_packed, device=DEVICE)
+_shape_id = dense_shape_id
+
+
 def _check(q, k, v, **kwargs):
     return check_attention("triton", q, k, v, **kwargs)
-
-
-def _dense(shape, dtype, device=DEVICE):
-    B, Sq, Sk, Hq, Hkv, D = shape[:6]
-    return (
-        _randn(B, Sq, Hq, D, dtype=dtype, device=device),
-        _randn(B, Sk, Hkv, D, dtype=dtype, device=device),
-        _randn(B, Sk, Hkv, D, dtype=dtype, device=device),
-    )
-
-
-def _shape_id(shape):
-    return "b{}-q{}-k{}-h{}/{}-d{}-{}".format(*shape[:6], "causal" if shape[6] else "full")
-
-
-def _packed(lengths, heads, head_dim, dtype, device=DEVICE):
-    Hq, Hkv = heads
-    cu_q = _cu_seqlens([s for s, _ in lengths], device)
-    cu_k = _cu_seqlens([s for _, s in lengths], device)
-    q = _randn(int(cu_q[-1]), Hq, head_dim, dtype=dtype, device=device)
-    k = _randn(int(cu_k[-1]), Hkv, head_dim, dtype=dtype, device=device)
-    v = _randn(int(cu_k[-1]), Hkv, head_dim, dtype=dtype, device=device)
-    return q, k, v, cu_q, cu_k
 
 
 # (batch, seqlen_q, seqlen_k, q_heads, kv_heads, head_dim, causal)

@@ -3,7 +3,8 @@
 An implementation is a name, a callable with the reference function's signature
 (``fmkernels.reference.<op>``), and a ``supports`` predicate that says which cases
 it can run. ``backend="auto"`` picks the first of fmkernels' own backends, in
-priority order, that is available and supports the case; a backend named
+priority order, that is available and supports the case (skipping those registered
+``named_only``, which run only when named); a backend named
 explicitly that cannot run the case raises ``ValueError`` with the reason. There
 is no silent fallback.
 """
@@ -51,6 +52,7 @@ class Impl:
     ``available()`` returns ``None`` when the implementation can run on this
     machine at all, else the reason it cannot (not built, no GPU, ...).
     ``devices`` lists the device types its tensors may live on; ``None`` means any.
+    ``named_only``, when set, says why ``backend="auto"`` never picks it: it runs only when named.
     ``select`` asks both once per call signature and reuses the answer, so they must depend
     on the arguments' metadata (dtypes, devices, shapes, strides, scalar values) only.
     """
@@ -64,6 +66,7 @@ class Impl:
     kind: str = "user"
     priority: int = 0
     declines: tuple = ()  # the OPTIONAL_ARGUMENTS its fn cannot take
+    named_only: Optional[str] = None
 
     def __call__(self, **case):
         """``fn(**case)``, without the optional arguments it declines (None in any call it supports)."""
@@ -119,6 +122,7 @@ def register_impl(
     devices: Optional[tuple] = None,
     kind: str = "user",
     priority: int = 0,
+    named_only: Optional[str] = None,
     replace: bool = False,
 ) -> Impl:
     """Register ``fn`` as implementation ``name`` of ``op``.
@@ -127,7 +131,8 @@ def register_impl(
     it returns; it may leave out the arguments ``OPTIONAL_ARGUMENTS`` names (``allowed`` of
     the sampling ops), and then runs only the calls that leave them None. ``fmkernels check`` then holds it to the reference and
     ``fmkernels bench`` times it beside fmkernels' own backends; ``backend=name``
-    in the op calls it.
+    in the op calls it. With ``named_only`` (the reason, a string), ``backend="auto"`` never
+    picks it, whatever its priority.
     """
     _check_op(op)
     if not isinstance(name, str) or not name or name == "auto":
@@ -138,9 +143,13 @@ def register_impl(
         raise TypeError(f"supports must be callable or None, got {type(supports).__name__}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if named_only is not None and not isinstance(named_only, str):
+        raise TypeError(f"named_only must be a str (the reason) or None, got {type(named_only).__name__}")
+    if named_only == "":
+        raise ValueError("named_only must be a non-empty reason or None, got ''")
     if name in _REGISTRY[op] and not replace:
         raise ValueError(f"{op} already has an implementation named {name!r}; pass replace=True to replace it")
-    impl = Impl(op, name, fn, supports, available, devices, kind, priority, _declined(op, fn))
+    impl = Impl(op, name, fn, supports, available, devices, kind, priority, _declined(op, fn), named_only)
     _REGISTRY[op][name] = impl
     _SELECTED.clear()
     return impl
@@ -218,6 +227,9 @@ def _select(op: str, backend: str, case: Dict[str, Any]) -> Impl:
     reasons = []
     for impl in implementations(op):
         if impl.kind != "backend":
+            continue
+        if impl.named_only:
+            reasons.append(f"{impl.name}: runs only when named ({impl.named_only})")
             continue
         reason = impl.unsupported_reason(case)
         if reason is None:

@@ -2,13 +2,14 @@
 
 reference (PyTorch, any device) < cpu (C++) < triton < cuda, except where OP_PRIORITY
 ranks a backend below the one measured faster for that op: ``backend="auto"`` tries them
-from the highest priority down.
+from the highest priority down, skipping the implementations NAMED_ONLY lists.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+from typing import Optional
 
 from .. import platform, reference, registry
 from . import _cpu, _cuda
@@ -35,38 +36,60 @@ TRITON_MODULES = {
     "sample": "sampling",
 }
 
+# Further Triton implementations of an op, each under its own backend name beside "triton"
+# (listed next to it, and needing what it needs): (op, name) -> kernels module.
+TRITON_VARIANTS = {
+    # kernels/attention_hopper.py: tensor descriptors (TMA) and a warp-specialised key loop, sm_90/sm_100
+    ("attention", "triton_hopper"): "attention_hopper",
+}
+
+# Implementations that "auto" never picks, and why: each runs only when named. An entry
+# leaves once the implementation has passed its GPU tests and won its benchmark on a GPU
+# (then OP_PRIORITY places it).
+NAMED_ONLY = {
+    ("attention", "triton_hopper"): (
+        "not yet run on a GPU: it waits for its gpu tests and a bench/cuda_attention_variants.py "
+        "run against triton and sdpa_flash"
+    ),
+}
+
 
 @functools.lru_cache(maxsize=None)
-def _triton_module(op: str):
-    """The kernels module of ``op`` (importing it defines its Triton kernels), or None."""
+def _kernels_module(module: str):
+    """fmkernels.kernels.<module> (importing it defines its Triton kernels), or None."""
     try:
-        return importlib.import_module(f"fmkernels.kernels.{TRITON_MODULES[op]}")
+        return importlib.import_module(f"fmkernels.kernels.{module}")
     except ImportError:
         return None
 
 
-def _availability(name: str, op: str):
+def _platform_backend(name: str) -> str:
+    """The backend whose availability ``name``'s is: a Triton variant's is Triton's."""
+    return "triton" if any(variant == name for _, variant in TRITON_VARIANTS) else name
+
+
+def _availability(name: str, op: str, module: Optional[str] = None):
     def unavailable_reason():
-        reason = platform.unavailable_reason(name)
+        reason = platform.unavailable_reason(_platform_backend(name))
         if reason is None and name == "cpu" and not hasattr(platform.cpu_module(), op):
             reason = f"fmkernels._C was built without {op}; rebuild fmkernels"
         if reason is None and name == "cuda" and not hasattr(platform.cuda_module(), op):
             reason = f"fmkernels._cuda was built without {op}; rebuild fmkernels"
-        if reason is None and name == "triton" and not hasattr(_triton_module(op), op):
-            reason = f"fmkernels.kernels.{TRITON_MODULES[op]} has no {op}"
+        if reason is None and module is not None and not hasattr(_kernels_module(module), op):
+            reason = f"fmkernels.kernels.{module} has no {op}"
         return reason
 
     return unavailable_reason
 
 
-def _triton(op: str):
-    """(launcher, supports) calling into the kernels module only when used."""
+def _triton(op: str, module: str):
+    """(launcher, supports) calling into fmkernels.kernels.<module> only when used."""
 
     def launch(**kwargs):
-        return getattr(_triton_module(op), op)(**kwargs)
+        return getattr(_kernels_module(module), op)(**kwargs)
 
     def supports(**kwargs):
-        check = getattr(_triton_module(op), f"{op}_supports", None)
+        check = getattr(_kernels_module(module), f"{op}_supports", None)
         return None if check is None else check(**kwargs)
 
     return launch, supports
@@ -80,11 +103,12 @@ CPU_SUPPORTS = {
 }
 
 
-def _register(op: str, name: str, fn, devices, supports=None) -> None:
+def _register(op: str, name: str, fn, devices, supports=None, module=None) -> None:
+    family = _platform_backend(name)
     registry.register_impl(
         op, name, fn, supports,
-        available=_availability(name, op), devices=devices, kind="backend",
-        priority=OP_PRIORITY.get((op, name), PRIORITY[name]),
+        available=_availability(name, op, module), devices=devices, kind="backend",
+        priority=OP_PRIORITY.get((op, name), PRIORITY[family]), named_only=NAMED_ONLY.get((op, name)),
     )
 
 
@@ -97,6 +121,9 @@ def register_all() -> None:
         if hasattr(_cuda, op):
             _register(op, "cuda", getattr(_cuda, op), devices=("cuda",), supports=getattr(_cuda, f"{op}_supports", None))
     triton_devices = ("cuda", "cpu") if platform.triton_interpreting() else ("cuda",)
-    for op in TRITON_MODULES:
-        launch, supports = _triton(op)
-        _register(op, "triton", launch, devices=triton_devices, supports=supports)
+    for op, module in TRITON_MODULES.items():
+        launch, supports = _triton(op, module)
+        _register(op, "triton", launch, devices=triton_devices, supports=supports, module=module)
+    for (op, name), module in TRITON_VARIANTS.items():
+        launch, supports = _triton(op, module)
+        _register(op, name, launch, devices=triton_devices, supports=supports, module=module)
