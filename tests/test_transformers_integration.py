@@ -339,8 +339,12 @@ def test_filter_logits_keeps_the_tokens_transformers_warpers_keep(backend, tempe
                                          backend=backend)
     ours = processor(ids, scores.clone())
     kept = torch.isfinite(theirs)
-    assert torch.equal(torch.isfinite(ours), kept)
-    torch.testing.assert_close(ours[kept], theirs[kept], rtol=1e-6, atol=1e-6)
+    differ = kept != torch.isfinite(ours)
+    params = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    # Both filters sum probabilities in fp32: only a cut their rounding decides may differ.
+    assert _bench_scripts.load("transformers_integration").at_rounding_cut(scores, params, differ)
+    both = kept & torch.isfinite(ours)
+    torch.testing.assert_close(ours[both], theirs[both], rtol=1e-6, atol=1e-6)
 
 
 def test_filter_logits_samples_transformers_tokens_in_generate():

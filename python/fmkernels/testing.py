@@ -11,9 +11,10 @@
   for bit afterwards.
 * filter_logits: the kept tokens (those not -inf) are the reference's exactly, and kept
   values are within ``value_tolerance`` of the reference's. The one exception is a token on
-  the top-p boundary: the probability mass before it (float64) within 1e-5 of top_p, as when
-  p splits a run of tied tokens exactly, so that rounding, not the rule, decides; it may be
-  kept or removed (``TOP_P_BOUNDARY``).
+  the top-p boundary: the probability mass before it (float64) within
+  ``top_p_boundary_width(vocab)`` of top_p (1e-5, wider past ~1.8k tokens, as an fp32 running
+  sum's rounding grows with its length), or p splitting a run of tied tokens exactly, so that
+  rounding, not the rule, decides; it may be kept or removed.
 * linear: attention's rule. The truth is the reference run on float64 inputs, and an
   implementation may err twice as much as ``torch.nn.functional.linear`` in the input dtype
   (``plain_linear``), plus 1e-5.
@@ -61,10 +62,19 @@ NEAR_TIE = 1e-5
 #: Largest accepted error of a log-probability, relative to max(1, |log-probability|).
 LOGPROB_TOLERANCE = 1e-4
 
-#: A token on the top-p boundary: the probability mass before it (in float64) is this close to
-#: top_p, so fp32 rounding, not the rule, decides whether it is kept (p splitting a run of tied
-#: tokens exactly is one such case). Either answer is accepted for such a token.
+#: A token on the top-p boundary: the probability mass before it (in float64) is at least this
+#: close to top_p, so fp32 rounding, not the rule, decides whether it is kept (p splitting a run
+#: of tied tokens exactly is one such case). Either answer is accepted for such a token.
 TOP_P_BOUNDARY = 1e-5
+
+
+def top_p_boundary_width(vocab: int) -> float:
+    """How close to top_p the mass before a token is on the top-p boundary, for a row of
+    ``vocab`` tokens: ``TOP_P_BOUNDARY``, or four times sqrt(vocab) fp32 half-ulps of 1 where
+    that is wider. An fp32 softmax and running sum over the row round once per term, and the
+    roundings add up like a random walk (measured: 2.0e-5 off the float64 sum at 128256 tokens
+    on one CPU, under 1e-5 on another), so the width grows with the row."""
+    return max(TOP_P_BOUNDARY, 4.0 * math.sqrt(vocab) * 2.0 ** -24)
 
 Kwargs = Dict[str, Any]
 Device = Union[str, torch.device]
@@ -948,7 +958,7 @@ def _filtered_and_gumbel(kwargs: Kwargs) -> Tuple[torch.Tensor, torch.Tensor, to
 
 
 def top_p_boundary(kwargs: Kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(boundary, scaled): the tokens on the top-p boundary (``TOP_P_BOUNDARY``) that top-k and
+    """(boundary, scaled): the tokens on the top-p boundary (``top_p_boundary_width``) that top-k and
     min-p keep, (batch, vocab) bool in token order, and the fp32 temperature-scaled logits, for
     ``filter_logits``' keyword arguments (``logits`` and the parameters). Where two filters
     disagree only on such tokens, fp32 rounding, not the rule, decided."""
@@ -964,7 +974,7 @@ def top_p_boundary(kwargs: Kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
     in_top_k = rank < torch.where(top_k == 0, torch.full_like(top_k, vocab), top_k.clamp(max=vocab))[:, None]
     probs = torch.softmax(sorted_logits.double().masked_fill(~in_top_k, float("-inf")), dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    boundary = ((mass_before - top_p.double()[:, None]).abs() <= TOP_P_BOUNDARY) & in_top_k
+    boundary = ((mass_before - top_p.double()[:, None]).abs() <= top_p_boundary_width(vocab)) & in_top_k
     boundary &= ((top_p < 1.0) & ~greedy)[:, None] & ~torch.isneginf(sorted_logits)
     boundary &= torch.exp(sorted_logits - sorted_logits[:, :1]) >= min_p[:, None]
     boundary[:, 0] = False  # the first token is always kept
