@@ -25,7 +25,8 @@
 #   fuzz      40   tests/test_fuzz.py's search on CUDA tensors under memcheck ($FUZZ_EXAMPLES, 8)
 #   targets   90   bench/gpu_targets.py: decode against copy bandwidth, prefill against SDPA flash,
 #                  masked against unmasked sampling, filter_logits against the reference
-#   model     40   bench/model_generate.py on CUDA: tiny and llama-100m against transformers
+#   model     40   bench/model_generate.py on CUDA: tiny and llama-100m against transformers,
+#                  decode with CUDA graphs on and off
 #   sweep     30   fmkernels bench --sweep: attention, decode, append_kv against the SDPA peers
 #                  ($SWEEP_GROUPS: "attention sampling")
 #   variants  10   bench/cuda_attention_variants.py and bench/cuda_decode_variants.py
@@ -253,7 +254,8 @@ for stage in "${stages[@]}"; do
     model)
       run model.log "$limit" $PYTHON bench/model_generate.py --device cuda --backend auto \
         --configs "${MODEL_CONFIGS:-tiny,llama-100m}" --dtypes bfloat16 --batches 1,8 --prompt-len 256 \
-        --new-tokens 64 --repeats 2 --peers transformers --json "$RESULTS/$date-model-generate-cuda.json"
+        --new-tokens 64 --repeats 2 --peers transformers --cuda-graphs on,off \
+        --json "$RESULTS/$date-model-generate-cuda.json"
       rc=$?
       show "$LOGS/model.log"
       note model $rc "$date-model-generate-cuda.json"

@@ -3,7 +3,8 @@
     python bench/model_generate.py [--configs smollm2,tiny,llama-100m] [--dtypes float32,bfloat16]
                                    [--threads 1,2] [--batches 1,8] [--prompt-len 256] [--new-tokens 128]
                                    [--repeats 3] [--backend auto|cpu|reference|...] [--device cpu|cuda]
-                                   [--peers transformers,llama.cpp] [--breakdown] [--json PATH]
+                                   [--peers transformers,llama.cpp] [--cuda-graphs auto|on,off]
+                                   [--breakdown] [--json PATH]
 
 Weights:
 
@@ -37,6 +38,11 @@ copy bandwidth and matmul rate measured in the same run (``fmkernels.benchmark.m
 at the mean context of the decode (prompt-len + new-tokens / 2): each step reads every weight
 once (the embedding table only for the batch's rows, unless tied to the LM head) and every
 sequence's KV cache. "of bound" = decode tok/s / that bound.
+
+``--cuda-graphs on,off`` times fmkernels once per setting of ``generate``'s ``cuda_graphs``
+(each its own interleaved implementation, "fmkernels (auto, graphs on)"): the decode step
+replayed from a captured CUDA graph against the same step launched op by op. The default,
+``auto``, is what a user gets (graphs on CUDA where the model allows them, off on a CPU).
 
 prefill bound: prompt tokens/s at the dtype's matmul rate measured at the row's thread count
 (a 4096 x 4096 matmul from torch's BLAS, the fastest of 5), for the FLOPs a prefill does: every
@@ -194,7 +200,7 @@ def _sync(device: torch.device) -> None:
 Timing = Callable[[object, torch.Tensor, int], tuple]
 
 
-def time_fmkernels(model: Transformer, prompts: torch.Tensor, new_tokens: int):
+def time_fmkernels(model: Transformer, prompts: torch.Tensor, new_tokens: int, cuda_graphs="auto"):
     """(prefill seconds, decode seconds, tokens) of one greedy generate call."""
     device = model.device
     first: List[float] = []
@@ -206,7 +212,8 @@ def time_fmkernels(model: Transformer, prompts: torch.Tensor, new_tokens: int):
 
     _sync(device)
     start = time.perf_counter()
-    tokens = model.generate(prompts, max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True, on_token=on_token)
+    tokens = model.generate(prompts, max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True, on_token=on_token,
+                            cuda_graphs=cuda_graphs)
     _sync(device)
     end = time.perf_counter()
     return first[0] - start, end - first[0], tokens
@@ -397,7 +404,8 @@ def run_config(name: str, args, device: torch.device, peaks: benchmark.Peaks,
                 llama = llama_cpp_model(gguf, threads, args.prompt_len + args.new_tokens + 8)
             for batch in args.batches:
                 prompts = prompts_by_batch[batch]
-                impls = [("fmkernels", time_fmkernels, ours, dtype_name)]
+                impls = [(_fmkernels_impl(setting, args), functools.partial(time_fmkernels, cuda_graphs=CUDA_GRAPHS[setting]),
+                          ours, dtype_name) for setting in args.cuda_graphs]
                 if "transformers" in args.peers:
                     impls.insert(0, ("transformers", time_transformers, hf, dtype_name))
                 if llama is not None and batch == 1:
@@ -410,6 +418,18 @@ def run_config(name: str, args, device: torch.device, peaks: benchmark.Peaks,
                                                 **parts))
                 print(f"  {dtype_name}, {threads} thread(s), batch {batch}: done", file=sys.stderr)
     return rows, breakdowns
+
+
+#: --cuda-graphs values and generate's cuda_graphs argument for each.
+CUDA_GRAPHS = {"auto": "auto", "on": True, "off": False}
+
+
+def _fmkernels_impl(setting: str, args) -> str:
+    """The implementation's name in the table: the backend, and the CUDA-graph setting where
+    more than one is timed."""
+    if len(args.cuda_graphs) == 1:
+        return f"fmkernels ({args.backend})"
+    return f"fmkernels ({args.backend}, graphs {setting})"
 
 
 def measure(name, params, batch, threads, impls, prompts, args, config, dtype, peaks, context,
@@ -438,7 +458,7 @@ def measure(name, params, batch, threads, impls, prompts, args, config, dtype, p
         base = rates.get("transformers")
         rows.append(Row(
             config=name, params=params, batch=batch, threads=threads,
-            implementation=f"fmkernels ({args.backend})" if impl == "fmkernels" else impl, dtype=dtype_name,
+            implementation=impl, dtype=dtype_name,
             prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
             prefill_ms=prefill * 1e3, decode_ms=decode * 1e3, prefill_tok_s=prefill_rate, decode_tok_s=decode_rate,
             prefill_vs_transformers=prefill_rate / base[0] if base else None,
@@ -531,6 +551,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="auto", help="fmkernels backend: auto, cpu, reference, triton, cuda")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--peers", type=_list(str), default=list(PEERS), help=f"comma-separated of {', '.join(PEERS)}")
+    parser.add_argument("--cuda-graphs", type=_list(str), default=["auto"],
+                        help="comma-separated of auto, on, off: generate's cuda_graphs, each timed as its own row")
     parser.add_argument("--breakdown", action="store_true", help="where a decode step's time goes")
     parser.add_argument("--json", default=None, help="write rows and metadata here")
     args = parser.parse_args(argv)
@@ -544,6 +566,11 @@ def main(argv=None) -> int:
         if name not in ("float32", "bfloat16", "float16"):
             parser.error(f"--dtypes: float32, bfloat16 or float16, got {name!r}")
     args.dtypes = [getattr(torch, name) for name in args.dtypes]
+    for name in args.cuda_graphs:
+        if name not in CUDA_GRAPHS:
+            parser.error(f"--cuda-graphs: comma-separated of {', '.join(CUDA_GRAPHS)}, got {name!r}")
+    if len(set(args.cuda_graphs)) != len(args.cuda_graphs):
+        parser.error(f"--cuda-graphs: each setting once, got {','.join(args.cuda_graphs)}")
     if args.threads is None:
         args.threads = sorted({1, os.cpu_count() or 1})
     if min(args.threads + args.batches + [args.prompt_len, args.new_tokens, args.repeats]) < 1:

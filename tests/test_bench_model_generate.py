@@ -62,3 +62,24 @@ def test_tiny_run_agrees_with_transformers_and_writes_json(tmp_path):
         assert p["op_calls"]["append_kv"] == p["op_calls"]["decode_attention"] == 2
         assert p["op_calls"]["sample"] == 1
         assert 0 < sum(p["op_ms"].values()) < p["step_ms"] * 1.5
+
+
+def test_cuda_graphs_on_and_off_are_rows_of_their_own(tmp_path):
+    # On a CPU "on" is generate's static-buffer decode without capture: the same tokens.
+    bench = _load()
+    out = tmp_path / "result.json"
+    argv = ["--configs", "tiny", "--batches", "2", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+            "--dtypes", "float32", "--threads", "1", "--backend", "cpu", "--cuda-graphs", "on,off",
+            "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["implementation"] for r in rows] == [
+        "transformers", "fmkernels (cpu, graphs on)", "fmkernels (cpu, graphs off)"]
+    assert [r["agree"] for r in rows] == [None, "yes", "yes"]
+
+
+@pytest.mark.parametrize("value", ["sometimes", "on,on"])
+def test_cuda_graphs_setting_is_checked(value, capsys):
+    with pytest.raises(SystemExit):
+        _load().main(["--configs", "tiny", "--cuda-graphs", value])
+    assert "--cuda-graphs" in capsys.readouterr().err

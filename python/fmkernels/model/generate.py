@@ -108,7 +108,8 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
              return_result: bool = False, on_token: Optional[Callable[[int, int], None]] = None,
              kv_cache: str = "contiguous", block_size: int = 16, num_samples: int = 1, best_of: bool = False,
              num_beams: Optional[int] = None, length_penalty: float = 1.0,
-             allowed_tokens: Optional[search.AllowedTokens] = None, constraint=None):
+             allowed_tokens: Optional[search.AllowedTokens] = None, constraint=None,
+             cuda_graphs: Union[str, bool] = "auto"):
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
     The prompts are prefilled together, in one packed forward (``Transformer.prefill``), into
@@ -173,6 +174,17 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
         ``allowed``; EOS is allowed only where the output is complete, and a constrained sequence
         ends at EOS even with ``ignore_eos``. A constraint that allows no token raises ValueError
         naming the prompt. Not with ``allowed_tokens``.
+    cuda_graphs : "auto", True or False. True runs each decode step on static buffers
+        (``fmkernels.model.decode_graphs``): on a CUDA model captured once per batch-size bucket
+        in a CUDA graph and replayed, elsewhere eagerly (the same bookkeeping, for tests and
+        debugging); the tokens are those of the plain path. "auto" (the default) is False for
+        now: the capture has not yet run on a GPU (``GRAPHS_IN_AUTO``); once it has, "auto"
+        will be True for a model on CUDA. A step cannot be graphed in beam search (its own
+        loop), with a mixture of experts (routing picks each expert's tokens with a
+        data-dependent shape), in a tensor-parallel model (its all-reduces are not captured),
+        or with a backend other than "auto", "cuda" or "triton" (an implementation that reads
+        GPU values back on the host cannot be captured): True raises ValueError naming the
+        reason in those cases, "auto" runs the plain path.
 
     Returns
     -------
@@ -197,6 +209,7 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
         raise ValueError("num_logprobs > 0 needs return_logprobs=True")
     search.check_search_options(num_samples, best_of, num_beams, length_penalty, allowed_tokens, temperature,
                                 stop_strings, num_logprobs)
+    graphed = _decode_graphs_choice(model, cuda_graphs, num_beams)
     constraints = _prompt_constraints(constraint, len(lists))
     if constraints is not None and allowed_tokens is not None:
         raise ValueError("pass constraint or allowed_tokens, not both")
@@ -233,7 +246,9 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
     model_logprob_sums = [0.0] * len(lists)
     device = model.device
     batch = len(lists)
-    cache = model.new_cache(kv_cache, batch=batch, max_seq_len=needed, block_size=block_size)
+    # A paged cache for static steps holds one more block: the padding rows' scratch.
+    num_blocks = batch * -(-needed // block_size) + 1 if graphed is not None and kv_cache == "paged" else None
+    cache = model.new_cache(kv_cache, batch=batch, max_seq_len=needed, block_size=block_size, num_blocks=num_blocks)
     if seed is None:
         seed = int(torch.randint(0, 2**62 - batch, ()))
         if getattr(model, "tensor_parallel", None) is not None:
@@ -292,24 +307,40 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
     outputs: List[List[int]] = [[] for _ in lists]
     active = list(range(batch))  # prompt index of each decode row
     slots = list(range(batch))  # cache slot of each decode row
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    return_logprobs=return_logprobs, num_logprobs=int(num_logprobs))
+    decoder = None
+    if graphed is not None:
+        from .decode_graphs import DecodeGraphs
+
+        words = None if masks is None else -(-config.vocab_size // 32)
+        decoder = DecodeGraphs(model, cache, batch, sampling, vocab_words=words, graphs=graphed)
+
+    def allowed_rows():
+        """The running rows' token bitmask (host), or None without constraints."""
+        if masks is None:
+            return None
+        return masks.fill([matchers[b] for b in active],
+                          lambda r: f"prompt {prompt_of[active[r]]}, step {len(outputs[active[r]])}")
+
+    def row_steps():
+        return torch.tensor([len(outputs[b]) for b in active], dtype=torch.int64)
+
+    def draw(logits, allowed):
+        return ops.sample(logits, allowed=None if allowed is None else allowed.to(device),
+                          seed=seeds[active].to(device), step=row_steps().to(device), backend=model.backend,
+                          **sampling)
+
+    sampled = draw(logits, allowed_rows())
     while True:
-        steps = torch.tensor([len(outputs[b]) for b in active], dtype=torch.int64)
         if scoring:
             own = search.model_logprobs(logits)  # [B', V]
-        allowed = None
-        if masks is not None:
-            allowed = masks.fill([matchers[b] for b in active],
-                                 lambda r: f"prompt {prompt_of[active[r]]}, step {len(outputs[active[r]])}").to(device)
-        sampled = ops.sample(
-            logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, allowed=allowed,
-            seed=seeds[active].to(device), step=steps.to(device), backend=model.backend,
-            return_logprobs=return_logprobs, num_logprobs=int(num_logprobs),
-        )
         tokens = sampled.tokens if return_logprobs else sampled
         if return_logprobs:
             chosen, ids, values = (t.tolist() for t in (sampled.logprobs, sampled.top_ids, sampled.top_logprobs))
         running = []
-        for row, (b, token) in enumerate(zip(active, tokens.tolist())):
+        drawn = tokens.tolist()
+        for row, (b, token) in enumerate(zip(active, drawn)):
             outputs[b].append(token)
             if scoring:
                 model_logprob_sums[b] += float(own[row, token])
@@ -335,8 +366,13 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
         else:
             cache.keep([slots[row] for row in running])
             slots = list(range(len(running)))
-        next_ids = tokens[running][:, None]  # [B', 1]
-        logits = model(next_ids, cache=cache, slots=slots)[:, -1]  # [B', V]
+        allowed = allowed_rows()
+        if decoder is not None:
+            logits, sampled = decoder.step([drawn[row] for row in running], slots, seeds[active], row_steps(), allowed)
+        else:
+            next_ids = tokens[running][:, None]  # [B', 1]
+            logits = model(next_ids, cache=cache, slots=slots)[:, -1]  # [B', V]
+            sampled = draw(logits, allowed)
 
     scores = [total / len(tokens) for total, tokens in zip(model_logprob_sums, outputs)] if scoring else None
     keep = search.pick_best_of(num_samples, outputs, scores) if best_of else list(range(batch))
@@ -355,6 +391,40 @@ def generate(model, prompts: Optional[Prompts] = None, *, max_new_tokens: int, m
         logprobs=pick(logprobs), top_ids=pick(top_ids) if num_logprobs else None,
         top_logprobs=pick(top_logprobs) if num_logprobs else None, scores=pick(scores),
     )
+
+
+#: The backends whose decode-step ops run without reading GPU values back (captured in a CUDA graph).
+_GRAPHABLE_BACKENDS = ("auto", "cuda", "triton")
+
+#: Whether cuda_graphs="auto" captures the decode step on CUDA. False until the capture and
+#: replay (tests/test_model_decode_graphs.py's gpu tests, bench/gpu_check.sh's model stage)
+#: have run on a GPU; cuda_graphs=True asks for them meanwhile.
+GRAPHS_IN_AUTO = False
+
+
+def _decode_graphs_choice(model, cuda_graphs, num_beams) -> Optional[bool]:
+    """How decode steps run: None for the plain path, False for static buffers run eagerly, True
+    for static buffers captured in CUDA graphs (``cuda_graphs``: "auto", True or False)."""
+    if not (isinstance(cuda_graphs, bool) or cuda_graphs == "auto"):
+        raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+    if cuda_graphs is False:
+        return None
+    on_cuda = model.device.type == "cuda"
+    reason = None
+    if num_beams is not None:
+        reason = "beam search runs its own decode loop"
+    elif model.config.n_experts:
+        reason = "a mixture of experts routes tokens with data-dependent shapes"
+    elif getattr(model, "tensor_parallel", None) is not None:
+        reason = "a tensor-parallel model's all-reduces are not captured"
+    elif on_cuda and model.backend not in _GRAPHABLE_BACKENDS:
+        reason = (f"backend {model.backend!r} may read GPU values back on the host (graphs take "
+                  f"{', '.join(map(repr, _GRAPHABLE_BACKENDS))})")
+    if cuda_graphs == "auto":
+        return True if GRAPHS_IN_AUTO and on_cuda and reason is None else None
+    if reason is not None:
+        raise ValueError(f"cuda_graphs=True cannot run this generate call: {reason}")
+    return on_cuda
 
 
 def _prompt_constraints(constraint, prompts: int):

@@ -5,7 +5,8 @@ Both hold one (k, v) pair per layer in the layouts the ops take (DESIGN.md):
 contiguous (batch, max_seq_len, kv_heads, head_dim) with ``cache_seqlens``, or paged
 (num_blocks, block_size, kv_heads, head_dim) with a ``block_table`` (batch, max_blocks).
 The model asks a cache for ``prepare(slots, n_new)`` (the cache_seqlens, and the block table
-for a paged one, of the sequences in the batch) before a forward pass and calls
+for a paged one, of the sequences in the batch; ``reserve`` does its checks and allocation
+alone, for a caller that lays out those tensors itself) before a forward pass and calls
 ``advance(slots, n_new)`` after it; ``n_new`` is one count for every slot, or one per slot
 (a packed prefill of ragged prompts, which writes where ``prompt_rows`` says).
 ``fork(src, dst)`` starts a sequence as a copy of another (the samples of one prompt, a beam
@@ -85,14 +86,18 @@ class ContiguousKVCache:
             raise ValueError(f"slot must be a row of the cache in [0, {len(self.lengths)}), got {slot}")
         return self.lengths[slot]
 
-    def prepare(self, slots: Sequence[int], n_new: NewTokens) -> Tuple[torch.Tensor, None]:
-        """cache_seqlens (len(slots),) int32 for a pass writing n_new tokens to each slot."""
+    def reserve(self, slots: Sequence[int], n_new: NewTokens) -> None:
+        """Checks that each slot has room for n_new more tokens."""
         for slot, count in zip(slots, _per_slot(slots, n_new)):
             if self.length(slot) + count > self.max_seq_len:
                 raise ValueError(
                     f"sequence in slot {slot} needs {self.lengths[slot] + count} positions, "
                     f"the cache holds max_seq_len={self.max_seq_len}"
                 )
+
+    def prepare(self, slots: Sequence[int], n_new: NewTokens) -> Tuple[torch.Tensor, None]:
+        """cache_seqlens (len(slots),) int32 for a pass writing n_new tokens to each slot."""
+        self.reserve(slots, n_new)
         device = self.k[0].device
         return torch.tensor([self.lengths[s] for s in slots], dtype=torch.int32, device=device), None
 
@@ -217,9 +222,8 @@ class PagedKVCache:
         """The number of tokens the sequence in ``slot`` holds (0 for a slot with no sequence)."""
         return self.lengths.get(slot, 0)
 
-    def prepare(self, slots: Sequence[int], n_new: NewTokens) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Allocates the blocks that n_new more tokens per slot need; returns
-        cache_seqlens (n,) int32 and block_table (n, max_blocks) int32 for the slots."""
+    def reserve(self, slots: Sequence[int], n_new: NewTokens) -> None:
+        """Allocates the blocks that n_new more tokens per slot need."""
         for slot, count in zip(slots, _per_slot(slots, n_new)):
             length = self.lengths.setdefault(slot, 0)
             blocks = self.blocks.setdefault(slot, [])
@@ -231,6 +235,11 @@ class PagedKVCache:
             needed = -(-(length + count) // self.block_size) - len(blocks)
             if needed > 0:
                 blocks.extend(self.allocator.allocate(needed))
+
+    def prepare(self, slots: Sequence[int], n_new: NewTokens) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Allocates the blocks that n_new more tokens per slot need (``reserve``); returns
+        cache_seqlens (n,) int32 and block_table (n, max_blocks) int32 for the slots."""
+        self.reserve(slots, n_new)
         device = self.k[0].device
         width = max(len(self.blocks[s]) for s in slots)
         # Unused entries point at block 0; decode_attention never reads past a sequence's length.

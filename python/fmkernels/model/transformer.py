@@ -111,9 +111,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, backend: str, cache=None, slots=None, seqlens=None, block_table=None,
-                cu_seqlens=None, prompt_rows=None):
+                cu_seqlens=None, prompt_rows=None, kv_caches=None):
         """x (B, S, E) -> (B, S, E); or, with ``cu_seqlens`` (and the cache's ``prompt_rows``), a
-        packed prefill into empty cache slots: x (T, E) -> (T, E)."""
+        packed prefill into empty cache slots: x (T, E) -> (T, E); or, with ``kv_caches`` (each
+        layer's (k, v) cache tensors, laid out by the caller), decode against them at ``seqlens``
+        with no host work (``Transformer.decode``)."""
         tokens = x.shape[:-1]  # (B, S), or (T,) packed
         q = project(self.q_proj, x, backend).view(*tokens, self.n_heads, self.head_dim)  # [B, S, H, D] or [T, H, D]
         k = project(self.k_proj, x, backend).view(*tokens, self.n_kv_heads, self.head_dim)  # [B, S, K, D] or [T, K, D]
@@ -124,6 +126,11 @@ class Attention(nn.Module):
             # Each sequence attends to its own keys only (its slot was empty).
             out = ops.attention(q, k, v, causal=True, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                                 backend=backend)  # [T, H, D]
+        elif kv_caches is not None:
+            k_cache, v_cache = kv_caches[self.index]
+            ops.append_kv(k_cache, v_cache, k, v, seqlens, block_table=block_table, backend=backend)
+            out = ops.decode_attention(q, k_cache, v_cache, seqlens + tokens[1], block_table=block_table,
+                                       backend=backend)  # [B, S, H, D]
         elif cache is None:
             out = ops.attention(q, k, v, causal=True, backend=backend)  # [B, S, H, D]
         else:
@@ -292,6 +299,33 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(slots, s)
         return project(self.lm_head, self.norm(x), self.backend)  # [B, S, V]
+
+    def decode(self, input_ids: torch.Tensor, *, kv_caches, seqlens: torch.Tensor,
+               block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One decode step on tensors the caller lays out, with no host work: no check of the
+        ids' values, no cache bookkeeping, nothing read back (``fmkernels.model.decode_graphs``
+        captures it in a CUDA graph). Each row's keys and values are appended at its
+        ``seqlens`` position and attention reads its cache through that token.
+
+        Parameters
+        ----------
+        input_ids : Tensor (B, 1) int64, ids of the vocabulary.
+        kv_caches : sequence of (k_cache, v_cache), one pair per layer: contiguous (B,
+            max_seq_len, K, D) rows, or a paged pool (num_blocks, block_size, K, D) with
+            ``block_table``.
+        seqlens : Tensor (B,) int32, the tokens each row's cache holds before this one.
+        block_table : Tensor (B, max_blocks) int32, for a paged pool.
+
+        Returns
+        -------
+        Tensor (B, V): the next-token logits of each row. The caller advances its lengths.
+        """
+        positions = seqlens.long()[:, None]  # [B, 1]
+        cos, sin = self._rope(positions)  # [B, 1, 1, D]
+        x = self.embed_tokens(input_ids)  # [B, 1, E]
+        for layer in self.layers:
+            x = layer(x, cos, sin, self.backend, kv_caches=kv_caches, seqlens=seqlens, block_table=block_table)
+        return project(self.lm_head, self.norm(x), self.backend)[:, -1]  # [B, V]
 
     def prefill(self, prompts, *, cache, slots: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Prefills a batch of prompts (ragged) into empty cache slots in one forward pass, and
