@@ -47,6 +47,26 @@ def smollm2_gguf():
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """(model, tokenizer): transformers' fp32 model and its tokenizer read from the real
+    checkpoint's GGUF file, once a session (each read takes ~25 s here). Shared by every test
+    file that compares with transformers: a test leaves both as it found them."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    directory, name = os.path.dirname(smollm2_gguf), os.path.basename(smollm2_gguf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cpu(smollm2_gguf):
+    """fmkernels' fp32 model of the real checkpoint on the cpu backend, once a session."""
+    from fmkernels.model import Transformer
+
+    return Transformer.from_pretrained(smollm2_gguf, dtype=torch.float32, backend="cpu")
+
+
 @pytest.fixture
 def restore_registry():
     """The test leaves the registry as it found it, even when it fails half-way."""

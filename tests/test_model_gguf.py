@@ -70,12 +70,12 @@ def assert_same_tokenizer(ours, theirs, texts):
 # --- the real model -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def hf(smollm2_gguf):
+def hf(smollm2_transformers):
     """transformers' model and tokenizer on the file, and its ChatML prompt."""
-    tokenizer = hf_tokenizer(smollm2_gguf)
+    model, tokenizer = smollm2_transformers
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                          add_generation_prompt=True, tokenize=False)
-    return hf_from_gguf(smollm2_gguf), tokenizer, dict(PROMPTS, chat=chat)
+    return model, tokenizer, dict(PROMPTS, chat=chat)
 
 
 @pytest.fixture(scope="module")

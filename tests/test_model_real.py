@@ -2,13 +2,12 @@
 ragged batches and shared prompt prefixes against transformers reading the same file, and
 the command line. The logits and greedy-token comparisons are in test_model_gguf.py."""
 
-import os
 
 import pytest
 import torch
 
 from fmkernels.cli import main as cli_main
-from fmkernels.model import Transformer, chat, load_tokenizer
+from fmkernels.model import chat, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
@@ -21,13 +20,9 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def real(smollm2_gguf):
+def real(smollm2_gguf, smollm2_cpu, smollm2_transformers):
     """(fmkernels model on the cpu backend, our tokenizer, transformers' model and tokenizer)."""
-    directory, name = os.path.dirname(smollm2_gguf), os.path.basename(smollm2_gguf)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = Transformer.from_pretrained(smollm2_gguf, dtype=torch.float32, backend="cpu")
-    return model, load_tokenizer(smollm2_gguf), hf, hf_tokenizer
+    return (smollm2_cpu, load_tokenizer(smollm2_gguf), *smollm2_transformers)
 
 
 def _hf_greedy(hf, ids, new_tokens, eos_token_id=None):

@@ -12,7 +12,6 @@ import re
 import sys
 
 import pytest
-import torch
 
 from fmkernels.model import ByteTokenizer, ModelConfig, Transformer, structured
 
@@ -62,10 +61,10 @@ MODES = {
 
 
 @pytest.fixture(scope="module")
-def real(smollm2_gguf):
+def real(smollm2_gguf, smollm2_cpu):
     from fmkernels.model import load_tokenizer
 
-    return Transformer.from_pretrained(smollm2_gguf, dtype=torch.float32, backend="cpu"), load_tokenizer(smollm2_gguf)
+    return smollm2_cpu, load_tokenizer(smollm2_gguf)
 
 
 def chat(question):

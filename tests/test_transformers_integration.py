@@ -4,7 +4,6 @@ eager and sdpa attention on the same weights: logits within DESIGN.md's attentio
 static caches, unpadded, left- and right-padded batches; the masks fmkernels cannot express
 raise. The real checkpoint the test suite has (SmolLM2-135M-Instruct) likewise."""
 
-import os
 
 import pytest
 import torch
@@ -285,12 +284,14 @@ def test_padding_mask_reports_its_shape():
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    pytest.importorskip("gguf")
-    directory, name = os.path.dirname(smollm2_gguf), os.path.basename(smollm2_gguf)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    return model, tokenizer
+def smollm2(smollm2_transformers):
+    """The session's transformers model and tokenizer, given back with their attention
+    implementation and padding side as they were."""
+    model, tokenizer = smollm2_transformers
+    attention, padding_side = model.config._attn_implementation, tokenizer.padding_side
+    yield model, tokenizer
+    model.set_attn_implementation(attention)
+    tokenizer.padding_side = padding_side
 
 
 PROMPTS = ["The history of the printing press begins", "def fibonacci(n):\n", "Paris is"]
