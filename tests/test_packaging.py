@@ -25,7 +25,7 @@ def _build_tools_present() -> bool:
 def test_wheel_contains_extension_and_triton_kernels(tmp_path):
     # Build from a copy so the wheel's build directory does not touch the editable install's.
     source = tmp_path / "src"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", "build", ".git", "__pycache__", "*.so"))
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv*", "build", ".git", ".gpu-wheel", "gpu-out", "__pycache__", "*.so"))
     env = dict(os.environ, FMKERNELS_CUDA="OFF")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(source)],
