@@ -11,7 +11,7 @@ BUILD_SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/
 INSTALLED := $(VENV)/.fmkernels-installed
 BUILD_TOOLS := $(VENV)/.build-tools
 
-.PHONY: run test check bench install fuzz test-sanitize clean
+.PHONY: run test check bench install fuzz test-sanitize wheel-check clean
 
 run: $(INSTALLED)
 	$(VENV)/bin/fmkernels check
@@ -43,7 +43,7 @@ install: $(INSTALLED)
 
 $(BUILD_TOOLS): $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c $(CONSTRAINTS) scikit-build-core pybind11
+	$(PIP) install -q -c $(CONSTRAINTS) scikit-build-core pybind11 build
 	touch $@
 
 # The editable install rebuilds the extensions when a C++/CUDA or build file changes;
@@ -70,6 +70,12 @@ test-sanitize:
 		--config-settings=build-dir=build/sanitize .
 	cd tests && ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		LD_PRELOAD="$(SANITIZE_RUNTIME)" ../$(SANITIZE_VENV)/bin/python -m pytest -q -p no:cacheprovider $(SANITIZE_TESTS)
+
+# `make wheel-check`: the sdist and wheel of `python -m build` (CPU build), the wheel installed
+# into a clean virtualenv with only its declared dependencies, and `fmkernels check` on a small
+# op set run from outside the source tree. .ci/run runs it after the tests.
+wheel-check: $(BUILD_TOOLS)
+	bash .ci/wheel-check $(PY)
 
 clean:
 	rm -rf build $(VENV) $(SANITIZE_VENV)
