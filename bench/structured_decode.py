@@ -1,4 +1,4 @@
-"""What a JSON-schema constraint adds to a decode step of fmkernels.model.generate.
+"""What a JSON-schema constraint adds to a decode step of fmkernels.model.generation.generate.
 
     python bench/structured_decode.py [--models tiny,smollm2] [--batches 1,16] [--new-tokens 64]
                                       [--repeats 3] [--threads N] [--json PATH]
@@ -42,7 +42,7 @@ from typing import Dict, List
 import torch
 
 from fmkernels import benchmark, ops, testing
-from fmkernels.model import ModelConfig, Transformer, load_tokenizer, structured
+from fmkernels.model import ModelConfig, Transformer, generate, load_pretrained, load_tokenizer, structured
 
 SCHEMA = {"type": "array", "items": {"type": "integer"}, "minItems": 500}
 QUESTION = "List some numbers as a JSON array."
@@ -80,7 +80,7 @@ def timed_calls(timers: Timers):
 def load(name: str, gguf: str):
     tokenizer = load_tokenizer(gguf)
     if name == "smollm2":
-        return Transformer.from_pretrained(gguf, dtype=torch.float32), tokenizer
+        return load_pretrained(gguf, dtype=torch.float32), tokenizer
     config = dataclasses.replace(ModelConfig.from_name("tiny"), vocab_size=49152, max_seq_len=512,
                                  eos_token_ids=(tokenizer.eos_token_id,))
     return Transformer.from_config(config, seed=0), tokenizer
@@ -93,9 +93,9 @@ def one_run(model, tokenizer, batch: int, new_tokens: int, constraint) -> Dict[s
     messages = [[{"role": "user", "content": QUESTION}]] * batch
     with timed_calls(timers):
         start = time.perf_counter()
-        result = model.generate(messages=messages, tokenizer=tokenizer, max_new_tokens=new_tokens, temperature=1.0,
-                                seed=0, constraint=constraint, ignore_eos=True, return_result=True,
-                                on_token=lambda b, t: first.append(time.perf_counter()) if not first else None)
+        result = generate(model, messages=messages, tokenizer=tokenizer, max_new_tokens=new_tokens, temperature=1.0,
+                          seed=0, constraint=constraint, ignore_eos=True, return_result=True,
+                          on_token=lambda b, t: first.append(time.perf_counter()) if not first else None)
         end = time.perf_counter()
     if any(len(tokens) != new_tokens for tokens in result.tokens):
         raise AssertionError("a row ended before the budget: the timings would mix batch sizes")

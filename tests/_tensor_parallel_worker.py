@@ -6,6 +6,7 @@ import json
 import sys
 
 import torch
+from fmkernels.model import generate, load_pretrained
 
 
 def run(spec):
@@ -21,8 +22,8 @@ def run(spec):
         torch.cuda.set_device(device)
     for name, case in spec["cases"].items():
         if "checkpoint" in case:
-            model = Transformer.from_pretrained(case["checkpoint"], backend=case["backend"], device=device,
-                                                tensor_parallel=True)
+            model = load_pretrained(case["checkpoint"], backend=case["backend"], device=device,
+                                    tensor_parallel=True)
         else:
             model = Transformer.from_config(ModelConfig(**case["config"]), seed=3, backend=case["backend"],
                                             device=device, tensor_parallel=True)
@@ -32,10 +33,10 @@ def run(spec):
         prompts = case["prompts"]
         out = {"logits": logits, "heads": (model.tensor_parallel.n_heads, model.tensor_parallel.n_kv_heads)}
         for kv_cache in ("contiguous", "paged"):
-            out[f"greedy {kv_cache}"] = model.generate(prompts, max_new_tokens=8, kv_cache=kv_cache, ignore_eos=True)
-            out[f"sampled {kv_cache}"] = model.generate(prompts, max_new_tokens=8, kv_cache=kv_cache, ignore_eos=True,
-                                                        temperature=0.9, top_p=0.95, seed=11)
-        out["unseeded"] = model.generate(prompts, max_new_tokens=6, ignore_eos=True, temperature=1.0)
+            out[f"greedy {kv_cache}"] = generate(model, prompts, max_new_tokens=8, kv_cache=kv_cache, ignore_eos=True)
+            out[f"sampled {kv_cache}"] = generate(model, prompts, max_new_tokens=8, kv_cache=kv_cache, ignore_eos=True,
+                                                  temperature=0.9, top_p=0.95, seed=11)
+        out["unseeded"] = generate(model, prompts, max_new_tokens=6, ignore_eos=True, temperature=1.0)
         results[name] = out
     import torch.distributed as dist
 

@@ -62,9 +62,9 @@ def smollm2_transformers(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_cpu(smollm2_gguf):
     """fmkernels' fp32 model of the real checkpoint on the cpu backend, once a session."""
-    from fmkernels.model import Transformer
+    from fmkernels.model import load_pretrained
 
-    return Transformer.from_pretrained(smollm2_gguf, dtype=torch.float32, backend="cpu")
+    return load_pretrained(smollm2_gguf, dtype=torch.float32, backend="cpu")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import torch
 
 import fmkernels
 from fmkernels import cli, reference, registry
+from fmkernels.model import generate, load_pretrained
 
 # --impl imports this module by the name pytest gave it (it is in sys.modules already).
 HERE = __name__
@@ -158,11 +159,11 @@ def test_generate_on_a_saved_transformers_checkpoint_with_a_tokenizer(tmp_path, 
     assert "prefill: 3 tokens in" in out and "tokens/s" in out
 
     # The same greedy text through the API, and a stop string cut from the streamed output.
-    from fmkernels.model import Transformer, load_tokenizer
+    from fmkernels.model import load_tokenizer
 
     tok = load_tokenizer(tmp_path)
-    model = Transformer.from_pretrained(tmp_path, backend="cpu")
-    result = model.generate([tok.encode("the cat sat")], max_new_tokens=8, tokenizer=tok, return_result=True)
+    model = load_pretrained(tmp_path, backend="cpu")
+    result = generate(model, [tok.encode("the cat sat")], max_new_tokens=8, tokenizer=tok, return_result=True)
     assert out.splitlines()[0] == "the cat sat" + result.texts[0]
     words = result.texts[0].split()
     if len(words) >= 3:

@@ -3,7 +3,7 @@ encoded without added special tokens, and the end-of-turn token found from the t
 
 import pytest
 
-from fmkernels.model import ByteTokenizer, chat
+from fmkernels.model import ByteTokenizer, chat, generate
 
 transformers_chat = pytest.importorskip("transformers.utils.chat_template_utils")
 
@@ -174,24 +174,24 @@ def test_generate_messages_is_the_templated_prompt_and_stops_at_end_of_turn(tiny
     tokenizer = SpecialTokenizer(CHATML, ["<|im_start|>", "<|im_end|>"])
     end = tokenizer.specials["<|im_end|>"]
     prompt = chat.apply_chat_template(tokenizer, CONVERSATION)
-    ours = tiny_model.generate(messages=CONVERSATION, tokenizer=tokenizer, max_new_tokens=6, return_result=True,
-                               allowed_tokens=_forced([ord("4"), ord("."), end, 1, 2, 3]))
+    ours = generate(tiny_model, messages=CONVERSATION, tokenizer=tokenizer, max_new_tokens=6, return_result=True,
+                    allowed_tokens=_forced([ord("4"), ord("."), end, 1, 2, 3]))
     assert ours.tokens == [[ord("4"), ord("."), end]] and ours.finish_reasons == ["eos"]
     assert ours.texts == ["4."]
     # Without a forced end, the same tokens as the prompt given as ids (greedy).
-    free = tiny_model.generate(messages=CONVERSATION, tokenizer=tokenizer, max_new_tokens=5, ignore_eos=True)
-    assert free == tiny_model.generate([prompt], tokenizer=tokenizer, max_new_tokens=5, ignore_eos=True)
+    free = generate(tiny_model, messages=CONVERSATION, tokenizer=tokenizer, max_new_tokens=5, ignore_eos=True)
+    assert free == generate(tiny_model, [prompt], tokenizer=tokenizer, max_new_tokens=5, ignore_eos=True)
     # ignore_eos also ignores the end of turn.
     forced = _forced([end, end, end])
-    assert tiny_model.generate(messages=CONVERSATION, tokenizer=tokenizer, max_new_tokens=3, ignore_eos=True,
-                               allowed_tokens=forced) == [[end, end, end]]
+    assert generate(tiny_model, messages=CONVERSATION, tokenizer=tokenizer, max_new_tokens=3, ignore_eos=True,
+                    allowed_tokens=forced) == [[end, end, end]]
 
 
 def test_generate_a_batch_of_conversations(tiny_model):
     tokenizer = SpecialTokenizer(CHATML, ["<|im_start|>", "<|im_end|>"])
     second = [{"role": "user", "content": "Hi"}]
-    batch = tiny_model.generate(messages=[CONVERSATION, second], tokenizer=tokenizer, max_new_tokens=4)
-    alone = [tiny_model.generate(messages=m, tokenizer=tokenizer, max_new_tokens=4)[0] for m in (CONVERSATION, second)]
+    batch = generate(tiny_model, messages=[CONVERSATION, second], tokenizer=tokenizer, max_new_tokens=4)
+    alone = [generate(tiny_model, messages=m, tokenizer=tokenizer, max_new_tokens=4)[0] for m in (CONVERSATION, second)]
     assert batch == alone
 
 
@@ -204,4 +204,4 @@ def test_generate_a_batch_of_conversations(tiny_model):
 ])
 def test_generate_messages_errors(tiny_model, kwargs, error, match):
     with pytest.raises(error, match=match):
-        tiny_model.generate(max_new_tokens=2, **kwargs)
+        generate(tiny_model, max_new_tokens=2, **kwargs)

@@ -1,4 +1,4 @@
-"""Decode steps on static buffers (fmkernels.model.decode_graphs), and generate(cuda_graphs=...).
+"""Decode steps on static buffers (fmkernels.model.generation.decode_graphs), and generate(cuda_graphs=...).
 
 On the CPU, ``cuda_graphs=True`` runs the static-buffer step eagerly: the same buckets,
 padding rows, staged copies and cache bookkeeping a CUDA graph replays, held here to the
@@ -16,10 +16,11 @@ import types
 import pytest
 import torch
 
-from fmkernels.model import ModelConfig, Transformer, decode_graphs
-from fmkernels.model.decode_graphs import DecodeGraphs, bucket_sizes
+from fmkernels.model import ModelConfig, Transformer, generate
+from fmkernels.model.generation import decode_graphs
+from fmkernels.model.generation.decode_graphs import DecodeGraphs, bucket_sizes
 
-generate_module = importlib.import_module("fmkernels.model.generate")
+generate_module = importlib.import_module("fmkernels.model.generation.generate")
 
 PROMPTS = [[1, 2, 3], [7], [5, 6, 7, 8, 9], [4, 4], [9, 9, 9]]
 
@@ -31,13 +32,13 @@ def model():
 
 def _stop_tokens(model, **options):
     """Tokens that end some rows early: each of three rows' third token in a free run."""
-    free = model.generate(PROMPTS, max_new_tokens=12, ignore_eos=True, **options)
+    free = generate(model, PROMPTS, max_new_tokens=12, ignore_eos=True, **options)
     return sorted({free[b][2] for b in (0, 2, 4)})
 
 
 def _both(model, **options):
-    plain = model.generate(PROMPTS, return_result=True, cuda_graphs=False, **options)
-    static = model.generate(PROMPTS, return_result=True, cuda_graphs=True, **options)
+    plain = generate(model, PROMPTS, return_result=True, cuda_graphs=False, **options)
+    static = generate(model, PROMPTS, return_result=True, cuda_graphs=True, **options)
     return plain, static
 
 
@@ -80,7 +81,7 @@ def test_buckets_shrink_as_rows_finish(model, monkeypatch):
 
     monkeypatch.setattr(DecodeGraphs, "_run", spy)
     stop = _stop_tokens(model)
-    result = model.generate(PROMPTS, max_new_tokens=12, stop_token_ids=stop, return_result=True, cuda_graphs=True)
+    result = generate(model, PROMPTS, max_new_tokens=12, stop_token_ids=stop, return_result=True, cuda_graphs=True)
     live = [sum(len(tokens) > step for tokens in result.tokens) for step in range(1, 12)]
     live = [n for n in live if n]  # rows decoding at each step after the prefill's
     assert buckets == [min(size for size in bucket_sizes(5) if size >= n) for n in live]
@@ -143,14 +144,14 @@ def test_steps_grow_a_paged_sequence_into_new_blocks(model):
 
 def test_generate_rejects_what_it_cannot_graph(model):
     with pytest.raises(ValueError, match="cuda_graphs must be 'auto', True or False, got 'yes'"):
-        model.generate(PROMPTS, max_new_tokens=2, cuda_graphs="yes")
+        generate(model, PROMPTS, max_new_tokens=2, cuda_graphs="yes")
     with pytest.raises(ValueError, match="cuda_graphs=True cannot run this generate call: beam search"):
-        model.generate(PROMPTS, max_new_tokens=2, num_beams=2, cuda_graphs=True)
+        generate(model, PROMPTS, max_new_tokens=2, num_beams=2, cuda_graphs=True)
     moe = Transformer.from_config(dataclasses.replace(ModelConfig.from_name("tiny"), n_experts=4,
                                                       experts_per_token=2), seed=0, backend="cpu")
     with pytest.raises(ValueError, match="mixture of experts"):
-        moe.generate(PROMPTS, max_new_tokens=2, cuda_graphs=True)
-    assert moe.generate(PROMPTS, max_new_tokens=2) == moe.generate(PROMPTS, max_new_tokens=2, cuda_graphs=False)
+        generate(moe, PROMPTS, max_new_tokens=2, cuda_graphs=True)
+    assert generate(moe, PROMPTS, max_new_tokens=2) == generate(moe, PROMPTS, max_new_tokens=2, cuda_graphs=False)
 
 
 def test_auto_keeps_the_plain_path_on_the_cpu(model, monkeypatch):
@@ -158,7 +159,7 @@ def test_auto_keeps_the_plain_path_on_the_cpu(model, monkeypatch):
         raise AssertionError("auto made a static-buffer runner on the CPU")
 
     monkeypatch.setattr(decode_graphs, "DecodeGraphs", refuse)
-    assert model.generate(PROMPTS, max_new_tokens=3) == model.generate(PROMPTS, max_new_tokens=3, cuda_graphs=False)
+    assert generate(model, PROMPTS, max_new_tokens=3) == generate(model, PROMPTS, max_new_tokens=3, cuda_graphs=False)
 
 
 def test_auto_graphs_cuda_only_once_they_are_let_into_auto(monkeypatch):
@@ -229,8 +230,8 @@ def test_gpu_graphs_replay_the_plain_paths_tokens(backend, kv_cache, monkeypatch
     runners = _runners(monkeypatch)
     options = dict(max_new_tokens=16, kv_cache=kv_cache, block_size=8, temperature=0.8, top_p=0.9, seed=2,
                    return_logprobs=True, num_logprobs=2, stop_token_ids=_stop_tokens(gpu_model, kv_cache=kv_cache))
-    plain = gpu_model.generate(PROMPTS, cuda_graphs=False, **options)
-    graphed = gpu_model.generate(PROMPTS, cuda_graphs=True, **options)
+    plain = generate(gpu_model, PROMPTS, cuda_graphs=False, **options)
+    graphed = generate(gpu_model, PROMPTS, cuda_graphs=True, **options)
     assert len(runners) == 1 and runners[0].graphs
     assert graphed.tokens == plain.tokens
     torch.testing.assert_close(torch.tensor(sum(graphed.logprobs, [])), torch.tensor(sum(plain.logprobs, [])),

@@ -4,7 +4,7 @@ ragged batches against single prompts, backends against each other, sampling and
 import pytest
 import torch
 
-from fmkernels.model import ModelConfig, PagedKVCache, Transformer
+from fmkernels.model import ModelConfig, PagedKVCache, Transformer, generate
 from fmkernels.testing import max_error
 
 TINY = ModelConfig.from_name("tiny")
@@ -66,26 +66,26 @@ PROMPTS = [[3, 14, 15, 92, 65], [35], list(range(40, 60)), [8, 9, 7, 9, 3, 2, 3]
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.9, top_k=50, top_p=0.9, min_p=0.02, seed=11)],
                          ids=["greedy", "sampled"])
 def test_ragged_batch_equals_each_prompt_alone_and_paged_equals_contiguous(model, sampling):
-    batch = model.generate(PROMPTS, max_new_tokens=9, **sampling)
+    batch = generate(model, PROMPTS, max_new_tokens=9, **sampling)
     assert [len(tokens) for tokens in batch] == [9] * 4
-    paged = model.generate(PROMPTS, max_new_tokens=9, kv_cache="paged", block_size=4, **sampling)
+    paged = generate(model, PROMPTS, max_new_tokens=9, kv_cache="paged", block_size=4, **sampling)
     assert paged == batch
     seed = sampling.pop("seed", None)
     for b, prompt in enumerate(PROMPTS):
         alone_seed = None if seed is None else seed + b  # prompt b draws with seed + b
-        assert model.generate([prompt], max_new_tokens=9, seed=alone_seed, **sampling) == [batch[b]]
+        assert generate(model, [prompt], max_new_tokens=9, seed=alone_seed, **sampling) == [batch[b]]
 
 
 def test_tensor_prompts_equal_list_prompts(model):
     ids = _ids(3, 6)
-    assert model.generate(ids, max_new_tokens=4) == model.generate(ids.tolist(), max_new_tokens=4)
+    assert generate(model, ids, max_new_tokens=4) == generate(model, ids.tolist(), max_new_tokens=4)
 
 
 def test_reference_and_cpu_backends_generate_the_same_tokens():
     # Their logits are held to each other in test_model_hf.py (DESIGN.md's tolerance).
     tokens = [
-        Transformer.from_config(TINY, seed=2, backend=backend).generate(
-            PROMPTS, max_new_tokens=6, temperature=0.7, seed=3, kv_cache="paged", block_size=4
+        generate(
+            Transformer.from_config(TINY, seed=2, backend=backend), PROMPTS, max_new_tokens=6, temperature=0.7, seed=3, kv_cache="paged", block_size=4
         )
         for backend in ("reference", "cpu")
     ]
@@ -94,16 +94,16 @@ def test_reference_and_cpu_backends_generate_the_same_tokens():
 
 def test_seeded_sampling_repeats_and_seeds_differ(model):
     options = dict(max_new_tokens=12, temperature=1.0, top_p=0.95)
-    first = model.generate(PROMPTS[:2], seed=5, **options)
-    assert model.generate(PROMPTS[:2], seed=5, **options) == first
-    assert model.generate(PROMPTS[:2], seed=6, **options) != first
+    first = generate(model, PROMPTS[:2], seed=5, **options)
+    assert generate(model, PROMPTS[:2], seed=5, **options) == first
+    assert generate(model, PROMPTS[:2], seed=6, **options) != first
 
 
 @pytest.mark.parametrize("kv_cache", ["contiguous", "paged"])
 def test_stop_tokens_end_each_sequence_on_its_own(model, kv_cache):
-    free = model.generate(PROMPTS, max_new_tokens=10)
+    free = generate(model, PROMPTS, max_new_tokens=10)
     stop = free[2][3]  # the fourth token of prompt 2 ends it there
-    stopped = model.generate(PROMPTS, max_new_tokens=10, stop_token_ids=[stop], kv_cache=kv_cache, block_size=4)
+    stopped = generate(model, PROMPTS, max_new_tokens=10, stop_token_ids=[stop], kv_cache=kv_cache, block_size=4)
     for tokens, full in zip(stopped, free):
         end = full.index(stop) + 1 if stop in full else len(full)
         assert tokens == full[:end]
@@ -128,7 +128,7 @@ def test_stop_tokens_end_each_sequence_on_its_own(model, kv_cache):
 def test_bad_generate_input_is_named(model, prompts, options, error, message):
     options = dict(dict(max_new_tokens=4), **options)
     with pytest.raises(error, match=message):
-        model.generate(prompts, **options)
+        generate(model, prompts, **options)
 
 
 @pytest.mark.parametrize("ids, error, message", [
@@ -144,7 +144,7 @@ def test_bad_forward_input_is_named(model, ids, error, message):
 
 @pytest.mark.parametrize("kv_cache", ["contiguous", "paged"])
 def test_finished_sequences_leave_the_decode_batch(model, kv_cache, monkeypatch):
-    free = model.generate(PROMPTS, max_new_tokens=8)
+    free = generate(model, PROMPTS, max_new_tokens=8)
     stop = free[1][2]
     calls = []
     forward = Transformer.forward
@@ -154,7 +154,7 @@ def test_finished_sequences_leave_the_decode_batch(model, kv_cache, monkeypatch)
         return forward(self, input_ids, **kwargs)
 
     monkeypatch.setattr(Transformer, "forward", spy)
-    stopped = model.generate(PROMPTS, max_new_tokens=8, stop_token_ids=[stop], kv_cache=kv_cache, block_size=4)
+    stopped = generate(model, PROMPTS, max_new_tokens=8, stop_token_ids=[stop], kv_cache=kv_cache, block_size=4)
     decode_batches = [batch for batch, _ in calls]  # the prefill is Transformer.prefill, not a forward call
     running = [sum(len(tokens) > step for tokens in stopped) for step in range(1, 8)]
     assert decode_batches == [n for n in running if n] and min(decode_batches) < len(PROMPTS)

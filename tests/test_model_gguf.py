@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmkernels.model import ModelConfig, Transformer, load_tokenizer
+from fmkernels.model import ModelConfig, Transformer, generate, load_config, load_pretrained, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -80,7 +80,7 @@ def hf(smollm2_transformers):
 
 @pytest.fixture(scope="module")
 def ours(smollm2_gguf):
-    return Transformer.from_pretrained(smollm2_gguf, backend="reference")
+    return load_pretrained(smollm2_gguf, backend="reference")
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,10 @@ def hf_directory(hf, tmp_path_factory):
     return path
 
 
+#: Greedy tokens held to transformers' on the real file (32 at least, as the quantized-weights work asks).
+GREEDY = 32
+
+
 @pytest.fixture(scope="module")
 def expected_greedy(hf):
     model, tokenizer, prompts = hf
@@ -105,14 +109,14 @@ def expected_greedy(hf):
 
     def tokens(name):
         if name not in cache:
-            cache[name] = hf_greedy(model, tokenizer(prompts[name], add_special_tokens=False)["input_ids"], 64)
+            cache[name] = hf_greedy(model, tokenizer(prompts[name], add_special_tokens=False)["input_ids"], GREEDY)
         return cache[name]
 
     return tokens
 
 
 def test_config_from_the_real_file(smollm2_gguf, hf):
-    config = ModelConfig.from_gguf(smollm2_gguf)
+    config = load_config(smollm2_gguf)
     assert (config.n_layers, config.dim, config.n_heads, config.n_kv_heads, config.head_dim) == (30, 576, 9, 3, 64)
     assert (config.vocab_size, config.ffn_dim, config.max_seq_len) == (49152, 1536, 8192)
     assert config.tie_embeddings and config.rope_theta == 1e5 and config.rope_scaling is None
@@ -141,7 +145,7 @@ def test_real_logits_match_transformers(ours, hf, backend):
 def test_real_greedy_tokens_match_transformers(ours, hf, expected_greedy, backend, prompt):
     ours.backend = backend
     ids = hf[1](hf[2][prompt], add_special_tokens=False)["input_ids"]
-    assert ours.generate([ids], max_new_tokens=64, temperature=0, ignore_eos=True) == [expected_greedy(prompt)]
+    assert generate(ours, [ids], max_new_tokens=GREEDY, temperature=0, ignore_eos=True) == [expected_greedy(prompt)]
 
 
 def test_real_weights_are_transformers_weights(ours, hf):
@@ -152,13 +156,13 @@ def test_real_weights_are_transformers_weights(ours, hf):
 
 def test_hf_directory_saved_by_transformers_matches(smollm2_gguf, hf, hf_directory, expected_greedy):
     model, tokenizer, prompts = hf
-    directory = Transformer.from_pretrained(hf_directory, backend="cpu")
-    assert directory.config == ModelConfig.from_gguf(smollm2_gguf)
+    directory = load_pretrained(hf_directory, backend="cpu")
+    assert directory.config == load_config(smollm2_gguf)
     ids = tokenizer(prompts["code"], add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         assert (directory(torch.tensor([ids])) - model(torch.tensor([ids])).logits).abs().max() < 1e-4
     ids = tokenizer(prompts["chat"], add_special_tokens=False)["input_ids"]
-    assert directory.generate([ids], max_new_tokens=64, temperature=0, ignore_eos=True) == [expected_greedy("chat")]
+    assert generate(directory, [ids], max_new_tokens=GREEDY, temperature=0, ignore_eos=True) == [expected_greedy("chat")]
 
 
 # --- the real tokenizer ---------------------------------------------------------------------
@@ -204,9 +208,9 @@ def test_hf_directory_tokenizer_matches(hf, hf_directory, real_tokenizer):
 
 _PEAK = """
 import json, resource, sys, torch
-from fmkernels.model import Transformer
+from fmkernels.model import load_pretrained
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-model = Transformer.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+model = load_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps({"delta": (peak - base) * 1024, "weights": weights}))
@@ -345,8 +349,8 @@ def test_each_tensor_type_matches_transformers(tmp_path, small, kind):
     reference = hf_from_gguf(path)
     # A file of F16 (BF16) matrices loads in float16 (bfloat16) by default, a quantized one in float32.
     default = {Q.F16: torch.float16, Q.BF16: torch.bfloat16}.get(kind, torch.float32)
-    assert Transformer.from_pretrained(path).dtype == default
-    model = Transformer.from_pretrained(path, dtype=torch.float32, backend="cpu")
+    assert load_pretrained(path).dtype == default
+    model = load_pretrained(path, dtype=torch.float32, backend="cpu")
     ids = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, actual = reference(ids).logits, model(ids)
@@ -356,7 +360,7 @@ def test_each_tensor_type_matches_transformers(tmp_path, small, kind):
 
 def test_f32_file_is_the_model_it_was_written_from(tmp_path, small):
     """Independent of transformers' own un-permute: the loaded weights are the written ones."""
-    model = Transformer.from_pretrained(write_gguf(tmp_path / "small.gguf", small), backend="cpu")
+    model = load_pretrained(write_gguf(tmp_path / "small.gguf", small), backend="cpu")
     for (name, param), (_, source) in zip(model.named_parameters(), small.named_parameters()):
         assert torch.equal(param, source), name
     ids = torch.arange(20)[None] % 96
@@ -367,14 +371,14 @@ def test_f32_file_is_the_model_it_was_written_from(tmp_path, small):
 def test_tied_output_and_dtype_request(tmp_path):
     tied = Transformer.from_config(ModelConfig(**SMALL, tie_embeddings=True), seed=4)
     path = write_gguf(tmp_path / "tied.gguf", tied, Q.Q8_0)
-    config = ModelConfig.from_gguf(path)
+    config = load_config(path)
     # The file holds eps as float32, as llama.cpp writes it.
     assert config.norm_eps == float(np.float32(1e-6)) and config.tie_embeddings
     assert dataclasses.replace(config, norm_eps=1e-6) == tied.config
-    model = Transformer.from_pretrained(path, dtype=torch.bfloat16)
+    model = load_pretrained(path, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and model.lm_head.weight is model.embed_tokens.weight
     assert all(param.dtype == torch.bfloat16 for param in model.parameters())
-    reference = Transformer.from_pretrained(path)
+    reference = load_pretrained(path)
     assert torch.equal(model.embed_tokens.weight, reference.embed_tokens.weight.bfloat16())
 
 
@@ -383,7 +387,7 @@ def test_mixtral(tmp_path, experts):
     source = Transformer.from_config(ModelConfig(**dict(SMALL, dim=64, ffn_dim=96), n_experts=4,
                                                  experts_per_token=2, architecture="mixtral"), seed=5)
     path = write_gguf(tmp_path / "mixtral.gguf", source, experts=experts)
-    model = Transformer.from_pretrained(path, backend="cpu")
+    model = load_pretrained(path, backend="cpu")
     assert dataclasses.replace(model.config, norm_eps=1e-6) == source.config
     ids = torch.arange(23)[None] % 96
     with torch.no_grad():
@@ -417,7 +421,7 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
     source = Transformer.from_config(ModelConfig(**dict(SMALL, dim=64, ffn_dim=96), rope_scaling=LLAMA3), seed=6)
     factors = llama3_rope_factors(source.config, LLAMA3)
     path = write_gguf(tmp_path / "llama3.gguf", source, tensors={"rope_freqs.weight": factors})
-    model = Transformer.from_pretrained(path, backend="cpu")
+    model = load_pretrained(path, backend="cpu")
     scaling = model.config.rope_scaling
     assert scaling["rope_type"] == "llama3" and scaling["original_max_position_embeddings"] == 64
     assert scaling["factor"] == 8.0 and math.isclose(scaling["high_freq_factor"], 4.0, rel_tol=1e-4)
@@ -430,18 +434,18 @@ def test_rope_scaling_fmkernels_cannot_express_is_refused(tmp_path, small):
     source = Transformer.from_config(ModelConfig(**dict(SMALL, dim=64, ffn_dim=96)), seed=6)
     odd = np.linspace(1.0, 3.0, 8, dtype=np.float32) ** 2  # no plateau of `factor`: not Llama-3's shape
     with pytest.raises(ValueError, match="'rope_freqs.weight' does not follow Llama-3 RoPE scaling"):
-        ModelConfig.from_gguf(write_gguf(tmp_path / "odd.gguf", source, tensors={"rope_freqs.weight": odd}))
+        load_config(write_gguf(tmp_path / "odd.gguf", source, tensors={"rope_freqs.weight": odd}))
     path = write_gguf(tmp_path / "linear.gguf", source,
                       metadata=lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR))
     with pytest.raises(ValueError, match="rope.scaling.type 'linear'"):
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
 
 
 # --- errors ---------------------------------------------------------------------------------
 
 def test_another_architecture(tmp_path, small):
     with pytest.raises(ValueError, match="general.architecture must be 'llama'.*got 'qwen2'"):
-        Transformer.from_pretrained(write_gguf(tmp_path / "qwen.gguf", small, architecture="qwen2"))
+        load_pretrained(write_gguf(tmp_path / "qwen.gguf", small, architecture="qwen2"))
 
 
 @pytest.mark.parametrize("key", ["block_count", "feed_forward_length", "layer_norm_rms_eps", "head_count"])
@@ -449,34 +453,34 @@ def test_missing_key(tmp_path, small, key):
     name = {"layer_norm_rms_eps": "attention.layer_norm_rms_epsilon",
             "head_count": "attention.head_count"}.get(key, key)
     with pytest.raises(ValueError, match=f"no metadata key 'llama.{name}'"):
-        Transformer.from_pretrained(write_gguf(tmp_path / "missing.gguf", small, skip={key}))
+        load_pretrained(write_gguf(tmp_path / "missing.gguf", small, skip={key}))
 
 
 def test_unsupported_tensor_type(tmp_path, small):
     wide = {"blk.1.attn_v.weight": small.layers[1].self_attn.v_proj.weight.detach().double().numpy()}
     with pytest.raises(ValueError, match="'blk.1.attn_v.weight' has type F64, which the installed gguf package"):
-        Transformer.from_pretrained(write_gguf(tmp_path / "f64.gguf", small, tensors=wide))
+        load_pretrained(write_gguf(tmp_path / "f64.gguf", small, tensors=wide))
 
 
 def test_missing_unexpected_and_mis_shaped_tensors(tmp_path, small):
     tensors = gguf_tensors(small)
     with pytest.raises(ValueError, match="has no tensor 'blk.1.ffn_up.weight', which the config needs"):
-        Transformer.from_pretrained(write_gguf(tmp_path / "drop.gguf", small, tensors={"blk.1.ffn_up.weight": None}))
+        load_pretrained(write_gguf(tmp_path / "drop.gguf", small, tensors={"blk.1.ffn_up.weight": None}))
     bias = {"blk.0.attn_q.bias": np.zeros(256, dtype=np.float32)}
     with pytest.raises(ValueError, match="has tensor 'blk.0.attn_q.bias', which a llama model has no place for"):
-        Transformer.from_pretrained(write_gguf(tmp_path / "bias.gguf", small, tensors=bias))
+        load_pretrained(write_gguf(tmp_path / "bias.gguf", small, tensors=bias))
     short = {"output_norm.weight": tensors["output_norm.weight"][:100]}
     with pytest.raises(ValueError, match=r"'output_norm.weight' has shape \(100,\).*expects \(256,\)"):
-        Transformer.from_pretrained(write_gguf(tmp_path / "short.gguf", small, tensors=short))
+        load_pretrained(write_gguf(tmp_path / "short.gguf", small, tensors=short))
     # Without output.weight the output is tied to the embedding, not missing.
     path = write_gguf(tmp_path / "tied.gguf", small, tensors={"output.weight": None})
-    assert ModelConfig.from_gguf(path).tie_embeddings
+    assert load_config(path).tie_embeddings
 
 
 def test_not_a_gguf_file(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"PK\x03\x04 not a gguf")
-    for load in (Transformer.from_pretrained, load_tokenizer, ModelConfig.from_gguf):
+    for load in (load_pretrained, load_tokenizer, load_config):
         with pytest.raises(ValueError, match=r"is not a GGUF file: it starts with b'PK\\x03\\x04'"):
             load(path)
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
@@ -487,7 +491,7 @@ def test_missing_gguf_package(tmp_path, small, monkeypatch):
     path = write_gguf(tmp_path / "small.gguf", small)
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(ImportError, match=r"needs the 'gguf' package: pip install 'fmkernels\[gguf\]'"):
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
 
 
 # --- synthetic tokenizers -------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """fmkernels.model against models nobody here wrote: tiny random transformers checkpoints,
-saved with save_pretrained and loaded with Transformer.from_pretrained."""
+saved with save_pretrained and loaded with load_pretrained."""
 
 import pytest
 import torch
 
-from fmkernels.model import ModelConfig, Transformer
+from fmkernels.model import ModelConfig, generate, load_pretrained
 from fmkernels.testing import attention_tolerance, max_error
 
 from _model_checks import hf_model
@@ -30,7 +30,7 @@ def _hf_and_ours(tmp_path, name, **save_options):
     kind, overrides = CASES[name]
     reference = hf_model(kind, **overrides)
     reference.save_pretrained(tmp_path, **save_options)
-    return reference, Transformer.from_pretrained(tmp_path, backend="cpu")
+    return reference, load_pretrained(tmp_path, backend="cpu")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -63,8 +63,8 @@ def test_greedy_generation_matches_transformers(tmp_path, name):
         )[0, len(prompt):].tolist()
     for kv_cache in ("contiguous", "paged"):
         # The reference ran with eos_token_id=None; the config's EOS (2) would stop ours.
-        assert model.generate([prompt], max_new_tokens=12, kv_cache=kv_cache, block_size=4,
-                              ignore_eos=True) == [expected]
+        assert generate(model, [prompt], max_new_tokens=12, kv_cache=kv_cache, block_size=4,
+                        ignore_eos=True) == [expected]
 
 
 def test_config_from_transformers_config():
@@ -89,7 +89,7 @@ def test_backends_within_the_design_tolerance_of_a_float64_truth(tmp_path, name)
         truth = reference.double()(ids).logits
         logits = {}
         for backend in ("reference", "cpu"):
-            model = Transformer.from_pretrained(tmp_path, backend=backend)
+            model = load_pretrained(tmp_path, backend=backend)
             cache = model.new_cache("paged", batch=2, max_seq_len=32, block_size=4)
             chunked = torch.cat([model(ids[:, :13], cache=cache), model(ids[:, 13:], cache=cache)], dim=1)
             logits[backend] = (model(ids), chunked)

@@ -1,4 +1,4 @@
-"""Transformer.from_pretrained on mismatched checkpoints: each error names the problem."""
+"""load_pretrained on mismatched checkpoints: each error names the problem."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from fmkernels.model import Transformer
+from fmkernels.model import load_pretrained
 
 from _model_checks import hf_model
 
@@ -33,7 +33,7 @@ def _copy(checkpoint, tmp_path, tensors=None, config=None):
 
 
 def test_loads_with_dtype(checkpoint):
-    model = Transformer.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    model = load_pretrained(checkpoint, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and model.backend == "auto"
     assert model(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
 
@@ -44,7 +44,7 @@ def test_missing_tensor(checkpoint, tmp_path):
         return weights
 
     with pytest.raises(ValueError, match="no tensor 'model.layers.1.self_attn.k_proj.weight'"):
-        Transformer.from_pretrained(_copy(checkpoint, tmp_path, tensors=drop))
+        load_pretrained(_copy(checkpoint, tmp_path, tensors=drop))
 
 
 def test_mis_shaped_tensor(checkpoint, tmp_path):
@@ -53,7 +53,7 @@ def test_mis_shaped_tensor(checkpoint, tmp_path):
         return weights
 
     with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(10,\), the config expects \(64,\)"):
-        Transformer.from_pretrained(_copy(checkpoint, tmp_path, tensors=shrink))
+        load_pretrained(_copy(checkpoint, tmp_path, tensors=shrink))
 
 
 def test_unknown_architecture(checkpoint, tmp_path):
@@ -61,18 +61,18 @@ def test_unknown_architecture(checkpoint, tmp_path):
         return {**raw, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
 
     with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
-        Transformer.from_pretrained(_copy(checkpoint, tmp_path, config=gpt2))
+        load_pretrained(_copy(checkpoint, tmp_path, config=gpt2))
 
 
 def test_missing_files(checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        Transformer.from_pretrained(tmp_path / "nowhere")
+        load_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
     path = _copy(checkpoint, tmp_path)
     os.remove(path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
-        Transformer.from_pretrained(path)
+        load_pretrained(path)
 
 
 def test_missing_shard(tmp_path):
@@ -80,11 +80,11 @@ def test_missing_shard(tmp_path):
     shards = sorted(p for p in os.listdir(tmp_path) if p.endswith(".safetensors"))
     os.remove(tmp_path / shards[-1])
     with pytest.raises(FileNotFoundError, match=f"shard .*{shards[-1]} .*is missing"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_checkpoint_dtype_is_kept_unless_one_is_asked(tmp_path):
     hf_model("llama").to(torch.bfloat16).save_pretrained(tmp_path)
-    assert Transformer.from_pretrained(tmp_path).dtype == torch.bfloat16
-    model = Transformer.from_pretrained(tmp_path, dtype=torch.float32)
+    assert load_pretrained(tmp_path).dtype == torch.bfloat16
+    model = load_pretrained(tmp_path, dtype=torch.float32)
     assert model.dtype == torch.float32 and model.layers[0].mlp.up_proj.weight.dtype == torch.float32

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fmkernels
-from fmkernels.model import BlockAllocator, ModelConfig, Transformer
-from fmkernels.model import transformer
+from fmkernels.model import BlockAllocator, ModelConfig, Transformer, generate, load_pretrained
+from fmkernels.model.network import transformer
 from fmkernels.testing import attention_tolerance, max_error
 
 from _model_checks import captured_caches, hf_model
@@ -80,7 +80,7 @@ def test_packed_prefill_is_within_the_design_tolerance_of_a_float64_truth(tmp_pa
         truth = torch.stack([reference(torch.tensor([p])).logits[0, -1] for p in prompts])  # [3, V]
     plain = None
     for backend in ("reference", "cpu"):
-        model = Transformer.from_pretrained(tmp_path, backend=backend)
+        model = load_pretrained(tmp_path, backend=backend)
         alone = torch.stack([_last_logits(model, p) for p in prompts])
         plain = alone if plain is None else plain
         cache = _poisoned(model.new_cache(cache_kind, batch=3, max_seq_len=128, block_size=16))
@@ -152,7 +152,7 @@ def test_generate_prefills_in_one_packed_forward_with_the_lm_head_on_last_tokens
         return project(layer, x, backend)
 
     monkeypatch.setattr(transformer, "project", spy)
-    tokens = model.generate(PROMPTS, max_new_tokens=3, kv_cache=kv_cache, block_size=4, ignore_eos=True)
+    tokens = generate(model, PROMPTS, max_new_tokens=3, kv_cache=kv_cache, block_size=4, ignore_eos=True)
     assert [len(t) for t in tokens] == [3] * len(PROMPTS)
     # One packed attention call per layer, over every prompt's tokens; decode reads the cache.
     assert len(attention.calls) == TINY.n_layers
@@ -168,10 +168,10 @@ def test_generate_prefills_in_one_packed_forward_with_the_lm_head_on_last_tokens
 def test_ragged_prompts_of_1_17_113_tokens_get_the_tokens_they_get_alone(kv_cache, options):
     model = Transformer.from_config(MHA, seed=2, backend="cpu")
     prompts = _prompts(LENGTHS, MHA.vocab_size, seed=7)
-    batch = model.generate(prompts, max_new_tokens=6, kv_cache=kv_cache, block_size=16, **options)
+    batch = generate(model, prompts, max_new_tokens=6, kv_cache=kv_cache, block_size=16, **options)
     for b, prompt in enumerate(prompts):
         alone = dict(options, seed=options["seed"] + b) if options else options
-        assert model.generate([prompt], max_new_tokens=6, kv_cache=kv_cache, block_size=16, **alone) == [batch[b]]
+        assert generate(model, [prompt], max_new_tokens=6, kv_cache=kv_cache, block_size=16, **alone) == [batch[b]]
 
 
 def test_reference_and_cpu_backends_prefill_alike():
@@ -192,12 +192,12 @@ def test_shared_samples_equal_the_prompt_repeated_without_sharing(model, kv_cach
     n = 3
     options = dict(max_new_tokens=7, seed=23, kv_cache=kv_cache, block_size=4, return_result=True, **SAMPLING)
     attention = _Spy(monkeypatch, "attention")
-    shared = model.generate(PROMPTS, num_samples=n, best_of=best_of, **options)
+    shared = generate(model, PROMPTS, num_samples=n, best_of=best_of, **options)
     # Each prompt prefilled once: one packed forward over the distinct prompts' tokens.
     assert [args[0].shape[0] for args, _ in attention.calls] == [sum(len(p) for p in PROMPTS)] * TINY.n_layers
     # Without sharing: each prompt given n times, so row b * n + j draws with seed + b * n + j as well
     # (best_of of one sample keeps every row, with its score).
-    repeated = model.generate([p for p in PROMPTS for _ in range(n)], best_of=True, **options)
+    repeated = generate(model, [p for p in PROMPTS for _ in range(n)], best_of=True, **options)
     if best_of:
         picked = [max(range(b * n, (b + 1) * n), key=lambda r: (repeated.scores[r], -r)) for b in range(len(PROMPTS))]
         assert shared.tokens == [repeated.tokens[r] for r in picked]
@@ -218,8 +218,8 @@ def test_samples_share_the_prompts_full_blocks_and_give_every_block_back(model, 
             allocator = caches[0].allocator
             used.append(allocator.num_blocks - allocator.free_blocks)
 
-    model.generate(PROMPTS, max_new_tokens=6, num_samples=n, seed=1, kv_cache="paged", block_size=block_size,
-                   on_token=on_token, **SAMPLING)
+    generate(model, PROMPTS, max_new_tokens=6, num_samples=n, seed=1, kv_cache="paged", block_size=block_size,
+             on_token=on_token, **SAMPLING)
     # Per prompt: its blocks once, plus a copy of its partly filled last block for each other sample.
     shared = sum(-(-len(p) // block_size) + (n - 1) * bool(len(p) % block_size) for p in PROMPTS)
     unshared = n * sum(-(-len(p) // block_size) for p in PROMPTS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fmkernels.cli import main as cli_main
-from fmkernels.model import chat, load_tokenizer
+from fmkernels.model import chat, generate, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
@@ -49,7 +49,7 @@ def test_chat_answer_equals_transformers(real, question, new_tokens):
     ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     end = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
     theirs = _hf_greedy(hf, list(ids), new_tokens, eos_token_id=end)
-    ours = model.generate(messages=messages, tokenizer=tokenizer, max_new_tokens=new_tokens, return_result=True)
+    ours = generate(model, messages=messages, tokenizer=tokenizer, max_new_tokens=new_tokens, return_result=True)
     assert ours.tokens[0] == theirs
     answer = hf_tokenizer.decode(theirs, skip_special_tokens=True)
     assert ours.texts[0] == answer and answer.strip()
@@ -61,9 +61,9 @@ def test_ragged_batch_gives_each_prompt_its_own_tokens(real):
     prompts = [tokenizer.encode(text) for text in PROMPTS]
     prompts.append(chat.apply_chat_template(tokenizer, [{"role": "user", "content": QUESTIONS[1]}]))
     assert len({len(p) for p in prompts}) == len(prompts)  # ragged on purpose
-    batch = model.generate(prompts, max_new_tokens=16, ignore_eos=True)
+    batch = generate(model, prompts, max_new_tokens=16, ignore_eos=True)
     for prompt, tokens in zip(prompts, batch):
-        assert tokens == model.generate([prompt], max_new_tokens=16, ignore_eos=True)[0]
+        assert tokens == generate(model, [prompt], max_new_tokens=16, ignore_eos=True)[0]
 
 
 @pytest.mark.parametrize("kv_cache", ["contiguous", "paged"])
@@ -71,9 +71,9 @@ def test_samples_share_the_prompt_and_match_separate_prompts(real, kv_cache):
     model, tokenizer, _, _ = real
     prompt = tokenizer.encode(PROMPTS[0])
     options = dict(max_new_tokens=8, temperature=0.9, top_p=0.95, seed=5, kv_cache=kv_cache, ignore_eos=True)
-    shared = model.generate([prompt], num_samples=4, **options)
+    shared = generate(model, [prompt], num_samples=4, **options)
     # Sample j draws with seed + j: the same as four one-sample prompts with those seeds.
-    separate = model.generate([prompt] * 4, **options)
+    separate = generate(model, [prompt] * 4, **options)
     assert shared == separate
     assert len({tuple(t) for t in shared}) > 1  # the samples differ from one another
 
@@ -84,7 +84,7 @@ def test_generate_chat_on_the_command_line(real, smollm2_gguf, capsys):
                        "--backend", "cpu", "--dtype", "float32"])
     out = capsys.readouterr().out
     assert status == 0
-    expected = model.generate(messages=[{"role": "user", "content": QUESTIONS[0]}], tokenizer=tokenizer,
-                              max_new_tokens=16, return_result=True)
+    expected = generate(model, messages=[{"role": "user", "content": QUESTIONS[0]}], tokenizer=tokenizer,
+                        max_new_tokens=16, return_result=True)
     assert out.splitlines()[0] == expected.texts[0].splitlines()[0]
     assert "prefill:" in out and "decode:" in out and "tokens/s" in out

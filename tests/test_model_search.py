@@ -6,8 +6,7 @@ import itertools
 import pytest
 import torch
 
-from fmkernels.model import ByteTokenizer, ModelConfig, PagedKVCache, Transformer
-from fmkernels.model.search import choice_constraint
+from fmkernels.model import ByteTokenizer, ModelConfig, PagedKVCache, Transformer, choice_constraint, generate
 
 from _model_checks import captured_caches
 
@@ -67,13 +66,13 @@ def _exhaustive_best(model, prompt, max_new_tokens, length_penalty):
 def test_num_samples_repeat_and_each_equals_a_single_sample_run(model):
     n = 3
     options = dict(max_new_tokens=6, seed=21, **SAMPLING)
-    rows = model.generate(PROMPTS[:2], num_samples=n, **options)
+    rows = generate(model, PROMPTS[:2], num_samples=n, **options)
     assert len(rows) == 2 * n
-    assert model.generate(PROMPTS[:2], num_samples=n, **options) == rows
+    assert generate(model, PROMPTS[:2], num_samples=n, **options) == rows
     assert len({tuple(r) for r in rows[:n]}) > 1  # the samples of a prompt differ
     for b, prompt in enumerate(PROMPTS[:2]):
         for j in range(n):
-            alone = model.generate([prompt], **dict(options, seed=21 + b * n + j))
+            alone = generate(model, [prompt], **dict(options, seed=21 + b * n + j))
             assert alone == [rows[b * n + j]]
 
 
@@ -81,8 +80,8 @@ def test_num_samples_repeat_and_each_equals_a_single_sample_run(model):
 def test_best_of_picks_the_highest_mean_model_logprob(model, temperature):
     n = 4
     options = dict(max_new_tokens=5, seed=7, temperature=temperature, top_k=20 if temperature else 0)
-    every = model.generate(PROMPTS[:3], num_samples=n, return_result=True, **options)
-    best = model.generate(PROMPTS[:3], num_samples=n, best_of=True, return_result=True, **options)
+    every = generate(model, PROMPTS[:3], num_samples=n, return_result=True, **options)
+    best = generate(model, PROMPTS[:3], num_samples=n, best_of=True, return_result=True, **options)
     assert len(best.tokens) == 3
     for b, prompt in enumerate(PROMPTS[:3]):
         means = []
@@ -101,8 +100,8 @@ def test_best_of_picks_the_highest_mean_model_logprob(model, temperature):
 
 @pytest.mark.parametrize("kv_cache", ["contiguous", "paged"])
 def test_one_beam_is_greedy(model, kv_cache):
-    greedy = model.generate(PROMPTS, max_new_tokens=8)
-    assert model.generate(PROMPTS, max_new_tokens=8, num_beams=1, kv_cache=kv_cache, block_size=4) == greedy
+    greedy = generate(model, PROMPTS, max_new_tokens=8)
+    assert generate(model, PROMPTS, max_new_tokens=8, num_beams=1, kv_cache=kv_cache, block_size=4) == greedy
 
 
 @pytest.mark.parametrize("max_new_tokens, num_beams", [(2, 8), (3, 64)])
@@ -110,8 +109,8 @@ def test_one_beam_is_greedy(model, kv_cache):
 def test_wide_beams_equal_an_exhaustive_search(small, max_new_tokens, num_beams, length_penalty):
     # num_beams >= the number of live prefixes, so no beam is ever pruned.
     prompt = [5, 3, 6]
-    result = small.generate([prompt], max_new_tokens=max_new_tokens, num_beams=num_beams,
-                            length_penalty=length_penalty, return_result=True)
+    result = generate(small, [prompt], max_new_tokens=max_new_tokens, num_beams=num_beams,
+                      length_penalty=length_penalty, return_result=True)
     tokens, score = _exhaustive_best(small, prompt, max_new_tokens, length_penalty)
     assert result.tokens == [tokens]
     assert result.scores[0] == pytest.approx(score, abs=1e-4)
@@ -121,8 +120,8 @@ def test_wide_beams_equal_an_exhaustive_search(small, max_new_tokens, num_beams,
 
 def test_narrow_beams_beat_or_match_greedy_and_score_as_documented(small):
     prompts = [[5, 3, 6], [1, 2], [7, 7, 7, 4]]
-    greedy = small.generate(prompts, max_new_tokens=6, return_result=True)
-    beams = small.generate(prompts, max_new_tokens=6, num_beams=3, return_result=True)
+    greedy = generate(small, prompts, max_new_tokens=6, return_result=True)
+    beams = generate(small, prompts, max_new_tokens=6, num_beams=3, return_result=True)
     for b, prompt in enumerate(prompts):
         lp = _sequence_logprobs(small, prompt, beams.tokens[b])
         assert beams.scores[b] == pytest.approx(sum(lp) / len(lp), abs=1e-4)
@@ -133,7 +132,7 @@ def test_narrow_beams_beat_or_match_greedy_and_score_as_documented(small):
 
 @pytest.mark.parametrize("num_beams", [2, 4])
 def test_paged_beams_equal_contiguous_share_blocks_and_free_every_block(model, num_beams, monkeypatch):
-    contiguous = model.generate(PROMPTS, max_new_tokens=10, num_beams=num_beams, return_result=True)
+    contiguous = generate(model, PROMPTS, max_new_tokens=10, num_beams=num_beams, return_result=True)
     caches = captured_caches(monkeypatch)
     shared = []  # per fork: how many of the new beam's blocks it shares
     fork = PagedKVCache.fork
@@ -143,8 +142,8 @@ def test_paged_beams_equal_contiguous_share_blocks_and_free_every_block(model, n
         shared.append(sum(self.allocator.references(block) > 1 for block in self.blocks[dst]))
 
     monkeypatch.setattr(PagedKVCache, "fork", spy)
-    paged = model.generate(PROMPTS, max_new_tokens=10, num_beams=num_beams, kv_cache="paged", block_size=4,
-                           return_result=True)
+    paged = generate(model, PROMPTS, max_new_tokens=10, num_beams=num_beams, kv_cache="paged", block_size=4,
+                     return_result=True)
     assert paged.tokens == contiguous.tokens and paged.beams == contiguous.beams
     assert shared and max(shared) >= 5  # prompt 2's 20 tokens fill 5 blocks, shared by every fork of it
     for cache in caches:
@@ -152,9 +151,9 @@ def test_paged_beams_equal_contiguous_share_blocks_and_free_every_block(model, n
 
 
 def test_beams_stop_at_stop_tokens(model):
-    free = model.generate(PROMPTS, max_new_tokens=8, num_beams=3)
+    free = generate(model, PROMPTS, max_new_tokens=8, num_beams=3)
     stop = free[0][2]
-    result = model.generate(PROMPTS, max_new_tokens=8, num_beams=3, stop_token_ids=[stop], return_result=True)
+    result = generate(model, PROMPTS, max_new_tokens=8, num_beams=3, stop_token_ids=[stop], return_result=True)
     for tokens, reason in zip(result.tokens, result.finish_reasons):
         assert stop not in tokens[:-1]
         assert reason == ("stop_token" if tokens[-1] == stop else "length")
@@ -184,15 +183,15 @@ def test_allowed_tokens_are_respected(model, options, form):
             return mask
         return ids
 
-    out = model.generate(PROMPTS, max_new_tokens=6, allowed_tokens=allowed, **options)
+    out = generate(model, PROMPTS, max_new_tokens=6, allowed_tokens=allowed, **options)
     for b, tokens in enumerate(out):
         assert tokens and all(t % 7 == b and t < 300 for t in tokens)
     assert {p for p, _ in seen} == set(range(len(PROMPTS)))
 
 
 def test_allowed_tokens_none_is_unconstrained(model):
-    free = model.generate(PROMPTS, max_new_tokens=5)
-    assert model.generate(PROMPTS, max_new_tokens=5, allowed_tokens=lambda b, g: None) == free
+    free = generate(model, PROMPTS, max_new_tokens=5)
+    assert generate(model, PROMPTS, max_new_tokens=5, allowed_tokens=lambda b, g: None) == free
 
 
 CHOICES = ["yes", "no", "maybe", "mayhem", "néant"]
@@ -205,8 +204,8 @@ def test_choice_constraint_output_is_one_of_the_choices(model, options, kv_cache
     tok = ByteTokenizer()
     prompts = [tok.encode(text) for text in ("Is it? ", "Answer: ", "x")]
     constraint = choice_constraint(tok, CHOICES)
-    result = model.generate(prompts, max_new_tokens=12, allowed_tokens=constraint, kv_cache=kv_cache,
-                            block_size=4, return_result=True, tokenizer=tok, **options)
+    result = generate(model, prompts, max_new_tokens=12, allowed_tokens=constraint, kv_cache=kv_cache,
+                      block_size=4, return_result=True, tokenizer=tok, **options)
     for tokens, reason, text in zip(result.tokens, result.finish_reasons, result.texts):
         assert tokens[-1] == tok.eos_token_id and reason == "eos"
         assert tok.decode(tokens[:-1]) in CHOICES and text == tok.decode(tokens)
@@ -241,7 +240,7 @@ def test_choice_constraint_trie_allows_eos_only_at_a_complete_choice():
 ])
 def test_bad_search_input_is_named(model, options, error, message):
     with pytest.raises(error, match=message):
-        model.generate([[1, 2]], max_new_tokens=4, **options)
+        generate(model, [[1, 2]], max_new_tokens=4, **options)
 
 
 @pytest.mark.parametrize("choices, error, message", [
@@ -269,6 +268,6 @@ def test_choice_constraint_needs_an_eos():
                          ids=["samples", "beams"])
 def test_on_token_streams_each_returned_row(model, options):
     streamed = {}
-    rows = model.generate(PROMPTS[:2], max_new_tokens=5, on_token=lambda r, t: streamed.setdefault(r, []).append(t),
-                          **options)
+    rows = generate(model, PROMPTS[:2], max_new_tokens=5, on_token=lambda r, t: streamed.setdefault(r, []).append(t),
+                    **options)
     assert [streamed[r] for r in range(len(rows))] == rows

@@ -13,8 +13,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fmkernels import cli
-from fmkernels.model import ModelConfig, Transformer
-from fmkernels.model.stats import DeviceSpec
+from fmkernels.model import ModelConfig, Transformer, model_stats
+from fmkernels.model.network.stats import DeviceSpec
 
 # vocab, dim, layers, heads, kv heads, ffn: head_dim 16.
 DENSE = ModelConfig(vocab_size=300, dim=48, n_layers=3, n_heads=3, n_kv_heads=3, ffn_dim=80, max_seq_len=64)
@@ -31,7 +31,7 @@ DEVICE = "1000,100,10"
 
 
 def test_dense_figures_by_hand():
-    s = DENSE.stats(dtype="bf16", context=40, batch=2, device=DEVICE, train_tokens=1000)
+    s = model_stats(DENSE, dtype="bf16", context=40, batch=2, device=DEVICE, train_tokens=1000)
     p = s.params
     # wq, wk, wv, wo are 48 x 48; three 48 x 80 SwiGLU matrices; two norms a layer and a final one.
     assert p.embedding == 300 * 48
@@ -72,7 +72,7 @@ def test_dense_figures_by_hand():
 
 
 def test_gqa_kv_cache_is_per_kv_head():
-    s = GQA.stats(context=64, batch=3, dtype="fp16", kv_dtype="fp8")
+    s = model_stats(GQA, context=64, batch=3, dtype="fp16", kv_dtype="fp8")
     # head_dim 64 / 8 = 8; 2 KV heads of 8 dims, 2 layers, K and V, 1 byte.
     assert s.kv_bytes_per_token == 2 * 2 * 2 * 8 * 1 == 64
     assert s.kv_bytes() == 64 * 64 * 3
@@ -83,7 +83,7 @@ def test_gqa_kv_cache_is_per_kv_head():
 
 
 def test_moe_figures_by_hand():
-    s = MOE.stats(context=16, batch=1, device=DEVICE)
+    s = model_stats(MOE, context=16, batch=1, device=DEVICE)
     p = s.params
     expert = 3 * 32 * 40
     assert p.mlp == 2 * 4 * expert
@@ -106,7 +106,7 @@ def test_moe_figures_by_hand():
 
 
 def test_tied_head_reads_the_embedding_table():
-    s = TIED.stats(context=8, device=DEVICE)
+    s = model_stats(TIED, context=8, device=DEVICE)
     assert s.params.lm_head == 0
     # The head multiplies by the embedding table, so the step reads it, and it costs FLOPs.
     assert s.decode().weight_bytes == 2 * s.params.total
@@ -131,7 +131,7 @@ def test_parameter_counts_match_the_model(name):
             parts["lm_head"] += param.numel()
         else:
             parts["mlp"] += param.numel()
-    counted = config.stats().params.as_dict()
+    counted = model_stats(config).params.as_dict()
     assert {key: counted[key] for key in parts} == parts
     assert counted["total"] == sum(p.numel() for p in model.parameters())
 
@@ -145,30 +145,30 @@ def test_matmul_flops_match_torchs_count(name):
     tokens = torch.randint(0, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter:
         model(tokens)
-    assert counter.get_total_flops() == 9 * 2 * config.stats().matmul_params_per_token
+    assert counter.get_total_flops() == 9 * 2 * model_stats(config).matmul_params_per_token
 
 
 def test_kv_bytes_match_the_models_cache():
     model = Transformer.from_config(GQA, dtype=torch.bfloat16)
     cache = model.new_cache("contiguous", batch=3, max_seq_len=20)
     held = sum(t.numel() * t.element_size() for t in [*cache.k, *cache.v])
-    assert held == GQA.stats(dtype="bf16", context=20, batch=3).kv_bytes()
+    assert held == model_stats(GQA, dtype="bf16", context=20, batch=3).kv_bytes()
 
 
 def test_published_totals():
-    llama = ModelConfig.from_name("llama-2-7b").stats().params
+    llama = model_stats(ModelConfig.from_name("llama-2-7b")).params
     assert llama.total == pytest.approx(6.74e9, rel=2e-3)
-    mixtral = ModelConfig.from_name("mixtral-8x7b").stats().params
+    mixtral = model_stats(ModelConfig.from_name("mixtral-8x7b")).params
     assert mixtral.total == pytest.approx(46.7e9, rel=2e-3)
     assert mixtral.active == pytest.approx(12.9e9, rel=2e-3)
-    assert ModelConfig.from_name("llama-3-8b").stats().params.total == pytest.approx(8.03e9, rel=2e-3)
-    assert ModelConfig.from_name("llama-3-405b").stats().params.total == pytest.approx(405.9e9, rel=2e-3)
+    assert model_stats(ModelConfig.from_name("llama-3-8b")).params.total == pytest.approx(8.03e9, rel=2e-3)
+    assert model_stats(ModelConfig.from_name("llama-3-405b")).params.total == pytest.approx(405.9e9, rel=2e-3)
     # Llama 3 8B, bf16: 128 KiB of KV cache per token (8 KV heads x 128, 32 layers).
-    assert ModelConfig.from_name("llama-3-8b").stats().kv_bytes_per_token == 128 * 1024
+    assert model_stats(ModelConfig.from_name("llama-3-8b")).kv_bytes_per_token == 128 * 1024
 
 
 def test_roofline_moves_with_batch_and_context():
-    s = ModelConfig.from_name("llama-3-8b").stats(device="h100", table_batches=[1, 64, 1024],
+    s = model_stats(ModelConfig.from_name("llama-3-8b"), device="h100", table_batches=[1, 64, 1024],
                                                   table_contexts=[128, 8192])
     rows = {(r.batch, r.context): r for r in s.table()}
     assert len(rows) == 6
@@ -189,14 +189,14 @@ def test_device_specs():
     assert DeviceSpec.parse("H200").memory_bandwidth_gb_s == 4800
     custom = DeviceSpec.parse("2976,794")
     assert (custom.memory_bandwidth_gb_s, custom.tflops, custom.memory_gb) == (2976, 794, None)
-    assert DENSE.stats(device=custom).decode().fits is None
+    assert model_stats(DENSE, device=custom).decode().fits is None
     for bad in ("h300", "1000", "1,2,3,4", "a,b"):
         with pytest.raises(ValueError, match="device must be one of a100, h100, h200 or"):
             DeviceSpec.parse(bad)
     with pytest.raises(ValueError, match="memory_bandwidth_gb_s must be a positive"):
         DeviceSpec.parse("0,100")
     with pytest.raises(TypeError, match="device"):
-        DENSE.stats(device=3350)
+        model_stats(DENSE, device=3350)
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -206,7 +206,7 @@ def test_device_specs():
 ])
 def test_stats_validates_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        DENSE.stats(**kwargs)
+        model_stats(DENSE, **kwargs)
 
 
 def _run_info(capsys, *argv):
@@ -231,7 +231,7 @@ def test_info_json_keys_are_the_documented_ones(capsys):
 
     missing = set(keys(report)) - documented
     assert not missing, f"--json keys missing from README: {sorted(missing)}"
-    assert report["parameters"]["active"] == ModelConfig.from_name("mixtral-8x7b").stats().params.active
+    assert report["parameters"]["active"] == model_stats(ModelConfig.from_name("mixtral-8x7b")).params.active
     assert (report["batch"], report["context"], report["decode"]["batch"]) == (4, 2048, 4)
     assert report["kv_cache"]["bytes"] == 131072 * 2048 * 4
     assert report["device"] == {"name": "h100", "memory_bandwidth_gb_s": 3350, "tflops": 989, "memory_gb": 80}
@@ -278,7 +278,7 @@ def test_tensor_parallel_memory_is_a_ranks_model(name, world):
     from fmkernels.model import TensorParallel
 
     config = CONFIGS[name]
-    split = config.stats(dtype="bf16", context=20, batch=3, device=DEVICE).tensor_parallel(world, 50)
+    split = model_stats(config, dtype="bf16", context=20, batch=3, device=DEVICE).tensor_parallel(world, 50)
     for rank in range(world):  # every rank holds as much
         model = Transformer.from_config(config, dtype=torch.bfloat16,
                                         tensor_parallel=TensorParallel.plan(config, rank, world))
@@ -293,7 +293,7 @@ def test_tensor_parallel_memory_is_a_ranks_model(name, world):
 
 def test_tensor_parallel_roofline_by_hand():
     # GQA (8 heads, 2 KV heads, head_dim 8, ffn 96, 2 layers) over 2 ranks, bf16, batch 3 at 20 tokens.
-    split = GQA.stats(dtype="bf16", context=20, batch=3, device=DEVICE).tensor_parallel(2, 50)
+    split = model_stats(GQA, dtype="bf16", context=20, batch=3, device=DEVICE).tensor_parallel(2, 50)
     attention = 2 * (2 * 64 * 4 * 8 + 2 * 64 * 1 * 8)  # q, o: 4 heads; k, v: 1 KV head; 2 layers
     mlp = 2 * 3 * 64 * 48
     norms, head = 5 * 64, 300 * 64
@@ -309,14 +309,14 @@ def test_tensor_parallel_roofline_by_hand():
 
 
 def test_tensor_parallel_checks_its_arguments():
-    stats = GQA.stats(device=DEVICE)
+    stats = model_stats(GQA, device=DEVICE)
     with pytest.raises(ValueError, match="interconnect bandwidth is needed"):
         stats.tensor_parallel(2)
     with pytest.raises(ValueError, match="interconnect_gb_s"):
         stats.tensor_parallel(2, -1.0)
     with pytest.raises(ValueError, match="not divisible by the world size 3"):
         stats.tensor_parallel(3, 50)
-    assert GQA.stats(device="h100").tensor_parallel(2).interconnect_gb_s == 450
+    assert model_stats(GQA, device="h100").tensor_parallel(2).interconnect_gb_s == 450
 
 
 def test_info_tp(capsys):

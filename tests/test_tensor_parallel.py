@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from _model_checks import hf_model
-from fmkernels.model import ModelConfig, Transformer
-from fmkernels.model.parallel import TensorParallel, resolve, take
+from fmkernels.model import ModelConfig, Transformer, generate, load_pretrained
+from fmkernels.model.network.parallel import TensorParallel, resolve, take
 
 WORKER = os.path.join(os.path.dirname(__file__), "_tensor_parallel_worker.py")
 TIMEOUT_S = 300
@@ -81,7 +81,7 @@ def two_ranks(tmp_path_factory, checkpoint):
 
 def _single(name, checkpoint):
     if name == "checkpoint":
-        return Transformer.from_pretrained(checkpoint, backend="auto")
+        return load_pretrained(checkpoint, backend="auto")
     return Transformer.from_config(ModelConfig(**CONFIGS[name]), seed=3,
                                    backend="reference" if name == "dense" else "auto")
 
@@ -104,7 +104,7 @@ def test_logits_equal_the_single_process_model(two_ranks, checkpoint, name):
 def test_generation_equals_the_single_process_model(two_ranks, checkpoint, name, kind, kv_cache):
     model = _single(name, checkpoint)
     options = dict(temperature=0.9, top_p=0.95, seed=11) if kind == "sampled" else {}
-    expected = model.generate(PROMPTS, max_new_tokens=8, kv_cache=kv_cache, ignore_eos=True, **options)
+    expected = generate(model, PROMPTS, max_new_tokens=8, kv_cache=kv_cache, ignore_eos=True, **options)
     for rank in range(2):
         assert two_ranks[rank][name][f"{kind} {kv_cache}"] == expected
 
@@ -129,15 +129,15 @@ def _shares_are_slices(whole, load, config):
 
 
 def test_each_rank_reads_its_slices_of_a_safetensors_checkpoint(checkpoint):
-    whole = Transformer.from_pretrained(checkpoint)
-    _shares_are_slices(whole, lambda plan: Transformer.from_pretrained(checkpoint, tensor_parallel=plan),
+    whole = load_pretrained(checkpoint)
+    _shares_are_slices(whole, lambda plan: load_pretrained(checkpoint, tensor_parallel=plan),
                        whole.config)
 
 
 def test_each_rank_reads_its_slices_of_a_gguf_file(smollm2_gguf):
     pytest.importorskip("gguf")
-    whole = Transformer.from_pretrained(smollm2_gguf)  # 9 query / 3 KV heads: split over 3 ranks
-    _shares_are_slices(whole, lambda plan: Transformer.from_pretrained(smollm2_gguf, tensor_parallel=plan),
+    whole = load_pretrained(smollm2_gguf)  # 9 query / 3 KV heads: split over 3 ranks
+    _shares_are_slices(whole, lambda plan: load_pretrained(smollm2_gguf, tensor_parallel=plan),
                        whole.config)
 
 

@@ -198,14 +198,14 @@ def test_top_ids_past_the_kept_tokens_are_removed_ones_by_id():
 
 
 def test_draws_follow_the_filtered_distribution():
-    """Chi-square of 800 draws (one seed, steps 0..799) against softmax(filtered).
+    """Chi-square of 400 draws (one seed, steps 0..399) against softmax(filtered).
 
     Small: the interpreter runs one program per draw (~15 ms each without bisection);
     test_gpu_draws_follow_the_filtered_distribution draws 40000 with every filter."""
     generator = torch.Generator().manual_seed(5)
     logits = (torch.randn(1, 12, generator=generator) * 1.5).to(DEVICE)
     params = dict(temperature=0.8, min_p=0.05)
-    draws = 800
+    draws = 400
     tokens = fmkernels.sample(logits.expand(draws, -1), seed=torch.full((draws,), 1234, device=DEVICE),
                               step=torch.arange(draws, device=DEVICE), backend="triton", **params)
     probs = torch.softmax(reference.filter_logits(logits, **params)[0].double(), dim=0).cpu()

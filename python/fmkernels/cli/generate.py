@@ -60,15 +60,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, device: torch.device):
     """(model, tokenizer) for --model: a checkpoint directory, or a named config with random weights."""
-    from ..model import ByteTokenizer, ModelConfig, Transformer, load_tokenizer
+    from ..model import ByteTokenizer, ModelConfig, Transformer, load_pretrained, load_tokenizer
 
     dtype = _DTYPES[args.dtype] if args.dtype else None
     err = common.console(stderr=True)
     gguf = os.path.isfile(args.model) and args.model.endswith(".gguf")
     if os.path.isdir(args.model) or gguf:
         try:
-            model = Transformer.from_pretrained(args.model, dtype=dtype, device=device, backend=args.backend,
-                                                tensor_parallel=common.tensor_parallel())
+            model = load_pretrained(args.model, dtype=dtype, device=device, backend=args.backend,
+                                    tensor_parallel=common.tensor_parallel())
         except (OSError, ValueError) as exc:
             parser.error(f"--model {args.model}: {exc}")
         except ImportError as exc:
@@ -122,10 +122,25 @@ def _constraint(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return None
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..model import StreamDecoder, parallel
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The GenerationConfig the flags ask for."""
+    from ..model import GenerationConfig
 
-    constraint = _constraint(args, parser)
+    try:
+        return GenerationConfig(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            min_p=args.min_p, seed=args.seed, stop_strings=tuple(args.stop), kv_cache=args.kv_cache,
+            return_result=True, constraint=_constraint(args, parser),
+        )
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ..model import StreamDecoder, generate
+    from ..model.network import parallel
+
+    config = _config(args, parser)
     device = common.choose_device(args, parser)
     model, tokenizer = _load_model(args, parser, device)
     if args.system is not None and args.chat is None:
@@ -170,12 +185,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         out.write(args.prompt)
     start = time.perf_counter()
     try:
-        result = model.generate(
-            **request, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_strings=args.stop or None,
-            tokenizer=tokenizer, kv_cache=args.kv_cache, on_token=on_token, return_result=True,
-            constraint=constraint,
-        )
+        result = generate(model, config=config, tokenizer=tokenizer, on_token=on_token, **request)
     except ValueError as exc:
         parser.error(str(exc))
     end = time.perf_counter()

@@ -12,17 +12,17 @@ from . import common
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..model.stats import DEVICES, DTYPE_BYTES
+    from ..model.network.stats import DEVICES, DTYPE_BYTES
 
     parser = subparsers.add_parser(
         "info", help="what a model costs: parameters, memory, FLOPs, decode and prefill rooflines",
         description="Parameters (total and active per token), weight and KV-cache memory, FLOPs per token, "
         "training FLOPs and the roofline bounds on decode and prefill throughput, computed from the "
-        "model's configuration (ModelConfig.stats; derivations in fmkernels.model.stats).",
+        "model's configuration (fmkernels.model.model_stats; derivations in fmkernels.model.network.stats).",
     )
     parser.add_argument("model", metavar="NAME|PATH",
                         help=f"a named configuration ({', '.join(common.model_names())}), a config.json or its "
-                        "directory")
+                        "directory, or a GGUF file")
     parser.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16", help="weights' dtype (default bf16)")
     parser.add_argument("--kv-dtype", choices=list(DTYPE_BYTES), help="KV cache's dtype (default: --dtype)")
     parser.add_argument("--context", type=common.integer_at_least(1), metavar="N",
@@ -74,27 +74,29 @@ def _seconds_text(value: float) -> str:
 
 
 def _load_config(spec: str, parser: argparse.ArgumentParser):
-    from ..model import ModelConfig
+    from ..model import ModelConfig, load_config
 
     if spec in common.model_names():
         return ModelConfig.from_name(spec)
     if os.path.exists(spec):
         try:
-            return ModelConfig.from_hf_config(spec)
-        except (OSError, ValueError) as exc:
+            return load_config(spec)
+        except (OSError, ValueError, ImportError) as exc:
             parser.error(f"{spec}: {exc}")
-    parser.error(f"{spec}: not a config.json, a directory holding one, or a known model name "
+    parser.error(f"{spec}: not a config.json, a directory holding one, a GGUF file or a known model name "
                  f"(names: {', '.join(common.model_names())})")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json
 
-    from ..model.stats import DTYPE_BYTES
+    from ..model import model_stats
+    from ..model.network.stats import DTYPE_BYTES
 
     config = _load_config(args.model, parser)
     try:
-        stats = config.stats(
+        stats = model_stats(
+            config,
             dtype=args.dtype, kv_dtype=args.kv_dtype, context=args.context, batch=args.batch, device=args.device,
             train_tokens=args.train_tokens, table_batches=args.batches, table_contexts=args.contexts,
         )

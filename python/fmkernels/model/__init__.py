@@ -1,27 +1,35 @@
-"""fmkernels.model: a thin Llama/Mistral/Mixtral transformer on fmkernels ops.
+"""fmkernels.model: a thin Llama/Mistral/Mixtral transformer on fmkernels ops, in three layers
+whose imports point down only (``tests/test_import_layers.py``):
 
-``ModelConfig`` (from a Hugging Face config.json, a GGUF file's metadata or a named
-configuration), ``Transformer`` (random weights with ``from_config``, a local checkpoint
-directory or GGUF file with ``from_pretrained``; ``model(input_ids)`` -> logits,
-``model.generate(...)``), the KV caches the model decodes against, ``choice_constraint`` for
-constrained generation; tokenizers (a checkpoint's ``tokenizer.json`` or a GGUF file's
-vocabulary with ``load_tokenizer``, or ``ByteTokenizer``)
-and ``StreamDecoder`` for streaming text; ``ModelConfig.stats`` for what a model costs
-(parameters, memory, FLOPs, roofline bounds: ``fmkernels info``); ``TensorParallel``, a rank's
-share of a model split over torch.distributed (``from_pretrained(..., tensor_parallel=True)``).
+- ``network``: ``ModelConfig`` (a Hugging Face config.json or a named configuration),
+  ``Transformer`` (random weights with ``from_config``; ``model(input_ids)`` -> logits), the KV
+  caches it decodes against, ``TensorParallel`` (a rank's share of a model split over
+  torch.distributed) and ``model_stats`` (parameters, memory, FLOPs, roofline bounds:
+  ``fmkernels info``);
+- ``checkpoint``: ``load_pretrained`` (a local Hugging Face directory or GGUF file),
+  ``load_config`` and ``load_tokenizer`` (a checkpoint's ``tokenizer.json`` or a GGUF file's
+  vocabulary; ``ByteTokenizer`` for the demo), ``StreamDecoder`` for streaming text, ``chat``
+  templates;
+- ``generation``: ``generate(model, prompts, config)`` with a ``GenerationConfig``, its
+  ``GenerationResult``, ``structured`` output constraints and ``choice_constraint``.
 """
 
-from .config import ModelConfig
-from .generate import GenerationResult, generate
-from .kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache
-from .parallel import TensorParallel
-from .search import choice_constraint
-from .stats import DeviceSpec, ModelStats
-from . import chat
-from .tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer
-from .transformer import Transformer
+from .network.config import ModelConfig
+from .network.kv_cache import BlockAllocator, ContiguousKVCache, PagedKVCache
+from .network.parallel import TensorParallel
+from .network.stats import DeviceSpec, ModelStats, model_stats
+from .network.transformer import Transformer
+from .checkpoint import chat
+from .checkpoint.load import load_config, load_pretrained, load_tokenizer
+from .checkpoint.tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder
+from .generation import structured
+from .generation.config import GenerationConfig
+from .generation.generate import GenerationResult, generate
+from .generation.structured import choice_constraint
 
 __all__ = [
-    "ModelConfig", "Transformer", "generate", "GenerationResult", "ContiguousKVCache", "PagedKVCache",
-    "BlockAllocator", "TensorParallel", "choice_constraint", "ModelStats", "DeviceSpec", "ByteTokenizer", "HFTokenizer", "StreamDecoder", "load_tokenizer",
+    "ModelConfig", "Transformer", "ContiguousKVCache", "PagedKVCache", "BlockAllocator", "TensorParallel",
+    "ModelStats", "DeviceSpec", "model_stats",
+    "load_pretrained", "load_config", "load_tokenizer", "ByteTokenizer", "HFTokenizer", "StreamDecoder", "chat",
+    "generate", "GenerationConfig", "GenerationResult", "structured", "choice_constraint",
 ]

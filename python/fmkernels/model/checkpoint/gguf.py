@@ -26,7 +26,10 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from ..network.config import ModelConfig
+from ..network.parallel import resolve
+from ..network.transformer import materialize, meta_model, rope_frequencies
+from .tokenizer import HFTokenizer
 
 _MAGIC = b"GGUF"
 _ARCHITECTURE = "llama"
@@ -170,8 +173,6 @@ def read_config(file: GGUFFile) -> ModelConfig:
         eos_token_ids=tuple(dict.fromkeys(token for token in eos if token is not None)),
     )
     if factors is not None:
-        from .transformer import rope_frequencies
-
         inv_freq = rope_theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
         if not np.allclose(rope_frequencies(config).double().numpy(), inv_freq / factors, rtol=1e-5, atol=0.0):
             raise _not_llama3()
@@ -253,20 +254,17 @@ class _Source(NamedTuple):
     head_dim: int  # > 0: llama.cpp's rotary-permuted Q/K rows
 
 
-def load_gguf(cls, path, *, dtype: Optional[torch.dtype], device, backend: str, tensor_parallel=False):
-    """A Transformer with a GGUF file's configuration and weights (see ``Transformer.from_pretrained``);
-    with ``tensor_parallel``, this rank's share (``fmkernels.model.parallel``)."""
+def load_gguf(path, *, dtype: Optional[torch.dtype], device, backend: str, tensor_parallel=False):
+    """A Transformer with a GGUF file's configuration and weights (see ``fmkernels.model.load_pretrained``);
+    with ``tensor_parallel``, this rank's share (``fmkernels.model.network.parallel``)."""
     from gguf.quants import dequantize
 
-    from .loading import materialize, meta_model
-    from .parallel import resolve
-
-    model, sources, default_dtype = _plan(cls, path, backend)
+    model, sources, default_dtype = _plan(path, backend)
     config = model.config
     plan = resolve(tensor_parallel, config, device)
     rows = {name: param.shape[0] if param.dim() > 1 else 1 for name, param in model.named_parameters()}
     if plan is not None:
-        model = meta_model(cls, config, backend=backend, tensor_parallel=plan)
+        model = meta_model(config, backend=backend, tensor_parallel=plan)
     model = materialize(model, dtype=dtype or default_dtype, device=device)
     params = dict(model.named_parameters())
     with torch.no_grad(), open(path, "rb") as f:
@@ -277,17 +275,15 @@ def load_gguf(cls, path, *, dtype: Optional[torch.dtype], device, backend: str, 
     return model.eval()
 
 
-def _plan(cls, path, backend: str):
+def _plan(path, backend: str):
     """(meta model, the tensors to copy, the default dtype), everything checked. The reader is
     dropped on return: its metadata views (two per vocabulary entry and merge) are about
     150 MiB for a 49k vocabulary, which would otherwise sit beside the weights."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from .loading import meta_model
-
     file = GGUFFile(path)
     config = read_config(file)
-    model = meta_model(cls, config, backend=backend)
+    model = meta_model(config, backend=backend)
     plan = _tensor_plan(config, file.tensors)
     _check_tensors(file, plan, {name: tuple(param.shape) for name, param in model.named_parameters()})
     sources = []
@@ -420,8 +416,6 @@ def read_tokenizer(file: GGUFFile):
     except ImportError as exc:
         raise ImportError(f"reading the tokenizer of {file.path} needs the 'tokenizers' package "
                           f"(pip install tokenizers)") from exc
-    from .tokenizer import HFTokenizer
-
     kind = file.require("tokenizer.ggml.model")
     tokens = file.require("tokenizer.ggml.tokens")
     types = file.get("tokenizer.ggml.token_type") or [1] * len(tokens)

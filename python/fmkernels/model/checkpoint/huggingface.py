@@ -1,5 +1,5 @@
-"""Loading a checkpoint into a Transformer: a Hugging Face directory (config.json +
-safetensors) here, a GGUF file through ``gguf.load_gguf``."""
+"""A Hugging Face checkpoint directory (config.json + safetensors, one file or shards)
+loaded into a Transformer, each tensor (or a tensor-parallel rank's slice of it) read once."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Dict, Optional
 
 import torch
 
-from .config import ModelConfig
-from .parallel import resolve
-from .transformer import rope_frequencies
+from ..network.config import ModelConfig
+from ..network.parallel import resolve
+from ..network.transformer import materialize, meta_model
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -50,38 +50,16 @@ def _shards(path: str) -> Dict[str, str]:
         return {name: single for name in f.keys()}
 
 
-def meta_model(cls, config: ModelConfig, *, backend: str, tensor_parallel=None):
-    """The model (a tensor-parallel rank's share, with ``tensor_parallel``) with parameters on
-    the meta device (shapes only), for checking a checkpoint before any memory is allocated."""
-    with torch.device("meta"):
-        model = cls(config, backend=backend, tensor_parallel=tensor_parallel)
-    model._inv_freq = rope_frequencies(config)
-    return model
-
-
-def materialize(model, *, dtype: torch.dtype, device):
-    """A meta model's parameters allocated (uninitialised) in ``dtype`` on ``device``."""
-    model = model.to(dtype).to_empty(device=device or "cpu")
-    if model.config.tie_embeddings:  # to_empty gives each module its own tensor
-        model.lm_head.weight = model.embed_tokens.weight
-    return model
-
-
-def load_pretrained(cls, path, *, dtype: Optional[torch.dtype], device, backend: str, tensor_parallel=False):
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        from .gguf import load_gguf
-
-        return load_gguf(cls, path, dtype=dtype, device=device, backend=backend, tensor_parallel=tensor_parallel)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory or GGUF file {path} does not exist")
+def load_huggingface(path: str, *, dtype: Optional[torch.dtype], device, backend: str, tensor_parallel=False):
+    """The Transformer of the checkpoint directory ``path`` (see ``fmkernels.model.load_pretrained``);
+    with ``tensor_parallel``, this rank's share (``fmkernels.model.network.parallel``)."""
     config = ModelConfig.from_hf_config(path)
     files = _shards(path)
     from safetensors import safe_open
 
     plan = resolve(tensor_parallel, config, device)
     # The whole model's shapes are the checkpoint's; a tensor-parallel rank holds slices of them.
-    model = meta_model(cls, config, backend=backend)
+    model = meta_model(config, backend=backend)
     expected = {_hf_name(name): param for name, param in model.named_parameters()}
     missing = sorted(name for name in expected if name not in files)
     if missing:
@@ -103,7 +81,7 @@ def load_pretrained(cls, path, *, dtype: Optional[torch.dtype], device, backend:
                 if dtype is None and name == _hf_name("embed_tokens.weight"):
                     dtype = _DTYPES.get(header.get_dtype(), torch.float32)
     if plan is not None:
-        model = meta_model(cls, config, backend=backend, tensor_parallel=plan)
+        model = meta_model(config, backend=backend, tensor_parallel=plan)
     model = materialize(model, dtype=dtype or torch.float32, device=device)
     params = dict(model.named_parameters())
     with torch.no_grad():  # one tensor (a rank's slice of one) in host memory at a time beside the model

@@ -1,5 +1,6 @@
-"""Tokenizers for generation: a Hugging Face ``tokenizer.json`` or a GGUF file's vocabulary
-(through the ``tokenizers`` library, imported only when one is loaded), a byte-level fallback
+"""Tokenizers for generation: a Hugging Face ``tokenizer.json`` (a GGUF file's vocabulary is
+built into the same ``HFTokenizer`` by ``checkpoint.gguf.read_tokenizer``), through the
+``tokenizers`` library, imported only when one is loaded, a byte-level fallback
 for the built-in demo, and ``StreamDecoder``, which turns a growing list of token ids into
 complete UTF-8 text."""
 
@@ -68,6 +69,39 @@ class HFTokenizer:
         self.chat_template = chat_template
         self.path = path
 
+    @classmethod
+    def from_file(cls, path) -> "HFTokenizer":
+        """The tokenizer of a Hugging Face checkpoint: ``path`` is its directory (holding
+        ``tokenizer.json``) or the ``tokenizer.json`` file itself; the special tokens from
+        ``tokenizer_config.json`` beside it, the chat template from ``chat_template.jinja`` or
+        that config. Raises FileNotFoundError when there is none and ImportError naming the
+        package when ``tokenizers`` is not installed."""
+        path = os.fspath(path)
+        file = os.path.join(path, _TOKENIZER_FILE) if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no {_TOKENIZER_FILE} at {file}")
+        try:
+            import tokenizers
+        except ImportError as exc:
+            raise ImportError(
+                f"reading {file} needs the 'tokenizers' package (pip install tokenizers)"
+            ) from exc
+        tokenizer = tokenizers.Tokenizer.from_file(file)
+        directory = os.path.dirname(file)
+        config = {}
+        if os.path.isfile(os.path.join(directory, _TOKENIZER_CONFIG)):
+            with open(os.path.join(directory, _TOKENIZER_CONFIG)) as f:
+                config = json.load(f)
+
+        def token_id(key: str) -> Optional[int]:
+            token = config.get(key)
+            if isinstance(token, dict):
+                token = token.get("content")
+            return tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+        return cls(tokenizer, token_id("eos_token"), file, bos_token_id=token_id("bos_token"),
+                   chat_template=_chat_template(directory, config))
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -101,42 +135,6 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r})"
-
-
-def load_tokenizer(path) -> HFTokenizer:
-    """The tokenizer of a checkpoint: ``path`` is its directory (holding ``tokenizer.json``),
-    the ``tokenizer.json`` file itself, or a GGUF file (its ``tokenizer.*`` metadata: see
-    ``fmkernels.model.gguf.read_tokenizer``). Raises FileNotFoundError when there is none and
-    ImportError naming the package when ``tokenizers`` (or, for GGUF, ``gguf``) is not installed."""
-    from .gguf import GGUFFile, is_gguf, read_tokenizer
-
-    path = os.fspath(path)
-    if path.endswith(".gguf") or is_gguf(path):
-        return read_tokenizer(GGUFFile(path))
-    file = os.path.join(path, _TOKENIZER_FILE) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {_TOKENIZER_FILE} at {file}")
-    try:
-        import tokenizers
-    except ImportError as exc:
-        raise ImportError(
-            f"reading {file} needs the 'tokenizers' package (pip install tokenizers)"
-        ) from exc
-    tokenizer = tokenizers.Tokenizer.from_file(file)
-    directory = os.path.dirname(file)
-    config = {}
-    if os.path.isfile(os.path.join(directory, _TOKENIZER_CONFIG)):
-        with open(os.path.join(directory, _TOKENIZER_CONFIG)) as f:
-            config = json.load(f)
-
-    def token_id(key: str) -> Optional[int]:
-        token = config.get(key)
-        if isinstance(token, dict):
-            token = token.get("content")
-        return tokenizer.token_to_id(token) if isinstance(token, str) else None
-
-    return HFTokenizer(tokenizer, token_id("eos_token"), file, bos_token_id=token_id("bos_token"),
-                       chat_template=_chat_template(directory, config))
 
 
 def _chat_template(directory: str, config: dict) -> Optional[str]:

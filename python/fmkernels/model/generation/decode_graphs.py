@@ -24,12 +24,16 @@ buffers, the replay, and ``advance``.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .. import ops
-from .._validation import device_checks
+from ... import ops
+from ..._validation import device_checks
+
+
+#: A padding row's filters: greedy, nothing filtered.
+_PADDING_FILTERS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
 
 
 def bucket_sizes(capacity: int) -> List[int]:
@@ -52,8 +56,9 @@ class DecodeGraphs:
     cache : ContiguousKVCache (``capacity`` rows) or PagedKVCache (one block free for the
         padding rows' scratch, taken here)
     capacity : int, the most sequences a step runs (generate's batch).
-    sampling : dict of ``fmkernels.sample``'s scalar options (temperature, top_k, top_p, min_p,
-        return_logprobs, num_logprobs).
+    sampling : dict of ``fmkernels.sample``'s options (temperature, top_k, top_p, min_p,
+        return_logprobs, num_logprobs); a filter given as a tensor takes a value per row, in a
+        static buffer of its own that each ``step`` fills (``rows``).
     vocab_words : int or None, the words of a row of the ``allowed`` bitmask when steps take one.
     graphs : bool, capture each bucket's step in a CUDA graph (the model must be on CUDA).
     """
@@ -62,9 +67,12 @@ class DecodeGraphs:
                  graphs: bool = False):
         if graphs and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {model.device}")
-        self.model, self.cache, self.sampling, self.graphs = model, cache, dict(sampling), graphs
+        self.model, self.cache, self.graphs = model, cache, graphs
         self.buckets = bucket_sizes(capacity)
         rows, device = self.buckets[-1], model.device
+        self.sampling = {name: value for name, value in sampling.items() if not isinstance(value, torch.Tensor)}
+        self.row_values = {name: torch.zeros(rows, dtype=value.dtype, device=device)
+                           for name, value in sampling.items() if isinstance(value, torch.Tensor)}
         if not cache.paged and len(cache.lengths) < rows:
             raise ValueError(f"a contiguous cache of {len(cache.lengths)} rows cannot run {rows} sequences")
         self.ids = torch.zeros(rows, 1, dtype=torch.int64, device=device)
@@ -91,7 +99,7 @@ class DecodeGraphs:
     def _buffers(self):
         """The step's inputs by name (those this runner has)."""
         buffers = dict(ids=self.ids, seqlens=self.seqlens, seeds=self.seeds, steps=self.steps,
-                       allowed=self.allowed, block_table=self.block_table)
+                       allowed=self.allowed, block_table=self.block_table, **self.row_values)
         return {name: buffer for name, buffer in buffers.items() if buffer is not None}
 
     def bucket(self, n: int) -> int:
@@ -112,8 +120,9 @@ class DecodeGraphs:
         logits = self.model.decode(self.ids[:bucket], kv_caches=self._kv_caches(bucket), seqlens=self.seqlens[:bucket],
                                    block_table=table)
         allowed = None if self.allowed is None else self.allowed[:bucket]
+        rows = {name: buffer[:bucket] for name, buffer in self.row_values.items()}
         sampled = ops.sample(logits, allowed=allowed, seed=self.seeds[:bucket], step=self.steps[:bucket],
-                             backend=self.model.backend, **self.sampling)
+                             backend=self.model.backend, **self.sampling, **rows)
         return logits, sampled
 
     def _captured(self, bucket: int):
@@ -131,7 +140,7 @@ class DecodeGraphs:
         return result
 
     def step(self, next_ids: Sequence[int], slots: Sequence[int], seeds: torch.Tensor, steps: torch.Tensor,
-             allowed: Optional[torch.Tensor] = None):
+             allowed: Optional[torch.Tensor] = None, rows: Optional[Dict[str, torch.Tensor]] = None):
         """Decode one token for each sequence of ``slots`` and draw the next.
 
         Parameters
@@ -140,6 +149,7 @@ class DecodeGraphs:
         slots : the n cache slots (a contiguous cache: 0 .. n-1).
         seeds, steps : host Tensor (n,) int64: ``fmkernels.sample``'s per-row seed and step.
         allowed : host Tensor (n, words) int32, the token bitmask, when the runner takes one.
+        rows : host Tensors (n,) by name: the per-row filters the runner was made with.
 
         Returns
         -------
@@ -151,6 +161,9 @@ class DecodeGraphs:
         bucket = self.bucket(n)
         if (allowed is None) != (self.allowed is None):
             raise ValueError("allowed must be given exactly when the runner was made with vocab_words")
+        rows = rows or {}
+        if set(rows) != set(self.row_values):
+            raise ValueError(f"rows must hold exactly the per-row filters {sorted(self.row_values)}, got {sorted(rows)}")
         self.cache.reserve(slots, 1)
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copies have read the staged rows
@@ -162,6 +175,9 @@ class DecodeGraphs:
         # Padding rows: token 0 at position 0, seed 0, every token allowed, the scratch block.
         for name in ("ids", "seqlens", "seeds", "steps"):
             staged[name][n:bucket] = 0
+        for name, values in rows.items():
+            staged[name][:n] = values
+            staged[name][n:bucket] = _PADDING_FILTERS[name]
         if self.allowed is not None:
             staged["allowed"][:n] = allowed
             staged["allowed"][n:bucket] = -1

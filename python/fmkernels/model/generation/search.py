@@ -1,5 +1,5 @@
-"""Test-time search for ``generate``: n samples per prompt with best-of-n, beam search, and
-constrained decoding (an allowed-token mask per step, and ``choice_constraint``).
+"""Test-time search for ``generate``: n samples per prompt with best-of-n, and beam search
+(constrained through ``structured``'s matchers, as sampling is).
 
 Scores here are the model's own log-probabilities: ``log_softmax`` of the raw logits in
 fp32 (temperature 1, no top-k/top-p/min-p filter, no constraint mask), not the logprobs
@@ -8,62 +8,12 @@ fp32 (temperature 1, no top-k/top-p/min-p filter, no constraint mask), not the l
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, List, Optional, Set, Tuple
 
 import torch
 
-from .. import ops
-
-AllowedTokens = Callable[[int, List[int]], object]
-
-
-def check_search_options(num_samples, best_of, num_beams, length_penalty, allowed_tokens, temperature,
-                         stop_strings, num_logprobs) -> None:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-    if not isinstance(best_of, bool):
-        raise TypeError(f"best_of must be a bool, got {type(best_of).__name__}")
-    if allowed_tokens is not None and not callable(allowed_tokens):
-        raise TypeError("allowed_tokens must be callable as allowed_tokens(prompt_index, generated_ids), "
-                        f"got {allowed_tokens!r}")
-    if not isinstance(length_penalty, numbers.Real) or not math.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
-    if num_beams is None:
-        return
-    if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
-        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
-    if temperature != 0:
-        raise ValueError(f"num_beams is deterministic beam search: it takes no sampling (temperature must be 0, "
-                         f"got {temperature!r})")
-    if num_samples != 1 or best_of:
-        raise ValueError("num_beams cannot be combined with num_samples > 1 or best_of")
-    if stop_strings:
-        raise ValueError("num_beams does not support stop_strings; use stop_token_ids")
-    if num_logprobs:
-        raise ValueError("num_beams does not support num_logprobs")
-
-
-def allowed_mask(allowed, vocab_size: int, prompt_index: int, step: int) -> Optional[torch.Tensor]:
-    """A callback's answer as a bool mask (vocab,), or None for no constraint at this step."""
-    if allowed is None:
-        return None
-    where = f"allowed_tokens(prompt {prompt_index}, step {step})"
-    if isinstance(allowed, torch.Tensor) and allowed.dtype == torch.bool:
-        if allowed.shape != (vocab_size,):
-            raise ValueError(f"{where} returned a bool mask of shape {tuple(allowed.shape)}, expected ({vocab_size},)")
-        mask = allowed.cpu()
-    else:
-        ids = torch.as_tensor(allowed.tolist() if isinstance(allowed, torch.Tensor) else list(allowed),
-                              dtype=torch.int64).reshape(-1)
-        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise ValueError(f"{where} returned token ids outside the vocabulary [0, {vocab_size})")
-        mask = torch.zeros(vocab_size, dtype=torch.bool)
-        mask[ids] = True
-    if not mask.any():
-        raise ValueError(f"{where} allows no token: a constraint must leave at least one token allowed")
-    return mask
+from ... import ops
+from .structured import RowMasks
 
 
 def model_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -73,72 +23,6 @@ def model_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 def beam_score(logprob_sum: float, length: int, length_penalty: float) -> float:
     return logprob_sum / length ** length_penalty
-
-
-class ChoiceConstraint:
-    """An ``allowed_tokens`` callback that restricts the output to one of ``choices``: a prefix
-    trie over the choices' token ids, with EOS allowed only where a choice is complete.
-    ``generate`` also ends a sequence at this constraint's ``eos_token_id``."""
-
-    def __init__(self, tokenizer, choices: Sequence[str]):
-        if isinstance(choices, str) or not isinstance(choices, (list, tuple)):
-            raise TypeError(f"choices must be a list of strings, got {type(choices).__name__}")
-        if not choices:
-            raise ValueError("choices must hold at least one string, got none")
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is None:
-            raise ValueError("choice_constraint needs a tokenizer with an eos_token_id to end a complete choice")
-        self.eos_token_id = int(eos)
-        self.choices = list(choices)
-        self._children: List[Dict[int, int]] = [{}]
-        self._complete: Set[int] = set()
-        for choice in self.choices:
-            if not isinstance(choice, str) or not choice:
-                raise ValueError(f"choices must be non-empty strings, got {choice!r}")
-            try:
-                ids = tokenizer.encode(choice, add_special_tokens=False)
-            except TypeError:
-                ids = tokenizer.encode(choice)
-            if self.eos_token_id in ids:
-                raise ValueError(f"choice {choice!r} encodes to the EOS token {self.eos_token_id}")
-            node = 0
-            for token in ids:
-                node = self._children[node].setdefault(int(token), len(self._children))
-                if node == len(self._children):
-                    self._children.append({})
-            self._complete.add(node)
-
-    def child(self, node: int, token: int) -> int:
-        """The trie node after ``token`` at ``node``; ValueError where no choice goes on with it."""
-        if int(token) not in self._children[node]:
-            raise ValueError(f"token {token} leaves the choices' trie: no choice goes on with it")
-        return self._children[node][int(token)]
-
-    def is_complete(self, node: int) -> bool:
-        return node in self._complete
-
-    def allowed_at(self, node: int) -> List[int]:
-        """The tokens allowed at ``node``: each choice's next token, and EOS where a choice is complete."""
-        allowed = sorted(self._children[node])
-        if node in self._complete:
-            allowed.append(self.eos_token_id)
-        return allowed
-
-    def __call__(self, prompt_index: int, generated: Sequence[int]) -> List[int]:
-        node = 0
-        for token in generated:
-            try:
-                node = self.child(node, token)
-            except ValueError:
-                raise ValueError(f"generated tokens {list(generated)} left the choices' trie at token {token}") from None
-        return self.allowed_at(node)
-
-
-def choice_constraint(tokenizer, choices: Sequence[str]) -> ChoiceConstraint:
-    """An ``allowed_tokens`` constraint for ``generate``: the new text is exactly one of ``choices``
-    followed by the tokenizer's EOS (kept as the last token). ``max_new_tokens`` must leave room
-    for the longest choice's tokens plus EOS, or a sequence stops at the budget mid-choice."""
-    return ChoiceConstraint(tokenizer, choices)
 
 
 def pick_best_of(n: int, rows: List[List[int]], scores: List[float]) -> List[int]:
@@ -193,8 +77,6 @@ def beam_search(model, lists: List[List[int]], *, max_new_tokens: int, num_beams
     Returns per prompt a list of (tokens, score, reason, token_logprobs), best first, at most
     num_beams long; token_logprobs are the model's own (log_softmax of the raw logits).
     """
-    from .structured import RowMasks
-
     device = model.device
     results = []
     masks = None

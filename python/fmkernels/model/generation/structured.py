@@ -12,6 +12,8 @@ packed int32 bitmask (batch, ceil(vocab / 32)), which ``fmkernels.sample`` takes
   says why it was chosen over xgrammar.
 - ``choices(options)``: exactly one of a list of strings, with no dependency (a prefix trie of
   the options' token ids).
+- ``generate``'s ``allowed_tokens(prompt_index, generated_ids)`` callbacks, as a matcher too;
+  ``choice_constraint(tokenizer, choices)`` is a ready one (the trie ``choices`` compiles to).
 
 A sequence ends with the end-of-sequence token, which the mask allows only where the output is
 complete (and forces where nothing may follow); a sequence cut by ``max_new_tokens`` first ends
@@ -23,13 +25,13 @@ from __future__ import annotations
 import abc
 import json
 import weakref
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 import numpy
 import torch
 
-from .. import reference
-from ..ops.sampling import first_row_without_allowed, pack_allowed
+from ... import reference
+from ...ops.sampling import first_row_without_allowed, pack_allowed
 
 _INSTALL = "pip install 'fmkernels[structured]'"
 
@@ -158,8 +160,6 @@ class _Choices(Constraint):
     kind = "choices"
 
     def compile(self, tokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> "Matcher":
-        from .search import ChoiceConstraint
-
         return _ChoiceMatcher(ChoiceConstraint(tokenizer, self.source), 0, vocab_size, self)
 
 
@@ -280,8 +280,6 @@ class _CallbackMatcher(Matcher):
         self.constraint = None
 
     def fill(self, row: numpy.ndarray) -> None:
-        from .search import allowed_mask
-
         mask = allowed_mask(self.callback(self.prompt_index, list(self.generated)), self.vocab_size,
                             self.prompt_index, len(self.generated))
         if mask is None:
@@ -335,3 +333,97 @@ class RowMasks:
             what = repr(matchers[row].constraint) if matchers[row].constraint is not None else "allowed_tokens"
             raise ValueError(f"{what} allows no token at {describe(row)}")
         return torch.from_numpy(bits.copy())
+
+
+# ----------------------------------------------------------------------------
+# Token callbacks: allowed_tokens and choice_constraint
+# ----------------------------------------------------------------------------
+
+AllowedTokens = Callable[[int, List[int]], object]
+
+
+def allowed_mask(allowed, vocab_size: int, prompt_index: int, step: int) -> Optional[torch.Tensor]:
+    """A callback's answer as a bool mask (vocab,), or None for no constraint at this step."""
+    if allowed is None:
+        return None
+    where = f"allowed_tokens(prompt {prompt_index}, step {step})"
+    if isinstance(allowed, torch.Tensor) and allowed.dtype == torch.bool:
+        if allowed.shape != (vocab_size,):
+            raise ValueError(f"{where} returned a bool mask of shape {tuple(allowed.shape)}, expected ({vocab_size},)")
+        mask = allowed.cpu()
+    else:
+        ids = torch.as_tensor(allowed.tolist() if isinstance(allowed, torch.Tensor) else list(allowed),
+                              dtype=torch.int64).reshape(-1)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"{where} returned token ids outside the vocabulary [0, {vocab_size})")
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[ids] = True
+    if not mask.any():
+        raise ValueError(f"{where} allows no token: a constraint must leave at least one token allowed")
+    return mask
+
+
+class ChoiceConstraint:
+    """An ``allowed_tokens`` callback that restricts the output to one of ``choices``: a prefix
+    trie over the choices' token ids, with EOS allowed only where a choice is complete.
+    ``generate`` also ends a sequence at this constraint's ``eos_token_id``."""
+
+    def __init__(self, tokenizer, choices: Sequence[str]):
+        if isinstance(choices, str) or not isinstance(choices, (list, tuple)):
+            raise TypeError(f"choices must be a list of strings, got {type(choices).__name__}")
+        if not choices:
+            raise ValueError("choices must hold at least one string, got none")
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise ValueError("choice_constraint needs a tokenizer with an eos_token_id to end a complete choice")
+        self.eos_token_id = int(eos)
+        self.choices = list(choices)
+        self._children: List[Dict[int, int]] = [{}]
+        self._complete: Set[int] = set()
+        for choice in self.choices:
+            if not isinstance(choice, str) or not choice:
+                raise ValueError(f"choices must be non-empty strings, got {choice!r}")
+            try:
+                ids = tokenizer.encode(choice, add_special_tokens=False)
+            except TypeError:
+                ids = tokenizer.encode(choice)
+            if self.eos_token_id in ids:
+                raise ValueError(f"choice {choice!r} encodes to the EOS token {self.eos_token_id}")
+            node = 0
+            for token in ids:
+                node = self._children[node].setdefault(int(token), len(self._children))
+                if node == len(self._children):
+                    self._children.append({})
+            self._complete.add(node)
+
+    def child(self, node: int, token: int) -> int:
+        """The trie node after ``token`` at ``node``; ValueError where no choice goes on with it."""
+        if int(token) not in self._children[node]:
+            raise ValueError(f"token {token} leaves the choices' trie: no choice goes on with it")
+        return self._children[node][int(token)]
+
+    def is_complete(self, node: int) -> bool:
+        return node in self._complete
+
+    def allowed_at(self, node: int) -> List[int]:
+        """The tokens allowed at ``node``: each choice's next token, and EOS where a choice is complete."""
+        allowed = sorted(self._children[node])
+        if node in self._complete:
+            allowed.append(self.eos_token_id)
+        return allowed
+
+    def __call__(self, prompt_index: int, generated: Sequence[int]) -> List[int]:
+        node = 0
+        for token in generated:
+            try:
+                node = self.child(node, token)
+            except ValueError:
+                raise ValueError(f"generated tokens {list(generated)} left the choices' trie at token {token}") from None
+        return self.allowed_at(node)
+
+
+def choice_constraint(tokenizer, choices: Sequence[str]) -> ChoiceConstraint:
+    """An ``allowed_tokens`` constraint for ``generate``: the new text is exactly one of ``choices``
+    followed by the tokenizer's EOS (kept as the last token). ``max_new_tokens`` must leave room
+    for the longest choice's tokens plus EOS, or a sequence stops at the budget mid-choice."""
+    return ChoiceConstraint(tokenizer, choices)

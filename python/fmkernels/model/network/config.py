@@ -1,5 +1,6 @@
 """ModelConfig: the dimensions of a Llama/Mistral/Mixtral model, from a Hugging Face
-config.json, a GGUF file's metadata, or a table of named, published configurations."""
+config.json or a table of named, published configurations (a GGUF file's metadata:
+``fmkernels.model.checkpoint.gguf.read_config``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ import dataclasses
 import json
 import numbers
 import os
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .stats import DeviceSpec, ModelStats
 
 # Architectures whose checkpoints this model reads (config.json's "architectures" or "model_type").
 _ARCHITECTURES = {
@@ -155,23 +154,6 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, path: Union[str, os.PathLike]) -> "ModelConfig":
-        """Reads a GGUF file's ``llama.*`` metadata (llama.cpp writes Llama, Mistral and Mixtral
-        as architecture "llama"; ``llama.expert_count`` > 0 is a Mixtral).
-
-        ``head_dim`` from ``attention.key_length`` or ``rope.dimension_count``; the vocabulary
-        from ``llama.vocab_size`` or the token list; tied embeddings when there is no
-        ``output.weight`` tensor; Llama-3 ``rope_scaling`` recovered from the ``rope_freqs.weight``
-        tensor (verified to reproduce it; other scaling types are refused); ``eos_token_ids``
-        from ``tokenizer.ggml.eos_token_id``, ``eot_token_id`` and ``eom_token_id``. Raises
-        ValueError for another architecture or a missing key, naming it, and ImportError naming
-        the extra when the ``gguf`` package is not installed (``pip install 'fmkernels[gguf]'``).
-        """
-        from .gguf import GGUFFile, read_config
-
-        return read_config(GGUFFile(path))
-
-    @classmethod
     def from_name(cls, name: str) -> "ModelConfig":
         """A named configuration with its published dimensions (see ``ModelConfig.names()``)."""
         if name not in _NAMED:
@@ -181,52 +163,6 @@ class ModelConfig:
     @staticmethod
     def names():
         return sorted(_NAMED)
-
-    def stats(
-        self,
-        *,
-        dtype: str = "bf16",
-        kv_dtype: Optional[str] = None,
-        context: Optional[int] = None,
-        batch: int = 1,
-        device: Union[str, "DeviceSpec"] = "h100",
-        train_tokens: Optional[int] = None,
-        table_batches: Optional[Iterable[int]] = None,
-        table_contexts: Optional[Iterable[int]] = None,
-    ) -> "ModelStats":
-        """What this model costs: parameters, memory, FLOPs and roofline bounds (``fmkernels info``).
-
-        Parameters
-        ----------
-        dtype : str
-            The weights' dtype: fp32, fp16, bf16, fp8, int8 or int4.
-        kv_dtype : str, optional
-            The KV cache's dtype; default ``dtype``.
-        context : int, optional
-            Tokens in each sequence's KV cache (and the prompt length for prefill); default
-            ``max_seq_len``, at most 8192.
-        batch : int
-            Sequences decoded together.
-        device : str or DeviceSpec
-            "a100", "h100", "h200" (datasheet figures) or "BANDWIDTH_GBPS,TFLOPS[,MEMORY_GB]".
-        train_tokens : int, optional
-            The training budget in tokens; default the Chinchilla budget (20 per parameter).
-        table_batches, table_contexts : iterables of int, optional
-            The decode-bound table's grid; default batches 1, 4, 16, 64, 256 and contexts
-            1k, 4k, 16k, ... up to ``max_seq_len`` plus ``context``.
-
-        Returns
-        -------
-        ModelStats
-            Figures as properties and methods; ``as_dict()`` is ``fmkernels info --json``.
-            How each is derived: ``fmkernels.model.stats``.
-        """
-        from .stats import model_stats
-
-        return model_stats(
-            self, dtype=dtype, kv_dtype=kv_dtype, context=context, batch=batch, device=device,
-            train_tokens=train_tokens, table_batches=table_batches, table_contexts=table_contexts,
-        )
 
 
 def _architecture(config: Dict[str, Any]) -> str:

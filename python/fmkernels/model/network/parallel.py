@@ -17,7 +17,7 @@ after the MLP's down projection. Every rank then holds the same hidden states an
 logits, so sampling, whose draws are keyed by (seed, step) per sequence, picks the same token
 on every rank without a broadcast.
 
-``Transformer.from_pretrained(path, tensor_parallel=True)`` under ``torchrun`` (or with a
+``fmkernels.model.load_pretrained(path, tensor_parallel=True)`` under ``torchrun`` (or with a
 process group of one's own) reads only the rank's slices: safetensors slices read from the
 file, GGUF row slices dequantize only their rows; a GGUF column slice (the output and down
 projections) dequantizes the tensor's rows a slab at a time and keeps its columns.
@@ -141,7 +141,7 @@ def take(tensor: torch.Tensor, where: Optional[Slice]) -> torch.Tensor:
 
 
 def resolve(tensor_parallel, config: ModelConfig, device=None) -> Optional[TensorParallel]:
-    """``tensor_parallel`` as the argument of ``from_pretrained``/``from_config`` (False/None,
+    """``tensor_parallel`` as the argument of ``load_pretrained``/``Transformer.from_config`` (False/None,
     True: torch.distributed's default group, initialised from torchrun's environment if it is
     not yet, with NCCL for a model on a GPU and gloo otherwise; a ProcessGroup; or a
     ``TensorParallel``) -> this rank's plan, or None."""

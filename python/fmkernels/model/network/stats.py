@@ -31,7 +31,7 @@ compute-optimal budget of the Chinchilla rule is about 20 tokens per parameter (
 dense models; here applied to the total count).
 
 Tensor parallelism over N ranks (``ModelStats.tensor_parallel``, the split of
-``fmkernels.model.parallel``): each rank holds its query heads, its KV heads (or one
+``fmkernels.model.network.parallel``): each rank holds its query heads, its KV heads (or one
 replicated KV head where N exceeds them), 1/N of the MLP and of every expert, and the
 embedding, norms, router and LM head whole; its KV cache holds its KV heads. A decode step
 on a rank reads its weights and KV cache and computes its share (the LM head whole), then
@@ -48,7 +48,9 @@ import math
 import re
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
-#: Bytes per element of each weight/KV dtype that ``stats`` accepts.
+from .config import ModelConfig
+
+#: Bytes per element of each weight/KV dtype that ``model_stats`` accepts.
 DTYPE_BYTES: Dict[str, float] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20
@@ -249,7 +251,7 @@ class TensorParallelBound:
 
 @dataclasses.dataclass(frozen=True)
 class ModelStats:
-    """``ModelConfig.stats(...)``: every figure of ``fmkernels info``; ``as_dict`` gives the
+    """``model_stats(config, ...)``: every figure of ``fmkernels info``; ``as_dict`` gives the
     ``--json`` layout (keys documented in the README)."""
 
     config: Any
@@ -471,7 +473,37 @@ def model_stats(
     table_batches: Optional[Iterable[int]] = None,
     table_contexts: Optional[Iterable[int]] = None,
 ) -> ModelStats:
-    """The figures of ``ModelConfig.stats`` (its docstring has the arguments)."""
+    """What the model of ``config`` costs: parameters, memory, FLOPs and roofline bounds
+    (``fmkernels info``).
+
+    Parameters
+    ----------
+    config : ModelConfig
+    dtype : str
+        The weights' dtype: fp32, fp16, bf16, fp8, int8 or int4.
+    kv_dtype : str, optional
+        The KV cache's dtype; default ``dtype``.
+    context : int, optional
+        Tokens in each sequence's KV cache (and the prompt length for prefill); default
+        ``max_seq_len``, at most 8192.
+    batch : int
+        Sequences decoded together.
+    device : str or DeviceSpec
+        "a100", "h100", "h200" (datasheet figures) or "BANDWIDTH_GBPS,TFLOPS[,MEMORY_GB]".
+    train_tokens : int, optional
+        The training budget in tokens; default the Chinchilla budget (20 per parameter).
+    table_batches, table_contexts : iterables of int, optional
+        The decode-bound table's grid; default batches 1, 4, 16, 64, 256 and contexts
+        1k, 4k, 16k, ... up to ``max_seq_len`` plus ``context``.
+
+    Returns
+    -------
+    ModelStats
+        Figures as properties and methods; ``as_dict()`` is ``fmkernels info --json``.
+        How each is derived: this module's docstring.
+    """
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
     _dtype("dtype", dtype)
     kv_dtype = _dtype("kv_dtype", dtype if kv_dtype is None else kv_dtype)
     context = min(config.max_seq_len, 8192) if context is None else _positive_int("context", context)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from ..ops._cpu import MAX_LINEAR_ROWS
+from ... import ops
+from ...ops._cpu import MAX_LINEAR_ROWS
 from .config import ModelConfig
 from .parallel import TensorParallel, resolve, take
 
@@ -228,7 +228,7 @@ class Transformer(nn.Module):
     ``prefill(prompts, cache=...)`` runs a ragged batch of prompts into empty slots in one
     packed forward and returns the logits after each prompt's last token only.
     ``backend`` is passed to every op ("auto", "reference", "cpu", "triton", "cuda", ...).
-    With ``tensor_parallel`` (a ``fmkernels.model.parallel.TensorParallel``), the model is one
+    With ``tensor_parallel`` (a ``fmkernels.model.network.parallel.TensorParallel``), the model is one
     rank's share of a split over torch.distributed (see that module); ``config`` stays the
     whole model's.
     """
@@ -303,7 +303,7 @@ class Transformer(nn.Module):
     def decode(self, input_ids: torch.Tensor, *, kv_caches, seqlens: torch.Tensor,
                block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One decode step on tensors the caller lays out, with no host work: no check of the
-        ids' values, no cache bookkeeping, nothing read back (``fmkernels.model.decode_graphs``
+        ids' values, no cache bookkeeping, nothing read back (``fmkernels.model.generation.decode_graphs``
         captures it in a CUDA graph). Each row's keys and values are appended at its
         ``seqlens`` position and attention reads its cache through that token.
 
@@ -417,7 +417,7 @@ class Transformer(nn.Module):
         """Random weights, the same for the same seed: linear weights N(0, 1/fan_in), embeddings
         N(0, 1), norms N(1, 0.1), so activations stay O(1) and logits are far from uniform.
 
-        ``tensor_parallel`` (as ``from_pretrained``'s): this rank's slices of those same weights."""
+        ``tensor_parallel`` (as ``fmkernels.model.load_pretrained``'s): this rank's slices of those same weights."""
         plan = resolve(tensor_parallel, config, device)
         model = cls(config, backend=backend)
         generator = torch.Generator().manual_seed(seed)
@@ -437,52 +437,19 @@ class Transformer(nn.Module):
                     shares[name].copy_(take(param, plan.slice_of(name, config.head_dim)))
         return model.to(device=device, dtype=dtype).eval()
 
-    @classmethod
-    def from_pretrained(cls, path, *, dtype: Optional[torch.dtype] = None, device=None,
-                        backend: str = "auto", tensor_parallel=False) -> "Transformer":
-        """Loads a local checkpoint: a Hugging Face directory or a GGUF file.
 
-        Parameters
-        ----------
-        path : str or os.PathLike
-            A Hugging Face checkpoint directory (config.json and safetensors: ``model.safetensors``,
-            or shards listed in ``model.safetensors.index.json``), or a GGUF file (llama.cpp's
-            format; architecture "llama": Llama, Mistral, Mixtral). A GGUF file's weights, of any
-            type the ``gguf`` package dequantizes (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-            Q2_K..Q6_K, ...), are dequantized at load, a slab of rows at a time, so loading holds
-            about one copy of the model in ``dtype``; the model computes in ``dtype``.
-        dtype : torch.dtype, optional
-            The weights' dtype. None keeps the checkpoint's (safetensors; a GGUF file whose
-            matrices are all F16 or all BF16) and is float32 for a quantized GGUF file.
-        device : torch.device or str, optional
-            Where the weights go; default CPU.
-        backend : str
-            The ops' backend ("auto", "reference", "cpu", "triton", "cuda", ...).
-        tensor_parallel : bool, ProcessGroup or TensorParallel
-            True: this process's share of the model split over torch.distributed's default
-            group (initialised from torchrun's environment when it is not yet: gloo on a CPU
-            machine, NCCL with GPUs), reading only its slices of the checkpoint; a ProcessGroup:
-            split over that group. See ``fmkernels.model.parallel``.
+def meta_model(config: ModelConfig, *, backend: str, tensor_parallel: Optional[TensorParallel] = None) -> Transformer:
+    """The model (a tensor-parallel rank's share, with ``tensor_parallel``) with parameters on
+    the meta device (shapes only), for checking a checkpoint before any memory is allocated."""
+    with torch.device("meta"):
+        model = Transformer(config, backend=backend, tensor_parallel=tensor_parallel)
+    model._inv_freq = rope_frequencies(config)
+    return model
 
-        Returns
-        -------
-        Transformer
-            In eval mode; ``model.config`` as ``ModelConfig.from_hf_config`` or ``ModelConfig.from_gguf``.
 
-        Raises FileNotFoundError for a missing file, ValueError for an unknown architecture, a
-        missing metadata key, a missing, unexpected or mis-shaped tensor or a tensor type gguf
-        cannot dequantize, naming it, and ImportError naming the extra when a GGUF file is given
-        without the ``gguf`` package (``pip install 'fmkernels[gguf]'``).
-        """
-        from .loading import load_pretrained
-
-        return load_pretrained(cls, path, dtype=dtype, device=device, backend=backend,
-                               tensor_parallel=tensor_parallel)
-
-    def generate(self, prompts=None, *, max_new_tokens: int, **options):
-        """Generates up to ``max_new_tokens`` tokens after each prompt (or, with ``messages=``, each
-        conversation under the tokenizer's chat template); see ``fmkernels.model.generate`` for the
-        options (sampling, stop tokens and strings, EOS, logprobs, streaming, KV cache, chat)."""
-        from .generate import generate
-
-        return generate(self, prompts, max_new_tokens=max_new_tokens, **options)
+def materialize(model: Transformer, *, dtype: torch.dtype, device) -> Transformer:
+    """A meta model's parameters allocated (uninitialised) in ``dtype`` on ``device``."""
+    model = model.to(dtype).to_empty(device=device or "cpu")
+    if model.config.tie_embeddings:  # to_empty gives each module its own tensor
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
