@@ -8,6 +8,7 @@ from . import peers as _peers
 from .ops import append_kv, attention, decode_attention, filter_logits, linear, pack_allowed, sample
 from ._validation import device_checks, set_device_checks
 from .platform import BackendStatus, backends
+from .quantized import QuantizedWeight, quantize
 from .reference import SampleOutput
 from .registry import implementations, register_impl, unregister_impl
 
@@ -23,6 +24,8 @@ __all__ = [
     "sample",
     "pack_allowed",
     "linear",
+    "QuantizedWeight",
+    "quantize",
     "SampleOutput",
     "backends",
     "device_checks",

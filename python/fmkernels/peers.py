@@ -159,9 +159,15 @@ def torch_linear(x, weight):
     return F.linear(x, weight)
 
 
+def torch_linear_supports(x, weight, **_):
+    if not isinstance(weight, torch.Tensor):
+        return "a QuantizedWeight: F.linear takes float weights (dequantize it first)"
+    return None
+
+
 def register_all() -> None:
     peer_libraries.register_all()
-    registry.register_impl("linear", "torch_linear", torch_linear, kind="peer")
+    registry.register_impl("linear", "torch_linear", torch_linear, torch_linear_supports, kind="peer")
     registry.register_impl("attention", "sdpa", sdpa_attention, sdpa_attention_supports, kind="peer")
     registry.register_impl(
         "decode_attention", "sdpa", sdpa_decode_attention, sdpa_decode_attention_supports, kind="peer"

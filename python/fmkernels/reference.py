@@ -27,6 +27,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from .quantized import QuantizedWeight
+
 Number = Union[int, float]
 PerRow = Union[Number, torch.Tensor]
 
@@ -190,12 +192,15 @@ def append_kv(
 # ----------------------------------------------------------------------------
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
     """x @ weight^T in fp32 (fp64 for fp64 inputs), returned in x's dtype.
 
-    x (..., K), weight (N, K) as ``torch.nn.Linear`` holds it -> (..., N).
+    x (..., K), weight (N, K) as ``torch.nn.Linear`` holds it -> (..., N); a
+    ``QuantizedWeight`` is dequantized as ggml does (``fmkernels.quantized.dequantize``).
     """
     math_dtype = torch.promote_types(x.dtype, torch.float32)
+    if isinstance(weight, QuantizedWeight):
+        weight = weight.dequantize()
     return (x.to(math_dtype) @ weight.to(math_dtype).T).to(x.dtype)
 
 
