@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 import fmkernels
 from fmkernels import reference, registry, testing
+from fmkernels.quantized import FORMATS
 
 _COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", max_examples=20, derandomize=True, **_COMMON)
@@ -180,6 +181,17 @@ def test_linear_matches_the_reference(data, dtype, seed):
     shape = testing._LinearShape(leading, data.draw(st.integers(1, 80), label="n"),
                                  data.draw(st.integers(0, 200), label="k"),
                                  transposed=data.draw(st.booleans(), label="transposed"))
+    _hold_every_backend_to_the_reference(testing._linear_case(shape, dtype, seed, DEVICE))
+
+
+@given(data=st.data(), dtype=DTYPES, seed=SEEDS, format=st.sampled_from(sorted(FORMATS)))
+def test_quantized_linear_matches_the_reference(data, dtype, seed, format):
+    # K whole blocks of the format; rows past the C++ kernel's 16 (its dequantizing path) too
+    block = FORMATS[format].block_size
+    leading = tuple(data.draw(st.lists(st.integers(0, 20), min_size=1, max_size=2), label="leading"))
+    shape = testing._LinearShape(leading, data.draw(st.integers(1, 80), label="n"),
+                                 block * data.draw(st.integers(1, 512 // block + 1), label="blocks"),
+                                 transposed=data.draw(st.booleans(), label="transposed"), format=format)
     _hold_every_backend_to_the_reference(testing._linear_case(shape, dtype, seed, DEVICE))
 
 

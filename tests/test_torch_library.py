@@ -136,6 +136,16 @@ def test_opcheck_linear(backend, device, leading):
     torch.library.opcheck(torch.ops.fmkernels.linear.default, (x, weight, backend))
 
 
+@pytest.mark.parametrize("backend,device", LINEAR_BACKENDS)
+@pytest.mark.parametrize("format", ["q4_1", "q6_k"])
+def test_opcheck_quantized_linear(backend, device, format):
+    """A QuantizedWeight reaches the op as its blocks (uint8) and its format."""
+    require_backend("linear", backend)
+    x = randn(3, 256, device=device, dtype=dtype_for(device), seed=1)
+    weight = fmkernels.quantize(randn(33, 256, seed=2), format).to(device)
+    torch.library.opcheck(torch.ops.fmkernels.linear.default, (x, weight.blocks, backend, weight.format))
+
+
 # ----------------------------------------------------------------------------
 # torch.compile(fullgraph=True): no graph break, the eager result
 # ----------------------------------------------------------------------------
@@ -191,6 +201,17 @@ def test_compile_linear(backend):
 
     eager_out, compiled_out = out.clone(), out.clone()
     assert_same(compiled(fn)(x, weight, compiled_out), fn(x, weight, eager_out))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compile_quantized_linear(backend):
+    require_backend("linear", backend)
+    x, weight = randn(2, 3, 64, seed=1), fmkernels.quantize(randn(17, 64, seed=2), "q8_0")
+
+    def fn(x):
+        return fmkernels.linear(x, weight, backend=backend).relu()
+
+    assert_same((compiled(fn)(x),), (fn(x),))
 
 
 def test_compiled_ops_check_host_values_at_run_time():

@@ -17,7 +17,9 @@
   rounding, not the rule, decides; it may be kept or removed.
 * linear: attention's rule. The truth is the reference run on float64 inputs, and an
   implementation may err twice as much as ``torch.nn.functional.linear`` in the input dtype
-  (``plain_linear``), plus 1e-5.
+  (``plain_linear``), plus 1e-5. Against a ``QuantizedWeight``, each output is within
+  ``quantized_linear_tolerance`` of x @ the dequantized weight in float64 (DESIGN.md,
+  "Quantized weights": the error of int8 activations, fp32 sums and the output's rounding).
 * sample: tokens equal the reference's for the same seeds and steps. A different token is
   accepted only when its Gumbel score and the reference token's are within 1e-5 of each
   other, relatively (a near tie the two computations may break differently). The
@@ -64,6 +66,7 @@ from .tolerances import (
     TOP_P_BOUNDARY,
     attention_tolerance,
     max_error,
+    quantized_linear_tolerance,
     top_p_boundary_width,
     value_tolerance,
 )
@@ -85,7 +88,7 @@ from .inputs import (  # noqa: F401
 
 __all__ = [
     "ATTENTION_ATOL", "LOGPROB_TOLERANCE", "NEAR_TIE", "TOP_P_BOUNDARY", "attention_tolerance", "max_error",
-    "top_p_boundary_width", "value_tolerance",
+    "quantized_linear_tolerance", "top_p_boundary_width", "value_tolerance",
     "plain_attention", "plain_decode_attention", "plain_linear",
     "DTYPES", "Case", "Device", "Kwargs", "cases", "random_allowed",
     "CheckResult", "CheckRow", "check_impl", "compare_attention", "compare_linear", "run_checks", "skip_reason",

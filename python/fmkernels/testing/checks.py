@@ -12,11 +12,13 @@ import torch
 from .. import ops, reference, registry
 from .inputs import Case, Device, Kwargs, cases
 from .plain import plain_attention, plain_decode_attention, plain_linear
+from ..quantized import QuantizedWeight
 from .tolerances import (
     LOGPROB_TOLERANCE,
     NEAR_TIE,
     attention_tolerance,
     max_error,
+    quantized_linear_tolerance,
     top_p_boundary_width,
     value_tolerance,
 )
@@ -172,10 +174,35 @@ def compare_linear(kwargs: Kwargs, actual: torch.Tensor) -> CheckResult:
     -------
     CheckResult
         Passed when actual has x's dtype and is within ``attention_tolerance`` of the
-        reference run on float64 inputs, the tolerance set by ``plain_linear``'s error.
+        reference run on float64 inputs, the tolerance set by ``plain_linear``'s error; for a
+        ``QuantizedWeight``, within ``quantized_linear_tolerance`` of x @ dequantized weight
+        in float64, element by element.
     """
+    weight = kwargs["weight"]
+    if isinstance(weight, QuantizedWeight):
+        return _compare_quantized(kwargs["x"], weight.dequantize(), actual)
     truth = reference.linear(**_upcast(kwargs))
     return _compare_with_plain(actual, plain_linear(**kwargs), truth, (kwargs["x"].dtype,), ("out",))
+
+
+def _compare_quantized(x: torch.Tensor, weight: torch.Tensor, actual: torch.Tensor) -> CheckResult:
+    """out against x @ weight^T in float64 (weight dequantized), each element within its own
+    ``quantized_linear_tolerance``; the reported error and tolerance are the worst element's."""
+    truth = reference.linear(x.double(), weight.double())
+    if actual.dtype != x.dtype or actual.shape != truth.shape:
+        return CheckResult(math.inf, 0.0, False,
+                           f"out is {actual.dtype} {tuple(actual.shape)}, expected {x.dtype} {tuple(truth.shape)}")
+    bound = quantized_linear_tolerance(x, weight, truth, x.dtype)
+    diff = torch.nan_to_num((actual.double() - truth).abs(), nan=math.inf, posinf=math.inf)
+    if not diff.numel():
+        return CheckResult(0.0, 0.0, True)
+    worst = int(torch.argmax(diff - bound))
+    error, tolerance = float(diff.reshape(-1)[worst]), float(bound.reshape(-1)[worst])
+    detail = _nan_note(actual, truth)
+    passed = bool((diff <= bound).all())
+    if not passed and not detail:
+        detail = f"out: {int((diff > bound).sum())} elements beyond their bound"
+    return CheckResult(error, tolerance, passed, detail)
 
 
 def _check_attention(impl: registry.Impl, case: Case) -> CheckResult:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 
 from .. import reference, registry
+from ..quantized import quantize
 
 #: The input dtypes every op is checked in.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -75,6 +76,7 @@ class _LinearShape(NamedTuple):
     n: int
     k: int
     transposed: bool = False  # x stored (K, rows): not unit stride along K
+    format: Optional[str] = None  # a QuantizedWeight of this format (fmkernels.quantized)
 
 
 class _SamplingShape(NamedTuple):
@@ -128,11 +130,22 @@ _LINEAR_SHAPES = (
     _LinearShape((13,), 7, 1000, transposed=True),
     _LinearShape((16,), 1, 1),
     _LinearShape((1, 17), 40, 64),  # 17 rows: past the C++ kernel's 16
+    # GGUF's formats: K whole blocks (32, or 256 for the k-quants), N odd
+    _LinearShape((1,), 33, 576, format="q4_1"),
+    _LinearShape((3,), 5, 96, format="q4_0"),
+    _LinearShape((2, 4), 577, 256, format="q8_0"),
+    _LinearShape((13,), 7, 512, transposed=True, format="q4_k"),
+    _LinearShape((5,), 33, 256, format="q6_k"),
+    _LinearShape((1, 17), 40, 96, format="q4_1"),
 )
 _LINEAR_SHAPES_GPU = (
     _LinearShape((1,), 32000, 4096),
     _LinearShape((8, 16), 4096, 4096),
     _LinearShape((4, 1), 14336, 4096, transposed=True),
+    _LinearShape((1,), 4096, 4096, format="q4_k"),
+    _LinearShape((8,), 14336, 4096, format="q8_0"),
+    _LinearShape((64,), 4095, 2048, format="q6_k"),
+    _LinearShape((3, 1), 32000, 4096, transposed=True, format="q4_1"),
 )
 _PER_ROW = dict(
     temperature=(0.0, 0.5, 1.0, 1.5),
@@ -311,10 +324,14 @@ def _linear_case(shape: _LinearShape, dtype, seed: int, device) -> Case:
         else:
             x = _randn(generator, (*shape.leading, shape.k), dtype, device)
         # nn.Linear's scale: outputs of order 1 whatever K
+        if shape.format is not None:
+            values = torch.randn((shape.n, shape.k), generator=generator) / math.sqrt(shape.k)
+            return dict(x=x, weight=quantize(values, shape.format).to(device))
         weight = _randn(generator, (shape.n, shape.k), dtype, device, scale=1.0 / math.sqrt(max(shape.k, 1)))
         return dict(x=x, weight=weight)
 
-    sizes = f"x=({','.join(map(str, shape.leading + (shape.k,)))}) w=({shape.n},{shape.k})"
+    form = f"{shape.format} " if shape.format else ""
+    sizes = f"x=({','.join(map(str, shape.leading + (shape.k,)))}) w={form}({shape.n},{shape.k})"
     return Case("linear", _name(sizes, "", "x-transposed" if shape.transposed else "", dtype, seed), make_kwargs)
 
 

@@ -55,6 +55,44 @@ def max_error(actual: torch.Tensor, truth: torch.Tensor, *, relative: bool = Fal
     return float(diff.max()) if diff.numel() else 0.0
 
 
+#: The unit roundoff of each output dtype: the rounding of a result computed in fp32 to it.
+OUTPUT_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+#: The block of x quantized to int8 together (llama.cpp's q8_0 activations).
+ACTIVATION_BLOCK = 32
+
+
+def quantized_linear_tolerance(x: torch.Tensor, weight: torch.Tensor, truth: torch.Tensor,
+                               out_dtype: torch.dtype) -> torch.Tensor:
+    """The error each output of a linear against a quantized weight may make (DESIGN.md,
+    "Quantized weights"), elementwise, shaped like ``truth``.
+
+    x (..., K) as the call got it, ``weight`` the dequantized weight (N, K), ``truth`` the
+    float64 x @ weight^T. An implementation may quantize each block of 32 of a row of x to
+    int8 with scale d = max|x| / 127 (x's error at most d / 2 per element) and accumulate in
+    fp32, then round once to ``out_dtype``::
+
+        |out - truth| <= 1/2 sum_b d_b sum_{j in b} |w_nj|        (x rounded to int8)
+                         + (K + 2) 2^-24 sum_j |w_nj x_j|          (fp32 products and sums)
+                         + u_out |truth| + 2^-24 [u_out > 0]        (the output's rounding)
+
+    The first term is zero for a kernel that reads x as it is (triton, cuda, the reference);
+    the second is the worst case of an fp32 dot product of K terms with a weight dequantized
+    to within one fp32 rounding.
+    """
+    k = x.shape[-1]
+    xs = x.double().reshape(-1, k)  # [rows, K]
+    w = weight.double().abs()  # [N, K]
+    blocks = -(-k // ACTIVATION_BLOCK)
+    padded = torch.nn.functional.pad(xs.abs(), (0, blocks * ACTIVATION_BLOCK - k))
+    step = padded.view(-1, blocks, ACTIVATION_BLOCK).amax(dim=-1) / 127  # [rows, blocks]
+    per_element = step.repeat_interleave(ACTIVATION_BLOCK, dim=1)[:, :k]  # [rows, K]
+    bound = 0.5 * per_element @ w.T + (k + 2) * 2.0 ** -24 * (xs.abs() @ w.T)
+    rounding = OUTPUT_ROUNDING[out_dtype]
+    bound = bound.view(truth.shape) + rounding * truth.double().abs() + (2.0 ** -24 if rounding else 0.0)
+    return bound
+
+
 def attention_tolerance(plain: torch.Tensor, truth: torch.Tensor) -> float:
     """The error an attention implementation may make: 2 x plain PyTorch's error + 1e-5.
 
