@@ -1,10 +1,12 @@
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
+#include <string>
 
 #include "bindings_cpu.h"
 #include "bindings_views.h"
 #include "cpu/linear.h"
+#include "cpu/linear_quantized.h"
 
 namespace py = pybind11;
 
@@ -23,11 +25,52 @@ void linear(py::handle x, py::handle weight, py::handle out, int num_threads) {
   if (error != nullptr) throw std::invalid_argument(error);
 }
 
+// The view of a uint8 tensor (dtype code DType::kUInt8), which view_from_python's dtype check
+// predates: read with another code's check, then marked uint8.
+TensorView bytes_view_from_python(py::handle description, const char* name) {
+  auto items = py::cast<py::tuple>(description);
+  if (items.size() != 4 || py::cast<int>(items[1]) != static_cast<int>(DType::kUInt8))
+    throw std::invalid_argument(std::string(name) + ": expected the view of a uint8 tensor");
+  TensorView view = view_from_python(py::make_tuple(items[0], static_cast<int>(DType::kInt32), items[2], items[3]),
+                                     name);
+  view.dtype = DType::kUInt8;
+  return view;
+}
+
+void linear_quantized(py::handle x, py::handle blocks, int format, py::handle out, int num_threads) {
+  const TensorView x_view = view_from_python(x, "x");
+  const TensorView blocks_view = bytes_view_from_python(blocks, "blocks");
+  const TensorView out_view = view_from_python(out, "out");
+  const char* error = nullptr;
+  {
+    py::gil_scoped_release release;
+    error = cpu::linear_quantized(x_view, blocks_view, format, out_view, num_threads);
+  }
+  if (error != nullptr) throw std::invalid_argument(error);
+}
+
+void dequantize(py::handle blocks, int format, py::handle out, int num_threads) {
+  const TensorView blocks_view = bytes_view_from_python(blocks, "blocks");
+  const TensorView out_view = view_from_python(out, "out");
+  const char* error = nullptr;
+  {
+    py::gil_scoped_release release;
+    error = cpu::dequantize(blocks_view, format, out_view, num_threads);
+  }
+  if (error != nullptr) throw std::invalid_argument(error);
+}
+
 }  // namespace
 
 void bind_cpu_linear(py::module_& m) {
   m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("num_threads"),
         "out = x @ weight^T for a few rows of x: x (rows, K), weight (N, K), out (rows, N).");
+  m.def("linear_quantized", &linear_quantized, py::arg("x"), py::arg("blocks"), py::arg("format"), py::arg("out"),
+        py::arg("num_threads"),
+        "out = x @ W^T for a few rows of x against W (N, K) in a GGUF block format: x (rows, K), blocks "
+        "(N, K / block * bytes) uint8, format = GGML's type number, out (rows, N) in x's dtype.");
+  m.def("dequantize", &dequantize, py::arg("blocks"), py::arg("format"), py::arg("out"), py::arg("num_threads"),
+        "out (N, K) float32 = the weight that blocks (N, K / block * bytes) uint8 of GGML type format hold.");
 }
 
 }  // namespace fmkernels

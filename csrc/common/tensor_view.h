@@ -15,10 +15,13 @@ enum class DType : int32_t {
   kBFloat16 = 2,
   kInt32 = 3,
   kInt64 = 4,
+  kUInt8 = 5,
 };
 
 inline int element_size(DType dtype) {
   switch (dtype) {
+    case DType::kUInt8:
+      return 1;
     case DType::kFloat16:
     case DType::kBFloat16:
       return 2;

@@ -23,4 +23,15 @@ Isa cpu_isa() {
   return best;
 }
 
+bool cpu_has_avx512_vnni() {
+  if (cpu_isa() != Isa::kAvx512) return false;
+  const char* cap = std::getenv("FMKERNELS_CPU_ISA");
+  if (cap != nullptr && std::strcmp(cap, "avx512") == 0) return false;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 }  // namespace fmkernels::cpu

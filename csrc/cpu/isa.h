@@ -10,4 +10,8 @@ enum class Isa { kGeneric, kAvx2, kAvx512 };
 // VL/BW/DQ, or AVX2 with FMA), capped by FMKERNELS_CPU_ISA=avx2 or generic when set.
 Isa cpu_isa();
 
+// Whether the AVX-512 code may use AVX512_VNNI's vpdpbusd: cpu_isa() is kAvx512 and the CPU
+// has it, unless FMKERNELS_CPU_ISA=avx512 asks for AVX-512 without it.
+bool cpu_has_avx512_vnni();
+
 }  // namespace fmkernels::cpu

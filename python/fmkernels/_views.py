@@ -14,6 +14,7 @@ DTYPE_CODES = {
     torch.bfloat16: 2,
     torch.int32: 3,
     torch.int64: 4,
+    torch.uint8: 5,
 }
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .. import platform, reference
 from .._views import tensor_view
+from ..quantized import QuantizedWeight
 
 #: The largest head_dim the C++ attention kernels accept.
 MAX_HEAD_DIM = 256
@@ -79,9 +80,10 @@ def supports_head_dim(q, **_) -> str | None:
     return None
 
 
-def supports_linear_rows(x, **_) -> str | None:
+def supports_linear_rows(x, weight=None, **_) -> str | None:
+    # A quantized weight takes every row count: past MAX_LINEAR_ROWS it is dequantized for a matmul.
     rows = math.prod(x.shape[:-1])
-    if rows > MAX_LINEAR_ROWS:
+    if rows > MAX_LINEAR_ROWS and not isinstance(weight, QuantizedWeight):
         return f"{rows} rows of x > {MAX_LINEAR_ROWS}: the kernel is for a decode step's few rows"
     return None
 
@@ -123,10 +125,32 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, *, block_table=None) -> Non
 def linear(x, weight):
     # The kernel takes x as (rows, K); a decode step's 2-D x goes as it is (no reshape, no view).
     x_rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    x_rows, weight = _unit_stride(x_rows), _unit_stride(weight)
-    out = torch.empty((x_rows.shape[0], weight.shape[0]), dtype=x.dtype)
-    _module().linear(tensor_view(x_rows), tensor_view(weight), tensor_view(out), _threads())
+    if isinstance(weight, QuantizedWeight):
+        out = _linear_quantized(_unit_stride(x_rows), weight)
+    else:
+        x_rows, weight = _unit_stride(x_rows), _unit_stride(weight)
+        out = torch.empty((x_rows.shape[0], weight.shape[0]), dtype=x.dtype)
+        _module().linear(tensor_view(x_rows), tensor_view(weight), tensor_view(out), _threads())
     return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
+
+
+def dequantize(weight: QuantizedWeight) -> torch.Tensor:
+    """The weight (N, K) as float32, by the C++ dequantization (the reference's fp32 operations,
+    bit for bit)."""
+    out = torch.empty(tuple(weight.shape), dtype=torch.float32)
+    _module().dequantize(tensor_view(weight.blocks), weight.block_format.ggml_type, tensor_view(out), _threads())
+    return out
+
+
+def _linear_quantized(x_rows: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """x_rows (rows, K) @ weight^T: the int8 kernel for a decode step's few rows; for more
+    (prefill), the weight dequantized to fp32 once and torch's matmul, in fp32."""
+    if x_rows.shape[0] > MAX_LINEAR_ROWS:
+        return torch.matmul(x_rows.float(), dequantize(weight).T).to(x_rows.dtype)
+    out = torch.empty((x_rows.shape[0], weight.shape[0]), dtype=x_rows.dtype)
+    _module().linear_quantized(tensor_view(x_rows), tensor_view(weight.blocks), weight.block_format.ggml_type,
+                               tensor_view(out), _threads())
+    return out
 
 
 # Per-row parameter tensors made from scalars, with their views, by (value, batch, dtype): a
