@@ -59,4 +59,5 @@ PYBIND11_MODULE(_cuda, m) {
   fmkernels::bind_cuda_attention(m);
   fmkernels::bind_cuda_decode_attention(m);
   fmkernels::bind_cuda_sampling(m);
+  fmkernels::bind_cuda_linear(m);
 }

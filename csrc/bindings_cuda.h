@@ -13,6 +13,8 @@ void bind_cuda_attention(pybind11::module_& m);
 void bind_cuda_decode_attention(pybind11::module_& m);
 // filter_logits and sample (bindings_cuda_sampling.cpp).
 void bind_cuda_sampling(pybind11::module_& m);
+// linear against GGUF-quantized weights (bindings_cuda_linear.cpp).
+void bind_cuda_linear(pybind11::module_& m);
 
 // Raises RuntimeError naming the op and the CUDA error when a launch failed.
 inline void raise_on_cuda_error(cudaError_t status, const char* op) {

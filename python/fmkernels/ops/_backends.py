@@ -51,7 +51,12 @@ NAMED_ONLY = {
         "not yet run on a GPU: it waits for its gpu tests and a bench/cuda_attention_variants.py "
         "run against triton and sdpa_flash"
     ),
+    # csrc/cuda/linear_quantized.cu: GGUF-quantized weights.
+    ("linear", "cuda"): "not yet run on a GPU: it waits for its gpu tests and a bench run",
 }
+
+# fmkernels._cuda's function for an op, where it is not named as the op.
+CUDA_FUNCTIONS = {"linear": "linear_quantized"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,7 +78,7 @@ def _availability(name: str, op: str, module: Optional[str] = None):
         reason = platform.unavailable_reason(_platform_backend(name))
         if reason is None and name == "cpu" and not hasattr(platform.cpu_module(), op):
             reason = f"fmkernels._C was built without {op}; rebuild fmkernels"
-        if reason is None and name == "cuda" and not hasattr(platform.cuda_module(), op):
+        if reason is None and name == "cuda" and not hasattr(platform.cuda_module(), CUDA_FUNCTIONS.get(op, op)):
             reason = f"fmkernels._cuda was built without {op}; rebuild fmkernels"
         if reason is None and module is not None and not hasattr(_kernels_module(module), op):
             reason = f"fmkernels.kernels.{module} has no {op}"

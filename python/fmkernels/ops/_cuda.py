@@ -17,6 +17,7 @@ import torch
 
 from .. import platform, reference
 from .._views import tensor_view
+from ..quantized import QuantizedWeight
 from ._top_tokens import top_alternatives
 
 #: The largest head_dim the CUDA decode_attention kernels accept.
@@ -332,3 +333,35 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
             return tokens
         top_ids, top_logprobs = top_alternatives(filtered, log_mass, batch, num_logprobs, device)
     return reference.SampleOutput(tokens, logprobs, top_ids, top_logprobs)
+
+
+#: The most rows of x (its leading dimensions flattened) the quantized linear kernel takes
+#: (csrc/cuda/linear_quantized.cuh): a decode step's few rows, accumulated in registers.
+LINEAR_MAX_ROWS = 64
+
+
+def linear_supports(x, weight, **_) -> str | None:
+    """None when csrc/cuda/linear_quantized.cu runs this (validated) call, else why not."""
+    if isinstance(weight, torch.Tensor):
+        return "a float weight: torch's matmul (the reference) is the tool"
+    if not isinstance(weight, QuantizedWeight):
+        return f"cuda linear takes a QuantizedWeight, got {type(weight).__name__}"
+    rows = math.prod(x.shape[:-1])
+    if rows > LINEAR_MAX_ROWS:
+        return f"{rows} rows of x > {LINEAR_MAX_ROWS}: the quantized kernel is for a decode step's few rows"
+    return None
+
+
+def linear(x, weight):
+    """x (..., K) @ dequantize(weight)^T -> (..., N) in x's dtype, for a QuantizedWeight: the
+    weight's blocks are read as they are (any row stride), x at any strides."""
+    n_features, k_features = weight.shape
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    x_rows = x.reshape(rows, k_features)
+    out = torch.empty((rows, n_features), dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device):
+        _module().linear_quantized(
+            tensor_view(x_rows), tensor_view(weight.blocks), weight.format, tensor_view(out), stream_of(x),
+        )
+    return out.view(*lead, n_features)
