@@ -26,14 +26,15 @@ if platform.triton_interpreting():
 
 
 # The Triton launchers: fmkernels.kernels.<module>.<op>, with the reference's signature,
-# and optionally <op>_supports, the cases it can run. An op without one registers no triton
-# implementation (linear: on a GPU, cuBLAS through the reference is the tool).
+# and optionally <op>_supports, the cases it can run. linear's (kernels/linear.py) takes
+# GGUF-quantized weights only: for a float weight, cuBLAS through the reference is the tool.
 TRITON_MODULES = {
     "attention": "attention",
     "decode_attention": "decode_attention",
     "append_kv": "append_kv",
     "filter_logits": "sampling",
     "sample": "sampling",
+    "linear": "linear",
 }
 
 # Further Triton implementations of an op, each under its own backend name beside "triton"
@@ -51,7 +52,8 @@ NAMED_ONLY = {
         "not yet run on a GPU: it waits for its gpu tests and a bench/cuda_attention_variants.py "
         "run against triton and sdpa_flash"
     ),
-    # csrc/cuda/linear_quantized.cu: GGUF-quantized weights.
+    # kernels/linear.py and csrc/cuda/linear_quantized.cu: GGUF-quantized weights.
+    ("linear", "triton"): "not yet run on a GPU: it waits for its gpu tests and a bench run",
     ("linear", "cuda"): "not yet run on a GPU: it waits for its gpu tests and a bench run",
 }
 
