@@ -20,7 +20,7 @@ inline TensorView view_from_python(const pybind11::handle& description, const ch
   TensorView view;
   view.data = reinterpret_cast<void*>(py::cast<uintptr_t>(items[0]));
   const int dtype = py::cast<int>(items[1]);
-  if (dtype < 0 || dtype > static_cast<int>(DType::kInt64))
+  if (dtype < 0 || dtype > static_cast<int>(DType::kUInt8))
     throw std::invalid_argument(std::string(name) + ": unknown dtype code " + std::to_string(dtype));
   view.dtype = static_cast<DType>(dtype);
   auto sizes = py::cast<py::tuple>(items[2]);
