@@ -191,12 +191,18 @@ def test_implementations_lists_backends_by_priority_then_peers_then_users():
 
 
 def test_an_op_registers_only_the_backends_that_implement_it():
-    """linear has a reference, a C++ kernel and torch's matmul as a peer; no Triton launcher and
-    no CUDA kernel, so neither is registered (rather than registered and failing)."""
+    """linear's Triton and CUDA kernels take quantized weights only: they decline a float
+    weight, saying cuBLAS (the reference) is the tool, and "auto" never picks them until they
+    have run on a GPU."""
     from fmkernels.ops import _backends
 
-    assert [impl.name for impl in fmkernels.implementations("linear")] == ["cpu", "reference", "torch_linear"]
-    assert "linear" not in _backends.TRITON_MODULES
+    names = [impl.name for impl in fmkernels.implementations("linear")]
+    assert sorted(names) == ["cpu", "cuda", "reference", "torch_linear", "triton"]
+    for name in ("triton", "cuda"):
+        impl = registry.get_impl("linear", name)
+        assert impl.named_only and "not yet run on a GPU" in impl.named_only
+    float_case = dict(x=torch.randn(2, 8), weight=torch.randn(3, 8))
+    assert "float weight" in _backends._triton("linear", "linear")[1](**float_case)
     for op in registry.OPS:
         names = [impl.name for impl in fmkernels.implementations(op)]
         assert ("triton" in names) == (op in _backends.TRITON_MODULES), op

@@ -462,10 +462,11 @@ BACKEND_CASES = [
     case("append_kv", contiguous_append, lambda a: {"backend": ""}, ValueError, "backend for append_kv must be 'auto'"),
     case("append_kv", paged_append, lambda a: {"backend": "cuda"}, ValueError,
          r"backend 'cuda' cannot run this append_kv call: (not available|runs on cuda tensors)"),
-    # Only the reference, the cpu backend and peers implement linear: no triton or cuda entry.
+    # linear's triton and cuda kernels take quantized weights only.
     case("linear", linear_inputs, lambda a: {"backend": "triton"}, ValueError,
-         r"backend for linear must be 'auto' or one of: cpu, reference, torch_linear; got 'triton'"),
-    case("linear", linear_inputs, lambda a: {"backend": "cuda"}, ValueError, "backend for linear must be 'auto'"),
+         r"backend 'triton' cannot run this linear call: (a float weight: torch's matmul|not available|runs on cuda)"),
+    case("linear", linear_inputs, lambda a: {"backend": "cuda"}, ValueError,
+         r"backend 'cuda' cannot run this linear call: (not available|runs on cuda tensors|a float weight)"),
 ]
 
 
