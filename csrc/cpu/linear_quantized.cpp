@@ -56,6 +56,36 @@ struct QProblem {
 
 using MultiplyRows = void (*)(const QProblem& p, int64_t first, int64_t last);
 
+// x's rows rounded to int8 per block of 32, with each 4 values' block scale and scaled sum.
+class QuantizedX {
+ public:
+  QuantizedX(int64_t rows, int64_t padded_k)
+      : bytes_(static_cast<size_t>(rows * padded_k + kXAlign)),
+        floats_(static_cast<size_t>(2 * rows * padded_k / 4)) {
+    const auto address = reinterpret_cast<uintptr_t>(bytes_.data());
+    q_ = reinterpret_cast<int8_t*>(bytes_.data() + (kXAlign - address % kXAlign) % kXAlign);
+    scale_ = floats_.data();
+    sums_ = floats_.data() + rows * padded_k / 4;
+  }
+  int8_t* q() { return q_; }
+  float* scale() { return scale_; }
+  float* sums() { return sums_; }
+
+ private:
+  std::vector<int8_t> bytes_;
+  std::vector<float> floats_;
+  int8_t* q_;
+  float* scale_;
+  float* sums_;
+};
+
+// One instruction set's code for one dtype of x.
+template <class Elem>
+struct Kernels {
+  void (*quantize_x)(const TensorView& x, int64_t padded_k, QuantizedX& dst);
+  MultiplyRows multiply_rows;
+};
+
 inline float half_at(const uint8_t* p) {
   Float16 h;
   std::memcpy(&h.bits, p, sizeof h.bits);
@@ -216,6 +246,7 @@ inline float half(const uint8_t* p) {
   std::memcpy(&bits, p, sizeof bits);
   return _cvtsh_ss(bits);
 }
+inline float value_of(Float16 h) { return _cvtsh_ss(h.bits); }
 // 16 bytes of nibbles -> 32 values: the low nibbles, then the high ones.
 inline VI nibbles16(const uint8_t* p) {
   const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -401,19 +432,20 @@ struct Q6_K : K6Traits {
 }  // namespace generic
 
 template <class Elem>
-MultiplyRows multiply_rows_for(QuantFormat format) {
+Kernels<Elem> kernels(QuantFormat format) {
 #ifdef FMKERNELS_X86_DISPATCH
   switch (cpu_isa()) {
     case Isa::kAvx512:
-      return cpu_has_avx512_vnni() ? avx512_vnni::multiply_rows_for<Elem>(format)
-                                   : avx512::multiply_rows_for<Elem>(format);
+      if (cpu_has_avx512_vnni())
+        return {&avx512_vnni::quantize_x<Elem>, avx512_vnni::multiply_rows_for<Elem>(format)};
+      return {&avx512::quantize_x<Elem>, avx512::multiply_rows_for<Elem>(format)};
     case Isa::kAvx2:
-      return avx2::multiply_rows_for<Elem>(format);
+      return {&avx2::quantize_x<Elem>, avx2::multiply_rows_for<Elem>(format)};
     case Isa::kGeneric:
       break;
   }
 #endif
-  return generic::multiply_rows_for<Elem>(format);
+  return {&generic::quantize_x<Elem>, generic::multiply_rows_for<Elem>(format)};
 }
 
 struct FormatInfo {
@@ -477,67 +509,6 @@ const char* check_views(const TensorView& x, const TensorView& blocks, int forma
   return nullptr;
 }
 
-// x's rows rounded to int8 per block of 32, with each 4 values' block scale and scaled sum.
-class QuantizedX {
- public:
-  QuantizedX(int64_t rows, int64_t padded_k)
-      : bytes_(static_cast<size_t>(rows * padded_k + kXAlign)),
-        floats_(static_cast<size_t>(2 * rows * padded_k / 4)) {
-    const auto address = reinterpret_cast<uintptr_t>(bytes_.data());
-    q_ = reinterpret_cast<int8_t*>(bytes_.data() + (kXAlign - address % kXAlign) % kXAlign);
-    scale_ = floats_.data();
-    sums_ = floats_.data() + rows * padded_k / 4;
-  }
-  int8_t* q() { return q_; }
-  float* scale() { return scale_; }
-  float* sums() { return sums_; }
-
- private:
-  std::vector<int8_t> bytes_;
-  std::vector<float> floats_;
-  int8_t* q_;
-  float* scale_;
-  float* sums_;
-};
-
-inline uint32_t float_bits(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  return bits;
-}
-
-template <class Elem>
-void quantize_x(const TensorView& x, int64_t padded_k, QuantizedX& dst) {
-  const int64_t rows = x.sizes[0], k = x.sizes[1];
-  const Elem* src = static_cast<const Elem*>(x.data);
-  for (int64_t r = 0; r < rows; ++r) {
-    const Elem* row = src + r * x.strides[0];
-    int8_t* q = dst.q() + r * padded_k;
-    float* scale = dst.scale() + r * padded_k / 4;
-    float* sums = dst.sums() + r * padded_k / 4;
-    for (int64_t b = 0; b < padded_k; b += 32) {
-      float v[32] = {};
-      const int64_t count = std::min<int64_t>(32, std::max<int64_t>(0, k - b));
-      for (int64_t i = 0; i < count; ++i) v[i] = to_float(row[b + i]);
-      // The largest magnitude, as bits (a NaN's are larger than infinity's: it propagates).
-      uint32_t amax_bits = 0;
-      for (int i = 0; i < 32; ++i) amax_bits = std::max(amax_bits, float_bits(v[i]) & 0x7FFFFFFFu);
-      float amax;
-      std::memcpy(&amax, &amax_bits, sizeof amax);
-      const float d = amax / 127.0f;
-      for (int i = 0; i < 32; ++i) {
-        const float rounded = d > 0.0f ? std::nearbyint(v[i] / d) : 0.0f;
-        // In [-127, 127] for finite x; NaN (x not finite) becomes 0, d carries it.
-        q[b + i] = static_cast<int8_t>(rounded >= -127.0f && rounded <= 127.0f ? rounded : 0.0f);
-      }
-      for (int l = 0; l < 8; ++l) {
-        const int s = q[b + 4 * l] + q[b + 4 * l + 1] + q[b + 4 * l + 2] + q[b + 4 * l + 3];
-        scale[b / 4 + l] = d;
-        sums[b / 4 + l] = d * static_cast<float>(s);
-      }
-    }
-  }
-}
 
 template <class Elem>
 void run(const TensorView& x, const TensorView& blocks, QuantFormat format, const TensorView& out,
@@ -547,8 +518,9 @@ void run(const TensorView& x, const TensorView& blocks, QuantFormat format, cons
   p.n = blocks.sizes[0];
   p.k = x.sizes[1];
   p.padded_k = round_up(p.k, kXAlign);
+  const Kernels<Elem> code = kernels<Elem>(format);
   QuantizedX xq(p.rows, p.padded_k);
-  quantize_x<Elem>(x, p.padded_k, xq);
+  code.quantize_x(x, p.padded_k, xq);
   p.xq = xq.q();
   p.x_scale = xq.scale();
   p.x_sums = xq.sums();
@@ -556,7 +528,6 @@ void run(const TensorView& x, const TensorView& blocks, QuantFormat format, cons
   p.row_stride = blocks.strides[0];
   p.out = out.data;
   p.out_stride = out.strides[0];
-  const MultiplyRows multiply = multiply_rows_for<Elem>(format);
 
   const int64_t pairs = (p.n + 1) / 2;
   const int64_t pair_bytes = std::max<int64_t>(1, 2 * p.k / info.block_weights * info.block_bytes);
@@ -564,7 +535,7 @@ void run(const TensorView& x, const TensorView& blocks, QuantFormat format, cons
   const int64_t chunks = (pairs + chunk - 1) / chunk;
   const int threads = static_cast<int>(std::min<int64_t>(num_threads, chunks));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t c = 0; c < chunks; ++c) multiply(p, c * chunk, std::min(pairs, (c + 1) * chunk));
+  for (int64_t c = 0; c < chunks; ++c) code.multiply_rows(p, c * chunk, std::min(pairs, (c + 1) * chunk));
 }
 
 template <class Elem>
