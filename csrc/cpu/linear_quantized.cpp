@@ -217,7 +217,7 @@ namespace fmkernels::cpu {
 namespace {
 namespace avx2 {
 constexpr int kUnit = 32;
-constexpr int kRows = 2;  // 4 accumulators; two units' integers, scales and offsets
+constexpr int kRows = 2;  // 8 accumulators; two units' integers, scales and offsets
 using VF = __m256;
 using VI = __m256i;
 
@@ -229,6 +229,7 @@ struct Unit {
 
 inline VF zero() { return _mm256_setzero_ps(); }
 inline VF load(const float* p) { return _mm256_loadu_ps(p); }
+inline VF add(VF a, VF b) { return _mm256_add_ps(a, b); }
 inline VF mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
 inline VF madd(VF a, VF b, VF acc) { return _mm256_fmadd_ps(a, b, acc); }
 inline VF to_float(VI v) { return _mm256_cvtepi32_ps(v); }
@@ -339,6 +340,10 @@ inline VF zero() { return VF{}; }
 inline VF load(const float* p) {
   VF a;
   std::memcpy(a.v, p, sizeof a.v);
+  return a;
+}
+inline VF add(VF a, VF b) {
+  for (int l = 0; l < 8; ++l) a.v[l] += b.v[l];
   return a;
 }
 inline VF mul(VF a, VF b) {
