@@ -11,7 +11,7 @@ BUILD_SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/
 INSTALLED := $(VENV)/.fmkernels-installed
 BUILD_TOOLS := $(VENV)/.build-tools
 
-.PHONY: run test check bench install fuzz test-sanitize wheel-check clean
+.PHONY: run test check bench bench-peers install fuzz test-sanitize wheel-check clean
 
 run: $(INSTALLED)
 	$(VENV)/bin/fmkernels check
@@ -38,6 +38,15 @@ check: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(VENV)/bin/fmkernels bench
+
+# `make bench-peers`: the set-up of bench/model_generate.py's llama.cpp peer (llama-cpp-python,
+# pinned in constraints). It builds llama.cpp from source for this CPU, about 5 minutes on
+# 2 cores, so `make test` and CI leave it out; the benchmark skips the peer without it.
+bench-peers: $(VENV)/.bench-peers
+
+$(VENV)/.bench-peers: $(INSTALLED)
+	$(PIP) install -q -c $(CONSTRAINTS) llama-cpp-python
+	touch $@
 
 install: $(INSTALLED)
 

@@ -39,12 +39,31 @@ def test_small_run_writes_json(tmp_path, capsys):
         assert all(r["best_gbps"][key] >= r["median_gbps"][key] for key in r["median_gbps"])
 
 
+def test_quantized_weights_run_beside_their_dequantized_f_linear(tmp_path, capsys):
+    bench = _load()
+    out = tmp_path / "linear.json"
+    argv = ["--shapes", "o,down", "--weights", "q4_1,q4_k", "--dtypes", "float32", "--rows", "1,17",
+            "--threads", "1", "--stream-mib", "1", "--repeats", "2", "--json", str(out)]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "skipped: o (576x576): K is not a whole number of q4_k blocks" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["weight"], r["rows"]) for r in rows] == [
+        ("o", "q4_1", 1), ("o", "q4_1", 17), ("down", "q4_1", 1), ("down", "q4_1", 17),
+        ("down", "q4_k", 1), ("down", "q4_k", 17)]
+    for r in rows:
+        blocks = r["n"] * r["k"] // {"q4_1": 32, "q4_k": 256}[r["weight"]] * {"q4_1": 20, "q4_k": 144}[r["weight"]]
+        assert r["bytes_per_call"] == blocks + (r["rows"] * (r["k"] + r["n"])) * 4
+        assert r["f_linear_bytes_per_call"] == (r["n"] * r["k"] + r["rows"] * (r["k"] + r["n"])) * 4
+        assert r["speedup"] > 0 and all(value > 0 for value in r["median_us"].values())
+
+
 def test_last_level_cache_is_found():
     assert _load().last_level_cache_bytes() >= 1 << 20
 
 
 def test_bad_arguments_are_refused():
     bench = _load()
-    for argv in (["--shapes", "lm_head"], ["--rows", "17"], ["--dtypes", "int8"]):
+    for argv in (["--shapes", "lm_head"], ["--rows", "17"], ["--dtypes", "int8"], ["--weights", "q5_k"]):
         with pytest.raises(SystemExit):
             bench.main(argv)
