@@ -20,7 +20,10 @@ on every rank without a broadcast.
 ``fmkernels.model.load_pretrained(path, tensor_parallel=True)`` under ``torchrun`` (or with a
 process group of one's own) reads only the rank's slices: safetensors slices read from the
 file, GGUF row slices dequantize only their rows; a GGUF column slice (the output and down
-projections) dequantizes the tensor's rows a slab at a time and keeps its columns.
+projections) dequantizes the tensor's rows a slab at a time and keeps its columns. A GGUF
+matrix kept quantized (``weights="quantized"``) stays so where the rank's slice is whole
+blocks (``whole_blocks``): row slices always, column slices where both ends fall on block
+boundaries; a slice that cuts a block is dequantized.
 """
 
 from __future__ import annotations
@@ -138,6 +141,15 @@ def take(tensor: torch.Tensor, where: Optional[Slice]) -> torch.Tensor:
         return tensor
     dim, start, stop = where
     return tensor.narrow(dim, start, stop - start)
+
+
+def whole_blocks(where: Optional[Slice], block_size: int) -> bool:
+    """Whether a rank's slice ``where`` of a block-quantized weight (N, K), blocks of
+    ``block_size`` along K, is whole blocks, so the rank can keep it quantized: the whole
+    weight, any rows (dim 0), or columns (dim 1) that start and stop on a block boundary."""
+    if where is None or where[0] == 0:
+        return True
+    return where[1] % block_size == 0 and where[2] % block_size == 0
 
 
 def resolve(tensor_parallel, config: ModelConfig, device=None) -> Optional[TensorParallel]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch import nn
 
 from ... import ops
 from ...ops._cpu import MAX_LINEAR_ROWS
+from ...quantized import QuantizedWeight, block_format
 from .config import ModelConfig
 from .parallel import TensorParallel, resolve, take
 
@@ -80,14 +81,105 @@ def _append_prompts(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     ops.append_kv(k_cache, v_cache, *padded, rows.cache_seqlens, block_table=rows.block_table, backend=backend)
 
 
-def project(layer: nn.Linear, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """``layer(x)`` (no bias). A decode step's few rows on the CPU (at most the cpu kernel's
-    ``MAX_LINEAR_ROWS``) go through ``fmkernels.linear``'s C++ kernel, which streams the weight
-    once for all rows, with ``backend`` "auto" or "cpu"; everything else (prefill, the GPU, the
-    reference backend) through torch's matmul, the faster call there. One fp32 row included:
-    on a quiet 2-core AMD EPYC (bench/results/amd-epyc/) the kernel reads SmolLM2-135M's
-    weights 1.4-2.7x faster than torch's gemv (AVX-512 and AVX2 alike), and decode went from
-    14.6 to 21.1 tokens/s at 1 thread."""
+class _Blocks(nn.Module):
+    """A module whose weight is a ``QuantizedWeight`` held as a uint8 buffer ``blocks`` (so
+    ``model.to(device)`` moves it and ``model.to(dtype)`` leaves it alone); ``weight`` is the
+    QuantizedWeight over the current buffer, made again only when the buffer changes."""
+
+    def __init__(self, weight: QuantizedWeight):
+        super().__init__()
+        self.format = weight.format
+        self.weight_shape = tuple(weight.shape)
+        self.register_buffer("blocks", weight.blocks)
+        self.__dict__["_weight"] = weight
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        cached = self.__dict__.get("_weight")
+        if cached is None or cached.blocks is not self.blocks:
+            cached = self.__dict__["_weight"] = QuantizedWeight(self.blocks, self.format, self.weight_shape)
+        return cached
+
+    def __getstate__(self):
+        # The cached QuantizedWeight (immutable, so deepcopy cannot rebuild it) is made again on use.
+        state = dict(super().__getstate__())
+        state.pop("_weight", None)
+        return state
+
+    @classmethod
+    def empty(cls, format: str, rows: int, cols: int, device=None):
+        """An uninitialised weight (rows, cols) of ``format`` on ``device`` (the meta device
+        for a loader's plan)."""
+        fmt = block_format(format)
+        if cols % fmt.block_size:
+            raise ValueError(f"a {fmt.name} weight needs a row length that is a multiple of {fmt.block_size}, "
+                             f"got {cols}")
+        blocks = torch.empty(rows, cols // fmt.block_size * fmt.block_bytes, dtype=torch.uint8, device=device)
+        return cls(QuantizedWeight(blocks, fmt.name, (rows, cols)))
+
+
+class QuantizedLinear(_Blocks):
+    """``nn.Linear`` (no bias) over a ``QuantizedWeight`` (N, K): ``in_features`` K,
+    ``out_features`` N, ``weight`` the QuantizedWeight. ``forward(x, backend)`` is
+    ``fmkernels.linear(x, weight, backend=backend)``, at any number of rows of x.
+
+    ``QuantizedLinear.tied(embedding)``: an LM head that reads a ``QuantizedEmbedding``'s own
+    blocks (no buffer of its own, no second copy, and moved with the embedding)."""
+
+    def __init__(self, weight: QuantizedWeight):
+        super().__init__(weight)
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def tied(cls, embedding: "QuantizedEmbedding") -> "QuantizedLinear":
+        head = cls.__new__(cls)
+        nn.Module.__init__(head)
+        head.format, head.weight_shape = embedding.format, embedding.weight_shape
+        head.out_features, head.in_features = embedding.num_embeddings, embedding.embedding_dim
+        object.__setattr__(head, "_source", embedding)  # not a submodule: the embedding is listed once
+        return head
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        source = self.__dict__.get("_source")
+        return super().weight if source is None else source.weight
+
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        return ops.linear(x, self.weight, backend=backend)
+
+    def extra_repr(self) -> str:
+        tied = ", tied to the embedding" if "_source" in self.__dict__ else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}{tied}"
+
+
+class QuantizedEmbedding(_Blocks):
+    """``nn.Embedding`` over a ``QuantizedWeight`` (vocab, dim): ``forward(ids, dtype)``
+    dequantizes only the rows it looks up (``QuantizedWeight.embedding``), in ``dtype``."""
+
+    def __init__(self, weight: QuantizedWeight):
+        super().__init__(weight)
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.embedding(ids, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.format}"
+
+
+def project(layer: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``layer(x)`` (no bias). A ``QuantizedLinear`` always goes through ``fmkernels.linear``
+    with the model's ``backend``, at any number of rows ("auto" picks the cpu kernel where it
+    takes the case, else the reference, which dequantizes). For an ``nn.Linear``: a decode
+    step's few rows on the CPU (at most the cpu kernel's ``MAX_LINEAR_ROWS``) go through
+    ``fmkernels.linear``'s C++ kernel, which streams the weight once for all rows, with
+    ``backend`` "auto" or "cpu"; everything else (prefill, the GPU, the reference backend)
+    through torch's matmul, the faster call there. One fp32 row included: on a quiet 2-core
+    AMD EPYC (bench/results/amd-epyc/) the kernel reads SmolLM2-135M's weights 1.4-2.7x
+    faster than torch's gemv (AVX-512 and AVX2 alike), and decode went from 14.6 to 21.1
+    tokens/s at 1 thread."""
+    if isinstance(layer, QuantizedLinear):
+        return ops.linear(x, layer.weight, backend=backend)
     rows = x.numel() // x.shape[-1]
     if backend in ("auto", "cpu") and x.device.type == "cpu" and rows <= MAX_LINEAR_ROWS:
         return ops.linear(x, layer.weight, backend="cpu")
@@ -178,7 +270,8 @@ class SparseMoE(nn.Module):
 
     def forward(self, x, backend: str = "reference"):
         tokens = x.reshape(-1, x.shape[-1])  # [T, E]
-        weights = F.softmax(self.gate(tokens), dim=-1, dtype=torch.float32)  # [T, n_experts]
+        router = project(self.gate, tokens, backend) if isinstance(self.gate, QuantizedLinear) else self.gate(tokens)
+        weights = F.softmax(router, dim=-1, dtype=torch.float32)  # [T, n_experts]
         weights, chosen = torch.topk(weights, self.top_k, dim=-1)  # [T, k]
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
         out = torch.zeros_like(tokens)
@@ -250,11 +343,19 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The activations' dtype (the logits', the KV cache's): the norms' float dtype, which
+        is every float weight's too; quantized weights (``QuantizedLinear``) keep their blocks."""
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of ``ids`` in the model's dtype."""
+        if isinstance(self.embed_tokens, QuantizedEmbedding):
+            return self.embed_tokens(ids, self.dtype)
+        return self.embed_tokens(ids)
 
     def _check_ids(self, name: str, ids) -> None:
         """ids (named ``name`` in errors) must be an integer tensor of ids of the vocabulary."""
@@ -293,7 +394,7 @@ class Transformer(nn.Module):
             positions = seqlens.long()[:, None] + torch.arange(s, device=input_ids.device)  # [B, S]
             cache_args = dict(cache=cache, slots=slots, seqlens=seqlens, block_table=block_table)
         cos, sin = self._rope(positions)  # [B, S, 1, D]
-        x = self.embed_tokens(input_ids)  # [B, S, E]
+        x = self._embed(input_ids)  # [B, S, E]
         for layer in self.layers:
             x = layer(x, cos, sin, self.backend, **cache_args)
         if cache is not None:
@@ -322,7 +423,7 @@ class Transformer(nn.Module):
         """
         positions = seqlens.long()[:, None]  # [B, 1]
         cos, sin = self._rope(positions)  # [B, 1, 1, D]
-        x = self.embed_tokens(input_ids)  # [B, 1, E]
+        x = self._embed(input_ids)  # [B, 1, E]
         for layer in self.layers:
             x = layer(x, cos, sin, self.backend, kv_caches=kv_caches, seqlens=seqlens, block_table=block_table)
         return project(self.lm_head, self.norm(x), self.backend)[:, -1]  # [B, V]
@@ -385,7 +486,7 @@ class Transformer(nn.Module):
         cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=self.device)
         positions = torch.cat([torch.arange(length) for length in lengths]).to(self.device)  # [T]
         cos, sin = self._rope(positions)  # [T, 1, D]
-        x = self.embed_tokens(torch.cat([prompt.to(self.device) for prompt in ids]))  # [T, E]
+        x = self._embed(torch.cat([prompt.to(self.device) for prompt in ids]))  # [T, E]
         for layer in self.layers:
             x = layer(x, cos, sin, self.backend, cache=cache, cu_seqlens=cu_seqlens, prompt_rows=rows)
         cache.advance(slots, lengths)
@@ -450,6 +551,35 @@ def meta_model(config: ModelConfig, *, backend: str, tensor_parallel: Optional[T
 def materialize(model: Transformer, *, dtype: torch.dtype, device) -> Transformer:
     """A meta model's parameters allocated (uninitialised) in ``dtype`` on ``device``."""
     model = model.to(dtype).to_empty(device=device or "cpu")
-    if model.config.tie_embeddings:  # to_empty gives each module its own tensor
+    if model.config.tie_embeddings and isinstance(model.lm_head, nn.Linear):  # to_empty gives each module its own tensor
         model.lm_head.weight = model.embed_tokens.weight
     return model
+
+
+def quantize_modules(model: Transformer, formats: Mapping[str, str]) -> Transformer:
+    """Replaces, in place, the module of each weight ``formats`` names (``"layers.0.mlp.up_proj.weight"``:
+    ``"q4_1"``; an ``nn.Linear`` or the ``nn.Embedding``) with an uninitialised ``QuantizedLinear``
+    (``QuantizedEmbedding``) of that format and shape, on the weight's device: a loader's meta
+    model, before ``materialize``. A tied LM head follows a quantized embedding (``QuantizedLinear.tied``)."""
+    modules = dict(model.named_modules())
+    for name, format in formats.items():
+        path = name[:-len(".weight")] if name.endswith(".weight") else None
+        old = modules.get(path)
+        if isinstance(old, nn.Embedding):
+            new = QuantizedEmbedding.empty(format, old.num_embeddings, old.embedding_dim, old.weight.device)
+        elif isinstance(old, nn.Linear) and old.bias is None:
+            new = QuantizedLinear.empty(format, old.out_features, old.in_features, old.weight.device)
+        else:
+            raise ValueError(f"{name!r} is not the weight of one of the model's linear layers or its embedding")
+        parent, _, leaf = path.rpartition(".")
+        setattr(modules[parent] if parent else model, leaf, new)
+    if model.config.tie_embeddings and isinstance(model.embed_tokens, QuantizedEmbedding):
+        model.lm_head = QuantizedLinear.tied(model.embed_tokens)
+    return model
+
+
+def weight_formats(model: nn.Module) -> Dict[str, str]:
+    """Weight name -> block format of each quantized weight of ``model`` (its QuantizedLinear
+    and QuantizedEmbedding modules; a tied LM head is the embedding's, listed once)."""
+    return {f"{name}.weight": module.format for name, module in model.named_modules()
+            if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and "_source" not in module.__dict__}
