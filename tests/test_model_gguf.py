@@ -80,7 +80,9 @@ def hf(smollm2_transformers):
 
 @pytest.fixture(scope="module")
 def ours(smollm2_gguf):
-    return load_pretrained(smollm2_gguf, backend="reference")
+    """Dequantized at load, as transformers does: the weights are then bit-identical to its own
+    (the quantized model against this one is test_model_quantized.py's)."""
+    return load_pretrained(smollm2_gguf, backend="reference", weights="dequantized")
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +212,7 @@ _PEAK = """
 import json, resource, sys, torch
 from fmkernels.model import load_pretrained
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-model = load_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+model = load_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]), weights="dequantized")
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps({"delta": (peak - base) * 1024, "weights": weights}))
@@ -220,8 +222,8 @@ print(json.dumps({"delta": (peak - base) * 1024, "weights": weights}))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_real_load_peak_memory_is_about_one_model(smollm2_gguf, dtype):
-    """The peak resident memory of loading, over a process that imported torch and fmkernels:
-    measured 558 MiB for 513 MiB of fp32 weights and 304 MiB for 257 MiB of bf16 ones (the
+    """The peak resident memory of loading dequantized, over a process that imported torch and
+    fmkernels (quantized: test_model_quantized.py): measured 558 MiB for 513 MiB of fp32 weights and 304 MiB for 257 MiB of bf16 ones (the
     slabs, the reader's metadata, the meta model). The bound is generous: 1.25 x + 64 MiB."""
     out = subprocess.run([sys.executable, "-c", _PEAK, smollm2_gguf, dtype], capture_output=True, text=True,
                          check=True, timeout=300)
@@ -312,8 +314,8 @@ def close(writer, path):
 def write_gguf(path, model: Transformer, kind=Q.F32, *, experts="stacked", tensors=None, metadata=None,
                architecture="llama", skip=()):
     """``model`` written as a GGUF file: llama.* metadata, its tensors of type ``kind``, and
-    ``tensors`` extra or replaced ones (None drops one); ``metadata(writer)`` adds keys; ``skip``
-    drops keys."""
+    ``tensors`` extra or replaced ones (None drops one; a (bytes, GGML type) pair is written
+    as it is); ``metadata(writer)`` adds keys; ``skip`` drops keys."""
     c = model.config
     writer = gguf.GGUFWriter(str(path), architecture)
     keys = {
@@ -333,7 +335,10 @@ def write_gguf(path, model: Transformer, kind=Q.F32, *, experts="stacked", tenso
     for name, weight in {**gguf_tensors(model, experts), **(tensors or {})}.items():
         if weight is None:
             continue
-        data, raw_dtype = encode(weight, kind, rng) if weight.dtype == np.float32 else (weight, None)
+        if isinstance(weight, tuple):
+            data, raw_dtype = weight
+        else:
+            data, raw_dtype = encode(weight, kind, rng) if weight.dtype == np.float32 else (weight, None)
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
     return close(writer, path)
 
@@ -350,7 +355,8 @@ def test_each_tensor_type_matches_transformers(tmp_path, small, kind):
     # A file of F16 (BF16) matrices loads in float16 (bfloat16) by default, a quantized one in float32.
     default = {Q.F16: torch.float16, Q.BF16: torch.bfloat16}.get(kind, torch.float32)
     assert load_pretrained(path).dtype == default
-    model = load_pretrained(path, dtype=torch.float32, backend="cpu")
+    # Dequantized, so the weights are transformers' own; kept quantized: test_model_quantized.py.
+    model = load_pretrained(path, dtype=torch.float32, backend="cpu", weights="dequantized")
     ids = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, actual = reference(ids).logits, model(ids)
@@ -375,11 +381,16 @@ def test_tied_output_and_dtype_request(tmp_path):
     # The file holds eps as float32, as llama.cpp writes it.
     assert config.norm_eps == float(np.float32(1e-6)) and config.tie_embeddings
     assert dataclasses.replace(config, norm_eps=1e-6) == tied.config
-    model = load_pretrained(path, dtype=torch.bfloat16)
+    model = load_pretrained(path, dtype=torch.bfloat16, weights="dequantized")
     assert model.dtype == torch.bfloat16 and model.lm_head.weight is model.embed_tokens.weight
     assert all(param.dtype == torch.bfloat16 for param in model.parameters())
-    reference = load_pretrained(path)
+    reference = load_pretrained(path, weights="dequantized")
     assert torch.equal(model.embed_tokens.weight, reference.embed_tokens.weight.bfloat16())
+    # Kept quantized (the CPU's default), the tied head is the embedding's QuantizedWeight and
+    # dtype the activations'.
+    quantized = load_pretrained(path, dtype=torch.bfloat16)
+    assert quantized.dtype == torch.bfloat16 and quantized.lm_head.weight is quantized.embed_tokens.weight
+    assert torch.equal(quantized.embed_tokens.weight.dequantize(), reference.embed_tokens.weight)
 
 
 @pytest.mark.parametrize("experts", ["stacked", "per-expert"])

@@ -55,6 +55,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="weights' dtype (default: the checkpoint's; float32 for a named model)")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="where the model runs (default: cuda when a GPU is visible, else cpu)")
+    parser.add_argument("--weights", choices=("auto", "quantized", "dequantized"), default="auto",
+                        help="a .gguf file's quantized matrices: kept in their block format, or dequantized to "
+                        "--dtype; auto (default) keeps them on the CPU and dequantizes on a GPU")
     return parser
 
 
@@ -68,7 +71,7 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, devic
     if os.path.isdir(args.model) or gguf:
         try:
             model = load_pretrained(args.model, dtype=dtype, device=device, backend=args.backend,
-                                    tensor_parallel=common.tensor_parallel())
+                                    tensor_parallel=common.tensor_parallel(), weights=args.weights)
         except (OSError, ValueError) as exc:
             parser.error(f"--model {args.model}: {exc}")
         except ImportError as exc:
@@ -87,6 +90,9 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser, devic
         looks_like_path = os.sep in args.model or args.model.startswith(".")
         what = "no such checkpoint directory" if looks_like_path else "not a directory or a known model name"
         parser.error(f"--model {args.model}: {what} (names: {', '.join(common.model_names())})")
+    if args.weights == "quantized":
+        parser.error(f"--weights quantized keeps a .gguf file's blocks; --model {args.model} is a named "
+                     f"configuration with random float weights")
     config = ModelConfig.from_name(args.model)
     if config.vocab_size < ByteTokenizer.vocab_size:
         parser.error(f"--model {args.model}: its vocabulary is too small for the byte-level tokenizer")

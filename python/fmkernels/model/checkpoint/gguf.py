@@ -1,10 +1,14 @@
 """GGUF checkpoints (llama.cpp's single-file format): the configuration from the metadata,
-the weights dequantized at load, and the tokenizer the metadata describes.
+the weights, kept in their block format or dequantized at load, and the tokenizer the
+metadata describes.
 
-Quantized weights are an input format only: every tensor is dequantized with the ``gguf``
-package (``gguf.quants.dequantize``) into the model's dtype, float32 or bfloat16, and the
-model computes in that dtype. Tensors are read from the file a slab of rows at a time,
-so loading holds about one copy of the model in the target dtype.
+``weights="quantized"`` keeps every matrix of a format ``fmkernels.quantized`` runs (q8_0,
+q4_0, q4_1, q4_k, q6_k) as the file's own bytes (a ``QuantizedLinear`` / ``QuantizedEmbedding``
+over a ``QuantizedWeight``: copied from the file, never re-encoded); every other tensor (F32,
+F16, BF16, Q5_K, ..., the norms) is dequantized with the ``gguf`` package
+(``gguf.quants.dequantize``) into the model's dtype, as ``weights="dequantized"`` does for all
+of them. Tensors are read from the file a slab of rows at a time, so loading holds about one
+copy of the model as it is kept.
 
 Two things llama.cpp's converter does to a Hugging Face Llama are undone here: it stores
 shapes in ggml order (``ne``: the row length first), and it interleaves each head's two
@@ -26,9 +30,10 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
+from ...quantized import FORMATS, GGML_TYPES
 from ..network.config import ModelConfig
-from ..network.parallel import resolve
-from ..network.transformer import materialize, meta_model, rope_frequencies
+from ..network.parallel import resolve, whole_blocks
+from ..network.transformer import materialize, meta_model, quantize_modules, rope_frequencies
 from .tokenizer import HFTokenizer
 
 _MAGIC = b"GGUF"
@@ -253,26 +258,65 @@ class _Source(NamedTuple):
     params: Tuple[str, ...]
     head_dim: int  # > 0: llama.cpp's rotary-permuted Q/K rows
 
+    @property
+    def format(self) -> Optional[str]:
+        """The ``fmkernels.quantized`` format of a matrix of a type it runs, else None."""
+        return None if self.params[0].endswith("norm.weight") else GGML_TYPES.get(int(self.kind))
 
-def load_gguf(path, *, dtype: Optional[torch.dtype], device, backend: str, tensor_parallel=False):
+
+#: What ``load_gguf``'s ``weights`` may be.
+WEIGHTS = ("auto", "quantized", "dequantized")
+
+
+def resolve_weights(weights, device) -> str:
+    """``weights`` ("auto", "quantized" or "dequantized") -> "quantized" or "dequantized":
+    "auto" keeps the blocks on the CPU (the C++ kernel reads them) and dequantizes on a GPU,
+    where the quantized kernels have not yet run. ValueError for any other value."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(repr(w) for w in WEIGHTS)}, got {weights!r}")
+    if weights == "auto":
+        return "quantized" if device is None or torch.device(device).type == "cpu" else "dequantized"
+    return weights
+
+
+def load_gguf(path, *, dtype: Optional[torch.dtype], device, backend: str, tensor_parallel=False,
+              weights: str = "auto"):
     """A Transformer with a GGUF file's configuration and weights (see ``fmkernels.model.load_pretrained``);
-    with ``tensor_parallel``, this rank's share (``fmkernels.model.network.parallel``)."""
+    with ``tensor_parallel``, this rank's share (``fmkernels.model.network.parallel``): a
+    quantized matrix stays quantized where the rank's slice is whole blocks (``whole_blocks``),
+    else that tensor's share is dequantized."""
     from gguf.quants import dequantize
 
+    keep = resolve_weights(weights, device) == "quantized"
     model, sources, default_dtype = _plan(path, backend)
     config = model.config
     plan = resolve(tensor_parallel, config, device)
     rows = {name: param.shape[0] if param.dim() > 1 else 1 for name, param in model.named_parameters()}
     if plan is not None:
         model = meta_model(config, backend=backend, tensor_parallel=plan)
-    model = materialize(model, dtype=dtype or default_dtype, device=device)
+    slices = {name: None if plan is None else plan.slice_of(name, config.head_dim)
+              for source in sources for name in source.params}
+    formats = {name: source.format for source in sources if keep and source.format
+               for name in source.params if whole_blocks(slices[name], FORMATS[source.format].block_size)}
+    model = materialize(quantize_modules(model, formats), dtype=dtype or default_dtype, device=device)
     params = dict(model.named_parameters())
+    params.update({f"{name}.weight": module.blocks for name, module in model.named_modules()
+                   if f"{name}.weight" in formats})
     with torch.no_grad(), open(path, "rb") as f:
         for source in sources:
-            slices = [None if plan is None else plan.slice_of(name, config.head_dim) for name in source.params]
             _copy_rows(f, source, [params[name] for name in source.params], dequantize,
-                       [rows[name] for name in source.params], slices)
+                       [rows[name] for name in source.params], [slices[name] for name in source.params],
+                       [name in formats for name in source.params])
     return model.eval()
+
+
+def tensor_types(path) -> Dict[str, Tuple[str, Optional[str]]]:
+    """Each weight of a GGUF file's model (fmkernels' names) -> (its GGUF type's name: "Q4_1",
+    "F32", ...; the ``fmkernels.quantized`` format ``weights="quantized"`` keeps it in, or None
+    where it is dequantized): what ``fmkernels info`` shows and counts the bytes of. The file
+    is checked as ``load_pretrained`` checks it."""
+    _, sources, _ = _plan(path, "reference")
+    return {name: (source.kind.name, source.format) for source in sources for name in source.params}
 
 
 def _plan(path, backend: str):
@@ -365,23 +409,28 @@ def _dequantizes(kind) -> bool:
     return True
 
 
-def _copy_rows(f, source: _Source, params: List[torch.nn.Parameter], dequantize, full_rows: List[int],
-               slices: List[Optional[Tuple[int, int, int]]]) -> None:
-    """Dequantizes a tensor a slab of rows at a time into ``params`` (its rows, in order: each
-    param ``full_rows[i]`` rows of the tensor); the slabs of a permuted Q/K hold whole heads.
-    ``slices[i]`` (dim, start, stop), a tensor-parallel rank's share of param i: rows
-    (dim 0) read only those rows; columns (dim 1) read every row and keep those columns."""
+def _copy_rows(f, source: _Source, params: List[torch.Tensor], dequantize, full_rows: List[int],
+               slices: List[Optional[Tuple[int, int, int]]], quantized: List[bool]) -> None:
+    """Copies a tensor a slab of rows at a time into ``params`` (its rows, in order: each
+    param ``full_rows[i]`` rows of the tensor): dequantized into a float parameter, or, where
+    ``quantized[i]``, the file's bytes as they are into a QuantizedLinear's blocks (N, row
+    bytes). The slabs of a permuted Q/K hold whole heads, whose rows are put back in HF's
+    order: for blocks that is a permutation of whole rows, a copy. ``slices[i]`` (dim, start,
+    stop), a tensor-parallel rank's share of param i: rows (dim 0) read only those rows;
+    columns (dim 1) read every row and keep those columns (of blocks: whole blocks' bytes)."""
     cols, row_bytes, head_dim = source.cols, source.row_bytes, source.head_dim
     group = head_dim or 1
     step = max(1, _SLAB_ELEMENTS // cols // group) * group
     row = 0
-    for param, rows, where in zip(params, full_rows, slices):
+    for param, rows, where, raw_bytes in zip(params, full_rows, slices, quantized):
         first, last, keep = 0, rows, slice(None)
         if where is not None and where[0] == 0:
             first, last = where[1], where[2]  # whole heads of a permuted Q/K: the slice is per head
         elif where is not None:
-            keep = slice(where[1], where[2])
-        dest = param.view(last - first, -1)  # [rows, cols]; a norm is one row
+            # Columns of blocks are their bytes (the slice is whole blocks: whole_blocks).
+            scale = (lambda c: c * row_bytes // cols) if raw_bytes else (lambda c: c)
+            keep = slice(scale(where[1]), scale(where[2]))
+        dest = param.view(last - first, -1)  # [rows, cols or row bytes]; a norm is one row
         for start in range(first, last, step):
             n = min(step, last - start)
             raw = bytearray(n * row_bytes)
@@ -389,10 +438,12 @@ def _copy_rows(f, source: _Source, params: List[torch.nn.Parameter], dequantize,
             if f.readinto(raw) != len(raw):
                 raise ValueError(f"GGUF file {f.name} ends inside tensor {source.name!r}")
             blocks = np.frombuffer(raw, dtype=np.uint8).reshape(n, row_bytes)
-            values = torch.from_numpy(dequantize(blocks, source.kind))  # [n, cols] fp32
+            # [n, row_bytes] uint8 as in the file, or [n, cols] fp32
+            values = torch.from_numpy(blocks) if raw_bytes else torch.from_numpy(dequantize(blocks, source.kind))
             if head_dim:
                 # rows (head, D/2, 2) -> (head, 2, D/2): each head's two rotary halves back in HF's order
-                values = values.view(n // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(n, cols)
+                width = values.shape[1]
+                values = values.view(n // head_dim, head_dim // 2, 2, width).transpose(1, 2).reshape(n, width)
             dest[start - first:start - first + n].copy_(values[:, keep])
         row += rows
 
