@@ -326,3 +326,14 @@ def test_auto_keeps_blocks_on_the_cpu_only():
     # The GPU quantized kernels have not run on a GPU yet: auto does not reach them.
     assert resolve_weights("auto", "cuda") == resolve_weights("auto", "cuda:1") == "dequantized"
     assert resolve_weights("quantized", "cuda") == "quantized" and resolve_weights("dequantized", None) == "dequantized"
+
+
+def test_generate_weights_flag(capsys):
+    from fmkernels.cli import main as cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--model", "tiny", "--prompt", "hi", "--weights", "quantized"])
+    assert "--weights quantized keeps a .gguf file's blocks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--model", "tiny", "--prompt", "hi", "--weights", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

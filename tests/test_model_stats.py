@@ -333,3 +333,86 @@ def test_info_tp(capsys):
     with pytest.raises(SystemExit):
         cli.main(["info", "tiny", "--interconnect", "5"])
     assert "--interconnect goes with --tp" in capsys.readouterr().err
+
+
+# -- quantized weights ----------------------------------------------------------------------------
+
+def _quantized(config, formats):
+    """``Transformer.from_config(config)`` with the weights ``formats`` names held in those block formats."""
+    from fmkernels import quantize
+    from fmkernels.model import QuantizedEmbedding, QuantizedLinear
+
+    model = Transformer.from_config(config)
+    for name, format in formats.items():
+        path = name[:-len(".weight")]
+        parent, _, leaf = path.rpartition(".")
+        module = model.get_submodule(path)
+        weight = quantize(module.weight.detach(), format)
+        quantized = QuantizedEmbedding(weight) if isinstance(module, torch.nn.Embedding) else QuantizedLinear(weight)
+        setattr(model.get_submodule(parent) if parent else model, leaf, quantized)
+    if config.tie_embeddings and "embed_tokens.weight" in formats:
+        model.lm_head = QuantizedLinear.tied(model.embed_tokens)
+    return model
+
+
+def _held_bytes(model):
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantized_weights_are_counted_at_their_formats_bytes(tied):
+    import dataclasses
+
+    config = dataclasses.replace(GQA, tie_embeddings=tied)
+    formats = {"embed_tokens.weight": "q8_0", **({} if tied else {"lm_head.weight": "q4_1"})}
+    for i in range(config.n_layers):
+        formats.update({f"layers.{i}.self_attn.{p}.weight": "q8_0" for p in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        formats.update({f"layers.{i}.mlp.{p}.weight": "q4_0" for p in ("gate_proj", "up_proj", "down_proj")})
+    model = _quantized(config, formats)
+    s = model_stats(config, dtype="fp32", context=20, batch=3, device=DEVICE, weights=model)
+    assert s == model_stats(config, dtype="fp32", context=20, batch=3, device=DEVICE, weights=formats)
+    held = _held_bytes(model)  # fp32 norms and the blocks, each weight's once
+    assert s.weight_bytes() == held and s.weight_bytes("fp32") == 4 * s.params.total
+    # q8_0 is 34 bytes a 32 weights, q4_0 18, q4_1 20; norms 4 bytes each.
+    p = s.params
+    by_hand = p.embedding * 34 / 32 + p.attention * 34 / 32 + p.mlp * 18 / 32 + p.norms * 4 + p.lm_head * 20 / 32
+    assert held == by_hand
+    # A decode step reads all but the embedding table, unless the head is that table.
+    table = model.embed_tokens.blocks.numel()
+    assert s.decode().weight_bytes == (held if tied else held - table)
+    assert s.decode().memory_bytes == held + s.kv_bytes()
+    report = s.as_dict()["weight_formats"]
+    assert report["bytes"] == held and report["parameters"] == {
+        "q8_0": p.embedding + p.attention, "q4_0": p.mlp, "fp32": p.norms, **({} if tied else {"q4_1": p.lm_head})}
+    # Over 2 ranks a rank holds half the attention and MLP at their formats, the rest whole.
+    split = s.tensor_parallel(2, 50)
+    attention = config.n_layers * (2 * 64 * 32 + 2 * 64 * 8)
+    assert split.weight_bytes == math.ceil(p.embedding * 34 / 32 + attention * 34 / 32 + p.mlp / 2 * 18 / 32
+                                           + p.norms * 4 + p.lm_head * 20 / 32)
+    assert "weight_formats" not in model_stats(config).as_dict()  # a plain model's report is unchanged
+
+
+def test_weights_are_checked():
+    with pytest.raises(ValueError, match="'layers.9.mlp.up_proj.weight', which is not a weight"):
+        model_stats(GQA, weights={"layers.9.mlp.up_proj.weight": "q4_0"})
+    with pytest.raises(ValueError, match="a weight's format must be one of .*got 'q5_k'"):
+        model_stats(GQA, weights={"layers.0.mlp.up_proj.weight": "q5_k"})
+    with pytest.raises(TypeError, match="weights must be a model or a mapping"):
+        model_stats(GQA, weights=["q4_0"])
+
+
+def test_info_of_a_gguf_file_counts_its_blocks(smollm2_gguf, capsys):
+    pytest.importorskip("gguf")
+    from fmkernels.model import load_pretrained
+
+    model = load_pretrained(smollm2_gguf)  # Q4_1 matrices, a Q8_0 embedding, F32 norms
+    norms = sum(p.numel() for p in model.parameters())
+    blocks = sum(b.numel() for b in model.buffers())
+    report = json.loads(_run_info(capsys, smollm2_gguf, "--json", "--context", "1024", "--batches", "1",
+                                  "--contexts", "1024"))
+    assert report["weight_formats"]["bytes"] == blocks + 2 * norms  # the norms in --dtype bf16
+    assert report["weight_formats"]["parameters"]["q8_0"] == 49152 * 576
+    # A decode step reads every block (the head is the tied embedding) and the norms.
+    assert report["decode"]["weight_bytes_per_step"] == blocks + 2 * norms
+    out = _run_info(capsys, smollm2_gguf, "--batches", "1", "--contexts", "1024")
+    assert "GGUF tensor types" in out and "Q4_1" in out and "q4_1/q8_0 blocks" in out

@@ -1,4 +1,6 @@
-"""``fmkernels info``: what a model costs: parameters, memory, FLOPs, decode and prefill rooflines."""
+"""``fmkernels info``: what a model costs: parameters, memory, FLOPs, decode and prefill rooflines;
+for a GGUF file, with its weights at the bytes they are held in (quantized matrices at their
+format's bytes, as ``load_pretrained`` keeps them on the CPU)."""
 
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("model", metavar="NAME|PATH",
                         help=f"a named configuration ({', '.join(common.model_names())}), a config.json or its "
-                        "directory, or a GGUF file")
-    parser.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16", help="weights' dtype (default bf16)")
+                        "directory, or a GGUF file (its matrices of a block format fmkernels runs counted at "
+                        "that format's bytes, the rest in --dtype)")
+    parser.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16",
+                        help="weights' dtype, of all but a GGUF file's quantized matrices (default bf16)")
     parser.add_argument("--kv-dtype", choices=list(DTYPE_BYTES), help="KV cache's dtype (default: --dtype)")
     parser.add_argument("--context", type=common.integer_at_least(1), metavar="N",
                         help="cached tokens per sequence, and the prompt length for prefill "
@@ -87,6 +91,40 @@ def _load_config(spec: str, parser: argparse.ArgumentParser):
                  f"(names: {', '.join(common.model_names())})")
 
 
+def _tensor_types(spec: str, parser: argparse.ArgumentParser):
+    """A GGUF file's weights' (GGUF type, format kept) by name (``gguf.tensor_types``), else None."""
+    from ..model.checkpoint import gguf
+
+    if not gguf.is_gguf(spec):
+        return None
+    try:
+        return gguf.tensor_types(spec)
+    except (OSError, ValueError, ImportError) as exc:
+        parser.error(f"{spec}: {exc}")
+
+
+def _types_table(types, stats, bytes_text):
+    """The GGUF file's tensor types: weights, parameters and the bytes each is held in."""
+    from ..model.network.stats import _weights, element_bytes
+
+    sizes = {name: size for name, _, size in _weights(stats.config)}
+    rows: dict = {}
+    for name, (kind, format) in types.items():
+        row = rows.setdefault((kind, format), [0, 0, 0.0])
+        row[0] += 1
+        row[1] += sizes[name]
+        row[2] += sizes[name] * element_bytes(format or stats.dtype)
+    table = Table(title="GGUF tensor types, as loaded quantized (weights='quantized', the CPU's auto)")
+    for column in ("type", "weights", "parameters", "held as", "bytes"):
+        table.add_column(column, justify="left" if column in ("type", "held as") else "right")
+    for (kind, format), (count, size, held) in sorted(rows.items(), key=lambda item: -item[1][2]):
+        table.add_row(kind, str(count), f"{size:,}", format or f"dequantized, {stats.dtype}",
+                      bytes_text(math.ceil(held)))
+    table.add_row("[bold]total[/bold]", str(len(types)), f"{stats.params.total:,}", "",
+                  f"[bold]{bytes_text(stats.weight_bytes())}[/bold]")
+    return table
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json
 
@@ -94,11 +132,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..model.network.stats import DTYPE_BYTES
 
     config = _load_config(args.model, parser)
+    types = _tensor_types(args.model, parser)
+    formats = None if types is None else {name: format for name, (_, format) in types.items() if format}
     try:
         stats = model_stats(
             config,
             dtype=args.dtype, kv_dtype=args.kv_dtype, context=args.context, batch=args.batch, device=args.device,
             train_tokens=args.train_tokens, table_batches=args.batches, table_contexts=args.contexts,
+            weights=formats,
         )
         split = stats.tensor_parallel(args.tp, args.interconnect) if args.tp > 1 else None
     except ValueError as exc:
@@ -146,12 +187,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for dtype, width in DTYPE_BYTES.items():
         widths.setdefault(width, []).append(dtype)
     for names in widths.values():
-        chosen = " (chosen)" if stats.dtype in names else ""
+        chosen = " (chosen)" if stats.dtype in names and not stats.weight_formats else ""
         memory.add_row(f"weights, {'/'.join(names)}{chosen}", _bytes_text(stats.weight_bytes(names[0])))
+    held = stats.dtype
+    if stats.weight_formats:
+        kept = sorted({format for _, format in stats.weight_formats})
+        held = f"{'/'.join(kept)} blocks, the rest {stats.dtype}"
+        memory.add_row(f"weights as held: {held} (chosen)", _bytes_text(stats.weight_bytes()))
     memory.add_row(f"KV cache per token ({stats.kv_dtype})", _bytes_text(stats.kv_bytes_per_token))
     memory.add_row(f"KV cache, {stats.context:,} tokens x batch {stats.batch}", _bytes_text(stats.kv_bytes()))
-    memory.add_row(f"weights ({stats.dtype}) + KV cache", _bytes_text(stats.weight_bytes() + stats.kv_bytes()))
+    memory.add_row(f"weights ({held}) + KV cache", _bytes_text(stats.weight_bytes() + stats.kv_bytes()))
     console.print(memory)
+    if types is not None:
+        console.print(_types_table(types, stats, _bytes_text))
 
     compute = Table(title="FLOPs")
     compute.add_column("what")
@@ -190,7 +238,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parallel.add_column("what")
         parallel.add_column("per device", justify="right")
         parallel.add_row("heads / KV heads", f"{split.n_heads} / {split.n_kv_heads}{kv_note}")
-        parallel.add_row(f"weights ({stats.dtype})", _bytes_text(split.weight_bytes))
+        parallel.add_row(f"weights ({held})", _bytes_text(split.weight_bytes))
         parallel.add_row(f"KV cache, {stats.context:,} tokens x batch {stats.batch}", _bytes_text(split.kv_bytes))
         parallel.add_row("decode step reads", f"{_bytes_text(split.step_weight_bytes)} weights + "
                          f"{_bytes_text(split.kv_bytes)} KV")

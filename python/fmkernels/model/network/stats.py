@@ -10,6 +10,13 @@ dim x ffn_dim matrices, or for a mixture of experts one such MLP per expert plus
 dim x n_experts router; a final RMSNorm and an LM head (vocab x dim) unless tied to the
 embedding.
 
+Quantized weights (``model_stats(config, weights=...)``: a model holding ``QuantizedLinear``
+layers, or a mapping of weight names to formats, e.g. a GGUF file's ``q4_1`` matrices): each
+such weight is held and read at its format's bytes per weight (``fmkernels.quantized.FORMATS``:
+q4_1 20 bytes per 32 weights, q8_0 34, ...), every other weight at ``dtype``'s. A part mixing
+formats (attention, the MLP, ...) counts at its average; a tensor-parallel rank's share of a
+part at that part's average too.
+
 The roofline model of one decode step of ``batch`` sequences at ``context`` cached tokens:
 
 - memory time = (weights read + KV cache read) / bandwidth. The weights read are every
@@ -46,8 +53,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
+from ...quantized import FORMATS
 from .config import ModelConfig
 
 #: Bytes per element of each weight/KV dtype that ``model_stats`` accepts.
@@ -161,6 +169,43 @@ def parameter_counts(config) -> ParameterCounts:
     )
 
 
+#: The parts of ``ParameterCounts`` that hold weights, in its order.
+PARTS = ("embedding", "attention", "mlp", "router", "norms", "lm_head")
+
+
+def _weights(config) -> Iterator[Tuple[str, str, int]]:
+    """(name, part, elements) of every weight of ``config``'s model, under fmkernels' names."""
+    c = config
+    q, kv = c.dim * c.n_heads * c.head_dim, c.dim * c.n_kv_heads * c.head_dim
+    yield "embed_tokens.weight", "embedding", c.vocab_size * c.dim
+    for i in range(c.n_layers):
+        layer = f"layers.{i}."
+        for name, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv), ("o_proj", q)):
+            yield f"{layer}self_attn.{name}.weight", "attention", size
+        if c.n_experts:
+            yield f"{layer}block_sparse_moe.gate.weight", "router", c.dim * c.n_experts
+            for e in range(c.n_experts):
+                for name in ("w1", "w3", "w2"):
+                    yield f"{layer}block_sparse_moe.experts.{e}.{name}.weight", "mlp", c.dim * c.ffn_dim
+        else:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                yield f"{layer}mlp.{name}.weight", "mlp", c.dim * c.ffn_dim
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            yield f"{layer}{name}.weight", "norms", c.dim
+    yield "norm.weight", "norms", c.dim
+    if not c.tie_embeddings:
+        yield "lm_head.weight", "lm_head", c.vocab_size * c.dim
+
+
+def element_bytes(format: str) -> float:
+    """Bytes per weight of a dtype of ``DTYPE_BYTES`` or a block format of ``fmkernels.quantized``."""
+    if format in DTYPE_BYTES:
+        return DTYPE_BYTES[format]
+    if format in FORMATS:
+        return FORMATS[format].block_bytes / FORMATS[format].block_size
+    raise ValueError(f"a weight's format must be one of {', '.join([*DTYPE_BYTES, *FORMATS])}, got {format!r}")
+
+
 def _bytes(count: float, dtype: str) -> int:
     return math.ceil(count * DTYPE_BYTES[dtype])
 
@@ -263,6 +308,8 @@ class ModelStats:
     train_tokens: int
     table_batches: Tuple[int, ...]
     table_contexts: Tuple[int, ...]
+    #: (weight name, format) of each weight held in another format than ``dtype``.
+    weight_formats: Tuple[Tuple[str, str], ...] = ()
 
     @property
     def params(self) -> ParameterCounts:
@@ -270,9 +317,42 @@ class ModelStats:
 
     # -- memory ---------------------------------------------------------------------------
 
+    @property
+    def element_bytes(self) -> Dict[str, float]:
+        """Bytes per weight of each part (``PARTS``): ``dtype``'s, or its weights' average
+        where ``weight_formats`` names some of them (a part with no weights: ``dtype``'s)."""
+        default = DTYPE_BYTES[self.dtype]
+        if not self.weight_formats:
+            return dict.fromkeys(PARTS, default)
+        formats = dict(self.weight_formats)
+        held, counts = dict.fromkeys(PARTS, 0.0), dict.fromkeys(PARTS, 0)
+        for name, part, size in _weights(self.config):
+            held[part] += size * (element_bytes(formats[name]) if name in formats else default)
+            counts[part] += size
+        return {part: held[part] / counts[part] if counts[part] else default for part in PARTS}
+
+    def _held(self, **counts: float) -> int:
+        """Bytes of ``counts`` weights of each part (keyword: the part), at its bytes per weight."""
+        per = self.element_bytes
+        return math.ceil(sum(count * per[part] for part, count in counts.items()))
+
+    @property
+    def format_counts(self) -> Dict[str, int]:
+        """Weights held in each format (``dtype`` for all but those ``weight_formats`` names)."""
+        formats, out = dict(self.weight_formats), {}
+        for name, _, size in _weights(self.config):
+            format = formats.get(name, self.dtype)
+            out[format] = out.get(format, 0) + size
+        return out
+
     def weight_bytes(self, dtype: Optional[str] = None) -> int:
-        """All weights held in ``dtype`` (default: the chosen one)."""
-        return _bytes(self.params.total, dtype or self.dtype)
+        """All weights held in ``dtype``; default: as held (the chosen dtype, and each
+        quantized weight at its format's bytes)."""
+        if dtype is not None:
+            return _bytes(self.params.total, dtype)
+        p = self.params
+        return self._held(embedding=p.embedding, attention=p.attention, mlp=p.mlp, router=p.router, norms=p.norms,
+                          lm_head=p.lm_head)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -322,13 +402,13 @@ class ModelStats:
         """Weights one decode step of ``batch`` tokens reads (see the module's docstring)."""
         p, c = self.params, self.config
         batch = self.batch if batch is None else batch
-        dense = p.attention + p.router + p.norms + c.vocab_size * c.dim
         if c.n_experts:
             per_expert = p.mlp / c.n_experts
             experts = per_expert * _expected_experts_touched(c.n_experts, c.experts_per_token, batch)
         else:
             experts = p.mlp
-        return _bytes(dense + experts, self.dtype)
+        head = {"embedding" if c.tie_embeddings else "lm_head": c.vocab_size * c.dim}
+        return self._held(attention=p.attention, router=p.router, norms=p.norms, mlp=experts, **head)
 
     def decode(self, batch: Optional[int] = None, context: Optional[int] = None) -> DecodeBound:
         batch = self.batch if batch is None else batch
@@ -372,11 +452,12 @@ class ModelStats:
         attention = c.n_layers * (2 * c.dim * plan.n_heads * c.head_dim + 2 * c.dim * plan.n_kv_heads * c.head_dim)
         per_expert = 3 * c.dim * plan.ffn_dim * c.n_layers
         experts = max(c.n_experts, 1)
-        whole = p.embedding + p.router + p.norms + p.lm_head
-        weights = _bytes(whole + attention + experts * per_expert, self.dtype)
-        head = p.embedding if c.tie_embeddings else p.lm_head
+        weights = self._held(embedding=p.embedding, router=p.router, norms=p.norms, lm_head=p.lm_head,
+                             attention=attention, mlp=experts * per_expert)
+        head = {"embedding": p.embedding} if c.tie_embeddings else {"lm_head": p.lm_head}
         touched = (_expected_experts_touched(c.n_experts, c.experts_per_token, self.batch) if c.n_experts else 1)
-        step_weights = _bytes(attention + p.router + p.norms + head + touched * per_expert, self.dtype)
+        step_weights = self._held(attention=attention, router=p.router, norms=p.norms, mlp=touched * per_expert,
+                                  **head)
         kv = self.kv_bytes() * plan.n_kv_heads // c.n_kv_heads
         routed = c.experts_per_token if c.n_experts else 1
         matmuls = attention + p.router + c.vocab_size * c.dim + routed * per_expert
@@ -426,6 +507,9 @@ class ModelStats:
             "decode": decode.as_dict(),
             "prefill": {"tokens_per_s": self.prefill_tokens_per_s},
             "table": [row.as_dict() for row in self.table()],
+            # Only for quantized weights, so the keys of a plain model's report stay as they are.
+            **({"weight_formats": {"parameters": self.format_counts, "bytes": self.weight_bytes()}}
+               if self.weight_formats else {}),
         }
 
 
@@ -472,6 +556,7 @@ def model_stats(
     train_tokens: Optional[int] = None,
     table_batches: Optional[Iterable[int]] = None,
     table_contexts: Optional[Iterable[int]] = None,
+    weights=None,
 ) -> ModelStats:
     """What the model of ``config`` costs: parameters, memory, FLOPs and roofline bounds
     (``fmkernels info``).
@@ -495,6 +580,11 @@ def model_stats(
     table_batches, table_contexts : iterables of int, optional
         The decode-bound table's grid; default batches 1, 4, 16, 64, 256 and contexts
         1k, 4k, 16k, ... up to ``max_seq_len`` plus ``context``.
+    weights : Transformer or mapping of str to str, optional
+        The formats weights are held in where not ``dtype``: a model (its ``QuantizedLinear``
+        and ``QuantizedEmbedding`` weights' formats), or weight names (fmkernels', e.g.
+        ``"layers.0.mlp.up_proj.weight"``) -> a block format (q8_0, q4_0, q4_1, q4_k, q6_k) or a
+        dtype above. Memory and the decode rooflines count those weights' real bytes.
 
     Returns
     -------
@@ -519,4 +609,24 @@ def model_stats(
     return ModelStats(
         config=config, dtype=dtype, kv_dtype=kv_dtype, context=context, batch=batch, device=device,
         train_tokens=train_tokens, table_batches=batches, table_contexts=contexts,
+        weight_formats=_weight_formats(config, weights),
     )
+
+
+def _weight_formats(config, weights) -> Tuple[Tuple[str, str], ...]:
+    """``model_stats``' ``weights`` as (name, format) pairs, every name and format checked."""
+    if weights is None:
+        return ()
+    if hasattr(weights, "named_modules"):
+        from .transformer import weight_formats
+
+        weights = weight_formats(weights)
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights must be a model or a mapping of weight names to formats, got "
+                        f"{type(weights).__name__}")
+    names = {name for name, _, _ in _weights(config)}
+    for name, format in weights.items():
+        if name not in names:
+            raise ValueError(f"weights names {name!r}, which is not a weight of the configured model")
+        element_bytes(format)
+    return tuple(sorted(weights.items()))
