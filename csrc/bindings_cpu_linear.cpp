@@ -1,7 +1,6 @@
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
-#include <string>
 
 #include "bindings_cpu.h"
 #include "bindings_views.h"
@@ -25,21 +24,9 @@ void linear(py::handle x, py::handle weight, py::handle out, int num_threads) {
   if (error != nullptr) throw std::invalid_argument(error);
 }
 
-// The view of a uint8 tensor (dtype code DType::kUInt8), which view_from_python's dtype check
-// predates: read with another code's check, then marked uint8.
-TensorView bytes_view_from_python(py::handle description, const char* name) {
-  auto items = py::cast<py::tuple>(description);
-  if (items.size() != 4 || py::cast<int>(items[1]) != static_cast<int>(DType::kUInt8))
-    throw std::invalid_argument(std::string(name) + ": expected the view of a uint8 tensor");
-  TensorView view = view_from_python(py::make_tuple(items[0], static_cast<int>(DType::kInt32), items[2], items[3]),
-                                     name);
-  view.dtype = DType::kUInt8;
-  return view;
-}
-
 void linear_quantized(py::handle x, py::handle blocks, int format, py::handle out, int num_threads) {
   const TensorView x_view = view_from_python(x, "x");
-  const TensorView blocks_view = bytes_view_from_python(blocks, "blocks");
+  const TensorView blocks_view = view_from_python(blocks, "blocks");
   const TensorView out_view = view_from_python(out, "out");
   const char* error = nullptr;
   {
@@ -50,7 +37,7 @@ void linear_quantized(py::handle x, py::handle blocks, int format, py::handle ou
 }
 
 void dequantize(py::handle blocks, int format, py::handle out, int num_threads) {
-  const TensorView blocks_view = bytes_view_from_python(blocks, "blocks");
+  const TensorView blocks_view = view_from_python(blocks, "blocks");
   const TensorView out_view = view_from_python(out, "out");
   const char* error = nullptr;
   {

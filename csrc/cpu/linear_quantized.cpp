@@ -11,7 +11,9 @@
 //
 // The per-thread code (linear_quantized_tile.inc) is compiled for AVX-512 with and without
 // VNNI, AVX2 and the x86-64 baseline, and the widest the CPU has runs (cpu_isa(),
-// cpu_has_avx512_vnni(); FMKERNELS_CPU_ISA caps it).
+// cpu_has_avx512_vnni(); FMKERNELS_CPU_ISA caps it); q4_0 and q4_1 have a fourth, AVX-512 VNNI
+// with VBMI and GFNI (one byte permutation and one affine map decode a pair of blocks' nibbles),
+// which a CPU with those runs in place of the VNNI one.
 //
 // This file is compiled with -ffp-contract=off: dequantize must round each product as
 // python/fmkernels/quantized.py does (no fused multiply-add the reference does not do).
@@ -21,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/dtype.h"
@@ -188,6 +191,23 @@ inline __m512i dot(__m512i w, __m512i x) { return _mm512_dpbusd_epi32(_mm512_set
 #include "cpu/linear_quantized_avx512.inc"
 #include "cpu/linear_quantized_tile.inc"
 }  // namespace avx512_vnni
+}  // namespace
+}  // namespace fmkernels::cpu
+#pragma GCC pop_options
+
+// The same with AVX512_VBMI's byte permutation and GFNI's affine map for q4_0's and q4_1's
+// nibbles (only those formats' code is taken from this copy).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx512vbmi,gfni,avx2,fma,f16c")
+namespace fmkernels::cpu {
+namespace {
+namespace avx512_vbmi {
+inline __m512i dot(__m512i w, __m512i x) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x); }
+#define FMKERNELS_QUANT_VBMI 1
+#include "cpu/linear_quantized_avx512.inc"
+#include "cpu/linear_quantized_tile.inc"
+#undef FMKERNELS_QUANT_VBMI
+}  // namespace avx512_vbmi
 }  // namespace
 }  // namespace fmkernels::cpu
 #pragma GCC pop_options
@@ -441,6 +461,11 @@ Kernels<Elem> kernels(QuantFormat format) {
 #ifdef FMKERNELS_X86_DISPATCH
   switch (cpu_isa()) {
     case Isa::kAvx512:
+      if ((format == QuantFormat::kQ4_0 || format == QuantFormat::kQ4_1) && cpu_has_avx512_vnni() &&
+          __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni"))
+        return {&avx512_vbmi::quantize_x<Elem>, format == QuantFormat::kQ4_0
+                                                     ? &avx512_vbmi::multiply_rows<avx512_vbmi::Q4_0, Elem>
+                                                     : &avx512_vbmi::multiply_rows<avx512_vbmi::Q4_1, Elem>};
       if (cpu_has_avx512_vnni())
         return {&avx512_vnni::quantize_x<Elem>, avx512_vnni::multiply_rows_for<Elem>(format)};
       return {&avx512::quantize_x<Elem>, avx512::multiply_rows_for<Elem>(format)};
