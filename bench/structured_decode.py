@@ -80,7 +80,7 @@ def timed_calls(timers: Timers):
 def load(name: str, gguf: str):
     tokenizer = load_tokenizer(gguf)
     if name == "smollm2":
-        return load_pretrained(gguf, dtype=torch.float32), tokenizer
+        return load_pretrained(gguf, dtype=torch.float32, weights="dequantized"), tokenizer
     config = dataclasses.replace(ModelConfig.from_name("tiny"), vocab_size=49152, max_seq_len=512,
                                  eos_token_ids=(tokenizer.eos_token_id,))
     return Transformer.from_config(config, seed=0), tokenizer

@@ -64,7 +64,7 @@ def smollm2_cpu(smollm2_gguf):
     """fmkernels' fp32 model of the real checkpoint on the cpu backend, once a session."""
     from fmkernels.model import load_pretrained
 
-    return load_pretrained(smollm2_gguf, dtype=torch.float32, backend="cpu")
+    return load_pretrained(smollm2_gguf, dtype=torch.float32, backend="cpu", weights="dequantized")
 
 
 @pytest.fixture
